@@ -1,0 +1,17 @@
+"""Llama (also the architecture of SmolLM2)."""
+
+from hf_prope.patching import make_arch_functions
+from hf_prope.registry import Architecture, register_architecture
+
+register_architecture(
+    Architecture(
+        model_type="llama",
+        family="llama",
+        modeling_module="transformers.models.llama.modeling_llama",
+        rotary_class_name="LlamaRotaryEmbedding",
+        attention_class_name="LlamaAttention",
+        base_model_class_name="LlamaModel",
+    )
+)
+
+apply_patch_to_llama, apply_p_rope_to_llama = make_arch_functions("llama")

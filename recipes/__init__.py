@@ -1,0 +1,1 @@
+"""Recipes (LoRA retrofit, evaluation) land here; installed as ``hf_prope.recipes``."""
