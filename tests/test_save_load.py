@@ -1,0 +1,121 @@
+"""The config is the truth: save_pretrained -> from_pretrained reproduces the patched model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from tiny import MODEL_TYPES, logits, tiny_model, tokens
+from transformers import AutoModelForCausalLM
+
+import hf_prope
+from hf_prope.rope_types import has_native_proportional
+
+
+def _plain_transformers(script: str, cwd) -> subprocess.CompletedProcess:
+    """Run ``script`` in a fresh interpreter that must never import hf_prope."""
+    guard = textwrap.dedent(
+        """
+        import sys, importlib.abc
+        class _Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "hf_prope" or name.startswith("hf_prope."):
+                    raise ImportError("hf_prope must not be imported here")
+        sys.meta_path.insert(0, _Block())
+        """
+    )
+    tail = "\nassert not any(m.startswith('hf_prope') for m in sys.modules)\n"
+    return subprocess.run(
+        [sys.executable, "-c", guard + textwrap.dedent(script) + tail],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.skipif(not has_native_proportional(), reason="transformers < 5.5 has no 'proportional'")
+@pytest.mark.parametrize(
+    "model_type,params",
+    [
+        ("llama", {"p": 0.25}),
+        ("qwen3", {"p": 0.75}),
+        ("gemma2", {"p": 0.5}),
+        ("gemma3_text", {"p": 0.25, "layer_types": ["full_attention"]}),
+    ],
+)
+def test_native_checkpoint_loads_in_plain_transformers(model_type, params, tmp_path) -> None:
+    model = tiny_model(model_type)
+    hf_prope.patch_model(model, "p-rope", **params)
+    ids = tokens()
+    torch.save({"ids": ids, "logits": logits(model, ids)}, tmp_path / "expected.pt")
+    model.save_pretrained(tmp_path / "ckpt")
+    saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert "proportional" in json.dumps(saved["rope_parameters"])
+    result = _plain_transformers(
+        f"""
+        import torch
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained("ckpt", attn_implementation={model.config._attn_implementation!r}).eval()
+        exp = torch.load("expected.pt", weights_only=True)
+        with torch.no_grad():
+            got = m(exp["ids"]).logits
+        assert torch.equal(got, exp["logits"]), (got - exp["logits"]).abs().max()
+        print("OK")
+        """,
+        tmp_path,
+    )
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_custom_type_fails_loudly_without_hf_prope(tmp_path) -> None:
+    """A patch that needs hf-prope's rope type must not load silently as plain RoPE."""
+    model = tiny_model("llama")
+    hf_prope.patch_model(model, "freq-mask", keep=[0, 3])
+    model.save_pretrained(tmp_path / "ckpt")
+    result = _plain_transformers(
+        """
+        from transformers import AutoModelForCausalLM
+        AutoModelForCausalLM.from_pretrained("ckpt")
+        """,
+        tmp_path,
+    )
+    assert result.returncode != 0
+    assert "hf_prope" in result.stderr
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize(
+    "patch",
+    [("freq-mask", {"keep": [0, 1, 2, 5]}), ("nope", {"layers": [1, 4]}), ("p-rope", {"p": 0.5, "rotate": "lowest"})],
+)
+def test_round_trip_reproduces_patched_model(model_type, patch, tmp_path) -> None:
+    name, params = patch
+    model = tiny_model(model_type)
+    hf_prope.patch_model(model, name, **params)
+    ids = tokens()
+    expected = logits(model, ids)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=model.config._attn_implementation)
+    loaded.eval()
+    spec = hf_prope.get_patch(loaded)
+    assert spec == hf_prope.get_patch(model)
+    if spec.is_layer_selective:
+        hf_prope.restore_patch(loaded)  # hooks cannot live in a config; restore_patch re-attaches them
+    assert torch.equal(logits(loaded, ids), expected)
+    # and the reloaded model unpatches to the original
+    original = tiny_model(model_type)
+    hf_prope.unpatch_model(loaded)
+    assert torch.equal(logits(loaded, ids), logits(original, ids))
+
+
+def test_plain_load_of_layer_selective_patch_warns(tmp_path) -> None:
+    model = tiny_model("llama")
+    hf_prope.patch_model(model, "nope", layers=[2])
+    model.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="restore_patch"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)

@@ -1,0 +1,121 @@
+"""Tiny, seeded models of every supported architecture, built in code (no downloads)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GemmaForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+HEAD_DIM = 16  # 8 frequency pairs: p=0.25 -> 2 rotate, 0.5 -> 4, 0.75 -> 6
+N_LAYERS = 6
+VOCAB = 128
+MIXED = ["sliding_attention", "full_attention"] * 3
+
+_COMMON: dict[str, Any] = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=N_LAYERS,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=HEAD_DIM,
+    vocab_size=VOCAB,
+    max_position_embeddings=256,
+    pad_token_id=0,
+)
+
+ARCHS: dict[str, tuple[Any, Any, dict[str, Any]]] = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"layer_types": MIXED, "sliding_window": 8, "use_sliding_window": True}),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"layer_types": MIXED, "sliding_window": 8, "use_sliding_window": True}),
+    "gemma": (GemmaConfig, GemmaForCausalLM, {}),
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM, {"layer_types": MIXED, "sliding_window": 8}),
+    "gemma3_text": (
+        Gemma3TextConfig,
+        Gemma3ForCausalLM,
+        {
+            "layer_types": ["sliding_attention"] * 2 + ["full_attention"] + ["sliding_attention"] * 2 + ["full_attention"],
+            "sliding_window": 8,
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+            },
+        },
+    ),
+}
+MODEL_TYPES = list(ARCHS)
+
+
+def tiny_config(model_type: str, **overrides: Any) -> Any:
+    config_cls, _, extra = ARCHS[model_type]
+    kwargs = {**_COMMON, **copy.deepcopy(extra), **overrides}
+    return config_cls(**kwargs)
+
+
+def tiny_model(model_type: str, *, seed: int = 0, attn: str = "sdpa", **overrides: Any) -> Any:
+    """A randomly initialised model (weights fixed by ``seed``) in eval mode."""
+    config = tiny_config(model_type, **overrides)
+    _, model_cls, _ = ARCHS[model_type]
+    torch.manual_seed(seed)
+    model = model_cls(config)
+    if attn == "sdpa" and not model._supports_sdpa:
+        attn = "eager"  # Gemma 2's soft-capping has no sdpa path
+    model.set_attn_implementation(attn)
+    return model.eval()
+
+
+def clone_with_config(model: Any, config: Any) -> Any:
+    """A model of the same class built from ``config`` holding ``model``'s weights."""
+    other = type(model)(copy.deepcopy(config))
+    other.load_state_dict(model.state_dict())
+    other.set_attn_implementation(model.config._attn_implementation)
+    return other.eval()
+
+
+def tokens(batch: int = 2, length: int = 24, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, VOCAB, (batch, length), generator=g)
+
+
+def logits(model: Any, ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids, **kwargs).logits
+
+
+def rotary_state(model: Any) -> dict[str, Any]:
+    """Everything about a model that a failed patch must leave unchanged."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    rot = inner.model.rotary_emb
+    return {
+        "config": copy.deepcopy(inner.config.to_dict()),
+        "buffers": {k: v.clone() for k, v in rot.named_buffers()},
+        "rope_type": copy.deepcopy(rot.rope_type),
+        "hooks": {n: len(m._forward_pre_hooks) for n, m in inner.named_modules()},
+    }
+
+
+def same_state(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return (
+        a["config"] == b["config"]
+        and a["rope_type"] == b["rope_type"]
+        and a["hooks"] == b["hooks"]
+        and a["buffers"].keys() == b["buffers"].keys()
+        and all(torch.equal(a["buffers"][k], b["buffers"][k]) for k in a["buffers"])
+    )
