@@ -172,13 +172,18 @@ def _plan(parts: _Parts, spec: PatchSpec) -> _Plan:
             model_wide[k] = spec.keep_mask(base_freqs[k])
 
     hook_masks = {i: m for i, m in hook_masks.items() if not all(m)}
+
+    def entry(key: str | None) -> dict[str, Any]:
+        return original if key is None else original[key]
+
     if hook_masks:
         missing = [i for i in hook_masks if i not in parts.attentions]
         if missing:
             raise ValueError(f"No attention module found for layers {missing}; cannot patch them.")
 
-    def entry(key: str | None) -> dict[str, Any]:
-        return original if key is None else original[key]
+    for k in model_wide:
+        if not all(model_wide[k]) and rope_types.base_rope_type(entry(k)) == "longrope":
+            rope_types.check_longrope_supported()
 
     new_rope = copy.deepcopy(original)
     for k in keys:

@@ -38,6 +38,26 @@ def has_native_proportional() -> bool:
     return NATIVE_TYPE in mru.ROPE_INIT_FUNCTIONS
 
 
+LONGROPE_MIN_TRANSFORMERS = "5.22"
+
+
+def check_longrope_supported() -> None:
+    """Masks on longrope need transformers to honour a cached ``long_inv_freq`` (5.22+).
+
+    Earlier releases recompute the long-context frequencies from the config on every
+    long input, which would silently drop the mask there; refuse instead.
+    """
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version(LONGROPE_MIN_TRANSFORMERS):
+        raise ValueError(
+            f"Masking a 'longrope' model needs transformers >= {LONGROPE_MIN_TRANSFORMERS} (installed: "
+            f"{transformers.__version__}); older releases recompute longrope's long-context frequencies "
+            "on every long input and would drop the mask there. Upgrade transformers."
+        )
+
+
 def custom_type_for(base_type: str) -> str:
     return CUSTOM_DYNAMIC_TYPE if "dynamic" in base_type else CUSTOM_TYPE
 
