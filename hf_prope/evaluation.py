@@ -1,0 +1,139 @@
+"""Zero-shot perplexity of a model under RoPE variants, with one fixed protocol.
+
+The protocol (the one the project's reference figures were measured with): tokenise the
+text once with no special tokens, take the *last* ``n_windows * window`` tokens, cut them
+into ``n_windows`` non-overlapping windows, run each window from scratch (no context
+carried over, no BOS prepended), and report ``exp`` of the mean cross-entropy over every
+predicted token (positions 1..window-1 of each window).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .patching import get_patch, patch_model, unpatch_model
+from .spec import PatchSpec
+
+# (label, spec): spec None = the unpatched model; a dict is read with PatchSpec.from_dict.
+Variant = tuple[str, "PatchSpec | dict[str, Any] | None"]
+
+
+def _windows(input_ids: torch.Tensor, window: int, n_windows: int) -> torch.Tensor:
+    if input_ids.dim() != 1:
+        raise ValueError(f"input_ids must be a 1-D tensor of token ids, got shape {tuple(input_ids.shape)}.")
+    if window < 2 or n_windows < 1:
+        raise ValueError(f"Need window >= 2 and n_windows >= 1, got window={window}, n_windows={n_windows}.")
+    needed = window * n_windows
+    if input_ids.numel() < needed:
+        raise ValueError(
+            f"The text has {input_ids.numel()} tokens but {n_windows} windows of {window} tokens need {needed}; "
+            "use fewer or shorter windows, or a longer text."
+        )
+    # The last tokens, so the windows are the same whatever is prepended to the corpus.
+    return input_ids[-needed:].reshape(n_windows, window)
+
+
+def _nll_sum(model: Any, windows: torch.Tensor, batch_size: int, bar: Any) -> tuple[float, int]:
+    """Summed cross-entropy over every predicted token of every window, and the token count."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total_nll, total_tokens = 0.0, 0
+    try:
+        with torch.inference_mode():
+            for start in range(0, windows.shape[0], max(1, batch_size)):
+                batch = windows[start : start + batch_size].to(device)
+                logits = model(input_ids=batch, use_cache=False).logits
+                nll = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"
+                )
+                # Accumulate in Python floats (double) so the result does not depend on batch_size.
+                total_nll += float(nll.double())
+                total_tokens += batch[:, 1:].numel()
+                bar.update(batch.shape[0])
+    finally:
+        model.train(was_training)
+    return total_nll, total_tokens
+
+
+def perplexity(
+    model: Any,
+    input_ids: torch.Tensor,
+    *,
+    window: int = 512,
+    n_windows: int = 16,
+    progress: bool | str = False,
+    batch_size: int = 1,
+) -> float:
+    """Perplexity of ``model`` on the last ``n_windows * window`` tokens of ``input_ids``.
+
+    Each window is evaluated from scratch; the mean is over all ``n_windows * (window - 1)``
+    predicted tokens. ``progress`` is ``True`` for a tqdm bar or a string to use as its
+    description. ``batch_size`` windows run per forward pass (same result, more memory).
+    Raises ``ValueError`` when ``input_ids`` is too short for the windows asked.
+    """
+    windows = _windows(input_ids, window, n_windows)
+    desc = progress if isinstance(progress, str) else "perplexity"
+    with tqdm(total=n_windows, desc=desc, unit="window", disable=not progress) as bar:
+        nll, count = _nll_sum(model, windows, batch_size, bar)
+    return math.exp(nll / count)
+
+
+def tokenize_text(tokenizer: Any, text: str) -> torch.Tensor:
+    """The whole text as one 1-D tensor of ids, without BOS/EOS (the reference protocol)."""
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def zero_shot_table(
+    model: Any,
+    tokenizer: Any,
+    variants: Sequence[Variant],
+    *,
+    window: int = 512,
+    n_windows: int = 16,
+    text: str | None = None,
+    progress: bool = True,
+    batch_size: int = 1,
+) -> list[dict[str, Any]]:
+    """Perplexity of the same model, patched in place with each variant in turn.
+
+    ``variants`` are ``(label, spec)`` pairs; ``spec=None`` means the unpatched model.
+    ``text`` defaults to :func:`hf_prope.data.python_docs_text`. The model is left
+    unpatched afterwards (even on error). Rows: ``variant``, ``spec`` (dict or None),
+    ``perplexity``, ``ratio_to_rope`` (to the first unpatched variant; None if there is none).
+    """
+    if text is None:
+        from .data import python_docs_text
+
+        text = python_docs_text()
+    ids = tokenize_text(tokenizer, text)
+    windows = _windows(ids, window, n_windows)  # fails on a short text before any model work
+    if get_patch(model) is not None:
+        raise ValueError(
+            f"The model already carries a patch ({get_patch(model)}); unpatch it first so the variants are "
+            "measured against its original RoPE."
+        )
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(total=len(variants) * n_windows, desc="zero-shot perplexity", unit="window", disable=not progress)
+    try:
+        for label, given in variants:
+            spec = PatchSpec.from_dict(given) if isinstance(given, dict) else given
+            if spec is None:
+                unpatch_model(model)
+            else:
+                patch_model(model, spec)
+            bar.set_postfix_str(label)
+            nll, count = _nll_sum(model, windows, batch_size, bar)
+            ppl = math.exp(nll / count)
+            rows.append({"variant": label, "spec": spec.to_dict() if spec is not None else None, "perplexity": ppl})
+    finally:
+        bar.close()
+        unpatch_model(model)
+    rope = next((r["perplexity"] for r in rows if r["spec"] is None), None)
+    for row in rows:
+        row["ratio_to_rope"] = row["perplexity"] / rope if rope else None
+    return rows

