@@ -119,3 +119,36 @@ def test_plain_load_of_layer_selective_patch_warns(tmp_path) -> None:
     model.save_pretrained(tmp_path)
     with pytest.warns(UserWarning, match="restore_patch"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        ({"hf_prope_keep": "0,1"}, "hf_prope_keep"),
+        ({"hf_prope_base_type": "spiral"}, "hf_prope_base_type"),
+    ],
+)
+def test_corrupted_rope_entry_is_rejected_on_load(edit, match, tmp_path) -> None:
+    model = tiny_model("llama")
+    hf_prope.patch_model(model, "freq-mask", keep=[0, 3])
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    config = json.loads(path.read_text())
+    config["rope_parameters"].update(edit)
+    path.write_text(json.dumps(config))
+    # transformers' config dataclass may wrap the validator's ValueError in its own error type
+    with pytest.raises(Exception, match=match):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_corrupted_spec_in_config_names_the_field(tmp_path) -> None:
+    model = tiny_model("llama")
+    hf_prope.patch_model(model, "p-rope", p=0.5)
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    config = json.loads(path.read_text())
+    config["hf_prope"]["spec"]["p"] = 3
+    path.write_text(json.dumps(config))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"p must be in \[0, 1\]"):
+        hf_prope.get_patch(loaded)
