@@ -9,7 +9,8 @@ The public API is what ``__all__`` lists::
     hf_prope.apply_p_rope_to_llama(p=0.25)          # class level: models built afterwards are patched
 
 Importing it registers hf-prope's rope types with transformers (``ROPE_INIT_FUNCTIONS``)
-so checkpoints saved with them load; it patches no model class by itself.
+so checkpoints saved with them load, and makes ``PeftModel.from_pretrained`` warn when an
+adapter's recorded patch is not on the base model; it patches no model class by itself.
 """
 
 from ._version import __version__
@@ -52,6 +53,10 @@ from .registry import (  # noqa: E402
     supported_model_types,
 )
 from .spec import PatchSpec, rotated_pairs  # noqa: E402
+from .hub import PatchMismatchError, from_pretrained, push_to_hub, save_pretrained  # noqa: E402
+from .hub import _install_peft_load_check  # noqa: E402
+
+_install_peft_load_check()
 
 __all__ = [
     "__version__",
@@ -61,6 +66,10 @@ __all__ = [
     "unpatch_model",
     "get_patch",
     "restore_patch",
+    "save_pretrained",
+    "push_to_hub",
+    "from_pretrained",
+    "PatchMismatchError",
     "patch_info",
     "apply_patch_to_class",
     "revert_class_patches",
