@@ -217,7 +217,8 @@ def model_card(
     elif save_method == "adapter":
         lines += [
             "This patch uses hf-prope's own rope type, which plain transformers cannot build; install hf-prope. "
-            "Loading the adapter with PEFT alone silently gives a plain-RoPE model.",
+            "Loading the adapter with PEFT alone (`AutoPeftModelForCausalLM.from_pretrained`) silently gives a "
+            "plain-RoPE model.",
         ]
     elif native:
         lines += [
@@ -387,13 +388,22 @@ def push_to_hub(
         _write_folder(
             model, folder, method, tokenizer=tokenizer, repo_id=repo_id, license=license, eval_results=eval_results
         )
-        return api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            revision=revision,
-            commit_message=message,
-            create_pr=create_pr,
-        )
+        try:
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                revision=revision,
+                commit_message=message,
+                create_pr=create_pr,
+            )
+        except (PermissionError, ValueError):
+            raise
+        except Exception as err:  # noqa: BLE001 - the transport's own errors (httpx, OSError, HfHubHTTPError)
+            # A Hub commit lands whole or not at all, so the repo still holds its previous state.
+            raise ConnectionError(
+                f"Uploading to {repo_id!r} failed before the commit completed ({type(err).__name__}: {err}); "
+                "the repo is unchanged. Run push_to_hub again to retry."
+            ) from err
 
 
 def _local_folder(path_or_repo: str | os.PathLike[str], revision: str | None, token: str | None) -> Path:
