@@ -130,3 +130,22 @@ def test_live_hub(tmp_path) -> None:
     loaded = hf_prope.from_pretrained(repo, token=token).eval()
     ids = tokens()
     torch.testing.assert_close(logits(loaded, ids), logits(model, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_plain_peft_load_from_the_hub_warns(local_hub, tmp_path, monkeypatch) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    model = lora_model("llama", tmp_path / "base")
+    hf_prope.push_to_hub(model, "user/a", save_method="adapter")
+    plain_base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    with pytest.warns(UserWarning, match="does not carry that patch"):
+        PeftModel.from_pretrained(plain_base, "user/a")
+    patched_base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    hf_prope.patch_model(patched_base, hf_prope.get_patch(model))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*does not carry that patch.*")
+        PeftModel.from_pretrained(patched_base, "user/a")
