@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import importlib.util
 import json
 import threading
@@ -9,10 +11,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-try:  # huggingface_hub >= 2 uses httpx2, 1.x uses httpx
-    import httpx2 as _httpx
-except ImportError:
-    import httpx as _httpx
+# huggingface_hub >= 2 talks through httpx2, 1.x through httpx; an environment may hold both.
+_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = ()
+for _name in ("httpx2", "httpx"):
+    try:
+        _TRANSPORT_ERRORS += (importlib.import_module(_name).TransportError,)
+    except ImportError:
+        pass
 import pytest
 from hub_server import LocalHub, git_blob_sha1, local_hub_env, local_hub_fixture
 from huggingface_hub import (
@@ -283,7 +288,7 @@ def test_interrupted_commit_leaves_repo_unchanged_and_retry_succeeds(local_hub, 
     commits_before = len(local_hub.commits("user/flaky"))
 
     local_hub.fail_next_commit(after_bytes=100)
-    with pytest.raises(_httpx.TransportError):  # the connection dropped: no HTTP answer at all
+    with pytest.raises(_TRANSPORT_ERRORS):  # the connection dropped: no HTTP answer at all
         api.upload_folder(repo_id="user/flaky", folder_path=tmp_path / "v2")
     assert local_hub.dropped_commits == 1
     assert local_hub.files("user/flaky") == before
