@@ -112,9 +112,10 @@ def zero_shot_table(
         text = python_docs_text()
     ids = tokenize_text(tokenizer, text)
     windows = _windows(ids, window, n_windows)  # fails on a short text before any model work
-    if get_patch(model) is not None:
+    current = get_patch(model)
+    if current is not None:
         raise ValueError(
-            f"The model already carries a patch ({get_patch(model)}); unpatch it first so the variants are "
+            f"The model already carries a patch ({current}); unpatch it first so the variants are "
             "measured against its original RoPE."
         )
     rows: list[dict[str, Any]] = []

@@ -51,12 +51,12 @@ def _is_peft(model: nn.Module) -> bool:
 
 
 def _base_fingerprint(model: nn.Module) -> dict[str, Any]:
-    config = _unwrap(model).config
-    rotary = _find_parts(model).rotaries[0]
-    n_pairs = int(next(b for n, b in rotary.named_buffers() if n.endswith("inv_freq")).shape[-1])
+    parts = _find_parts(model)
+    config = parts.config
+    n_pairs = int(next(b for n, b in parts.rotaries[0].named_buffers() if n.endswith("inv_freq")).shape[-1])
     return {
         "model_type": config.model_type,
-        "architectures": list(getattr(config, "architectures", None) or [type(_unwrap(model)).__name__]),
+        "architectures": list(getattr(config, "architectures", None) or [type(parts.model).__name__]),
         "head_dim": 2 * n_pairs,
         "num_hidden_layers": int(config.num_hidden_layers),
         "hidden_size": int(config.hidden_size),

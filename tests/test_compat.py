@@ -60,7 +60,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(patch) -> None:
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma3_text"])
 def test_left_padded_batch_matches_unpadded(model_type) -> None:
     model = tiny_model(model_type)
-    hf_prope.patch_model(model, "nope", layers=[1]) if model_type == "qwen2" else hf_prope.patch_model(model, "p-rope", p=0.25)
+    if model_type == "qwen2":
+        hf_prope.patch_model(model, "nope", layers=[1])  # the hook path
+    else:
+        hf_prope.patch_model(model, "p-rope", p=0.25)
     short = tokens(batch=1, length=12, seed=3)
     pad = 5
     padded = torch.cat([torch.zeros(1, pad, dtype=torch.long), short], dim=1)

@@ -96,7 +96,6 @@ def test_private_upload_is_one_commit_and_downloads_identically(any_hub, tmp_pat
     repo_url = api.create_repo("user/model", private=True)
     assert repo_url.repo_id == "user/model" and repo_url.startswith(any_hub.endpoint)
     assert api.repo_info("user/model").private is True
-    (tmp_path / "src").mkdir()
     files = make_folder(tmp_path / "src")
     any_hub.clear_requests()
 
@@ -153,8 +152,6 @@ def test_dataset_and_space_repos(local_hub) -> None:
 def test_revision_on_a_new_branch(any_hub, tmp_path) -> None:
     api = HfApi(token=GOOD)
     api.create_repo("user/branchy")
-    (tmp_path / "v1").mkdir()
-    (tmp_path / "v2").mkdir()
     v1 = make_folder(tmp_path / "v1", 1)
     v2 = make_folder(tmp_path / "v2", 2)
     first = api.upload_folder(repo_id="user/branchy", folder_path=tmp_path / "v1")
@@ -187,8 +184,6 @@ def test_revision_on_a_new_branch(any_hub, tmp_path) -> None:
 def test_create_pr(any_hub, tmp_path) -> None:
     api = HfApi(token=GOOD)
     api.create_repo("user/pr")
-    (tmp_path / "v1").mkdir()
-    (tmp_path / "v2").mkdir()
     v1 = make_folder(tmp_path / "v1", 1)
     v2 = make_folder(tmp_path / "v2", 2)
     base = api.upload_folder(repo_id="user/pr", folder_path=tmp_path / "v1")
@@ -211,7 +206,6 @@ def test_create_pr(any_hub, tmp_path) -> None:
 def test_rejected_token_fails_before_any_upload(local_hub, tmp_path) -> None:
     api = HfApi(token=GOOD)
     api.create_repo("user/guarded")
-    (tmp_path / "src").mkdir()
     make_folder(tmp_path / "src")
     local_hub.clear_requests()
 
@@ -279,8 +273,6 @@ def test_commit_is_atomic_and_checks_parent(local_hub) -> None:
 def test_interrupted_commit_leaves_repo_unchanged_and_retry_succeeds(local_hub, tmp_path) -> None:
     api = HfApi(token=GOOD)
     api.create_repo("user/flaky")
-    (tmp_path / "v1").mkdir()
-    (tmp_path / "v2").mkdir()
     v1 = make_folder(tmp_path / "v1", 1)
     v2 = make_folder(tmp_path / "v2", 2)
     api.upload_folder(repo_id="user/flaky", folder_path=tmp_path / "v1")
@@ -308,7 +300,6 @@ def test_xet_pipeline_retries_an_interrupted_commit_by_itself(monkeypatch, tmp_p
     with local_hub_env(monkeypatch, tmp_path, xet=True) as hub:
         api = HfApi(token=GOOD)
         api.create_repo("user/retry")
-        (tmp_path / "src").mkdir()
         files = make_folder(tmp_path / "src")
         hub.fail_next_commit()
         api.upload_folder(repo_id="user/retry", folder_path=tmp_path / "src")

@@ -113,7 +113,6 @@ def test_layer_selective_patch_matches_hand_built_mixture(model_type: str) -> No
     ids = tokens()
     # The hand-built oracle: run the unpatched decoder, swapping in NoPE cos/sin for layers 1 and 4.
     with torch.no_grad():
-        base = model.model
         cos_sin_nope = {}
 
         def grab(mod, args, kwargs):
@@ -136,7 +135,6 @@ def test_layer_selective_patch_matches_hand_built_mixture(model_type: str) -> No
         expected = ref(ids).logits
     assert torch.equal(logits(model, ids), expected)
     assert hf_prope.patch_info(model)["hooked_layers"] == [1, 4]
-    del base
 
 
 @pytest.mark.parametrize("model_type", ["qwen3", "gemma2"])

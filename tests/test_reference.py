@@ -67,8 +67,7 @@ def paper_rotate(x: torch.Tensor, theta: float, kept: list[bool]) -> torch.Tenso
         if not kept[i]:
             continue  # frequency 0: the pair passes through
         angle = positions * theta ** (-2 * i / d)
-        c, s = torch.cos(angle)[:, None].T, torch.sin(angle)[:, None].T
-        c, s = c.reshape(-1), s.reshape(-1)
+        c, s = torch.cos(angle), torch.sin(angle)
         a, b = x[..., i], x[..., i + d // 2]
         out[..., i] = a * c - b * s
         out[..., i + d // 2] = a * s + b * c
