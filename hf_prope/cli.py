@@ -1,9 +1,13 @@
 """The ``hf-prope`` command.
 
-``hf-prope`` with no arguments runs the main job, ``hf-prope zero-shot`` with its defaults:
-load the embedded SmolLM2-135M, measure its zero-shot perplexity on CPython's documentation
-text under RoPE and p-RoPE variants, and print the table beside the project's reference
-figures. Subcommands leave room for later jobs (``run``, ``analyze``).
+``hf-prope`` with no arguments runs the main job: a short LoRA recipe run on the embedded
+SmolLM2-135M and CPython's documentation text (``run lora --config smollm2_135m_quick``), which
+prints perplexity before and after training, against a control. Other commands:
+
+* ``hf-prope run RECIPE --config FILE_OR_NAME [key=value | --key value ...]``: a recipe
+  (``lora``, ``eval``); ``hf-prope run RECIPE --help`` lists its keys.
+* ``hf-prope zero-shot``: perplexity under RoPE and p-RoPE variants with no training, beside
+  the project's reference figures.
 """
 
 from __future__ import annotations
@@ -130,11 +134,16 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="hf-prope",
-        description="p-RoPE for Hugging Face transformers. With no command: the zero-shot perplexity table "
-        "of the embedded SmolLM2-135M under RoPE and p-RoPE variants (a few minutes on CPU).",
+        description="p-RoPE for Hugging Face transformers. With no command: the main job, a short LoRA run "
+        f"({' '.join(MAIN_JOB)}) on the embedded SmolLM2-135M that prints perplexity before and after training "
+        "against an unpatched control (about 10 minutes on 2 CPU cores).",
     )
     parser.add_argument("--version", action="version", version=f"hf-prope {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser(
+        "run", help="run a recipe: hf-prope run {lora,eval} --config FILE [key=value ...] (see hf-prope run --help)",
+        add_help=False,
+    )
     zs = sub.add_parser(
         "zero-shot",
         help="perplexity of a model, unchanged and under p-RoPE variants, with no training",
@@ -158,17 +167,67 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+MAIN_JOB = ["run", "lora", "--config", "smollm2_135m_quick"]
+
+
+def _pop_config(argv: list[str]) -> tuple[str | None, list[str]]:
+    """The value of ``--config``/``-c``/``--config=`` (the last one wins) and the other arguments."""
+    config, rest, i = None, [], 0
+    while i < len(argv):
+        if argv[i] in ("--config", "-c"):
+            if i + 1 >= len(argv):
+                raise ValueError(f"{argv[i]} needs a config file or a packaged config name.")
+            config, i = argv[i + 1], i + 2
+            continue
+        if argv[i].startswith("--config="):
+            config = argv[i].split("=", 1)[1]
+        else:
+            rest.append(argv[i])
+        i += 1
+    return config, rest
+
+
+def _run_recipe(argv: list[str]) -> int:
+    """``run RECIPE [--config FILE] [overrides]``; parsed here because overrides are free-form keys."""
+    from hf_prope.recipes import RECIPES, get_recipe
+
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: hf-prope run RECIPE [--config FILE_OR_NAME] [key=value | --key value ...]\n\nrecipes:")
+        for name, cls in RECIPES.items():
+            print(f"  {name:<8}{cls.description}")
+        from hf_prope.recipes import packaged_configs
+
+        print(f"\npackaged configs: {', '.join(packaged_configs())}")
+        return 0 if argv else 2
+    recipe_cls = get_recipe(argv[0])
+    rest = argv[1:]
+    if "-h" in rest or "--help" in rest:
+        from transformers import HfArgumentParser
+
+        help_parser = HfArgumentParser(list(recipe_cls.arguments), prog=f"hf-prope run {recipe_cls.name}")
+        print(help_parser.format_help())
+        return 0
+    config, rest = _pop_config(rest)
+    recipe = recipe_cls.from_config(config, rest)
+    recipe.run()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``hf-prope`` and ``python -m hf_prope``; returns the exit status."""
-    parser = _parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    # No command = the main job; parse it as `zero-shot` so its defaults live in one place.
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
-        argv = ["zero-shot", *argv]
-    args = parser.parse_args(argv)
     try:
+        if not argv:
+            print(f"hf-prope: the main job: hf-prope {' '.join(MAIN_JOB)}", file=sys.stderr, flush=True)
+            return _run_recipe(MAIN_JOB[1:])
+        if argv[0] == "run":
+            return _run_recipe(argv[1:])
+        args = _parser().parse_args(argv)
+        if args.command is None:
+            _parser().print_help()
+            return 2
         return int(args.func(args))
-    except (ValueError, ImportError, FileNotFoundError) as err:
-        # Bad input or a missing package: a one-line message, not a traceback.
+    except (ValueError, ImportError, OSError) as err:
+        # Bad input, a missing package or file, an unwritable folder: one line, not a traceback.
         print(f"hf-prope: error: {err}", file=sys.stderr)
         return 2

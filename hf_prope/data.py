@@ -1,6 +1,23 @@
-"""Evaluation text that every Python installation already has."""
+"""Text for training and evaluation: CPython's own documentation, or any ``datasets`` source.
+
+Every source ends as one stream of token ids (documents joined by the tokenizer's EOS token),
+split into a held-out *tail* for evaluation and fixed-length training blocks cut from what
+comes before it, so the two never share a token.
+"""
 
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PYTHON_DOCS = "python-docs"
+# datasets builder for each file extension a local source may have.
+_BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".csv": "csv",
+             ".parquet": "parquet"}
 
 
 def python_docs_text() -> str:
@@ -15,3 +32,126 @@ def python_docs_text() -> str:
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def _local_files(source: str) -> list[Path] | None:
+    """The files a local source names, or ``None`` when ``source`` is not a local path."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _BUILDERS)
+        if not files:
+            raise FileNotFoundError(
+                f"The data folder {path} holds no {', '.join(sorted(_BUILDERS))} files."
+            )
+        return files
+    if path.is_file():
+        return [path]
+    looks_local = path.suffix.lower() in _BUILDERS or source.startswith((".", "/", "~")) or os.sep * 2 in source
+    if looks_local:
+        raise FileNotFoundError(f"The data file {source!r} does not exist (current folder: {Path.cwd()}).")
+    return None
+
+
+def load_text_dataset(
+    source: str = PYTHON_DOCS,
+    *,
+    text_column: str = "text",
+    config_name: str | None = None,
+    split: str = "train",
+    revision: str | None = None,
+) -> Any:
+    """A ``datasets.Dataset`` with one document per row in ``text_column``.
+
+    ``source`` is ``"python-docs"`` (:func:`python_docs_text` as one document), a local
+    ``.txt``/``.md`` file (one document per file), ``.json``/``.jsonl``/``.csv``/``.parquet``
+    file (one document per row), a folder of such files, or a Hub dataset name (read by
+    ``datasets.load_dataset(source, config_name, split=split)``). Raises
+    ``FileNotFoundError`` for a missing local file and ``ValueError`` for a dataset with no
+    text or no ``text_column``.
+    """
+    import datasets
+
+    if source == PYTHON_DOCS:
+        return datasets.Dataset.from_dict({text_column: [python_docs_text()]})
+    files = _local_files(source)
+    if files is not None:
+        kinds = {_BUILDERS[f.suffix.lower()] for f in files}
+        if len(kinds) > 1:
+            raise ValueError(f"{source!r} mixes file kinds ({', '.join(sorted(kinds))}); use one kind per source.")
+        builder = kinds.pop()
+        # One document per text file: per-line rows would put an EOS after every line.
+        extra: dict[str, Any] = {"sample_by": "document"} if builder == "text" else {}
+        ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **extra)
+    else:
+        ds = datasets.load_dataset(source, config_name, split=split, revision=revision)
+    if text_column not in ds.column_names:
+        raise ValueError(
+            f"The dataset {source!r} has no column {text_column!r}; its columns are {ds.column_names}. "
+            "Set text_column to the one holding the text."
+        )
+    if len(ds) == 0:
+        raise ValueError(f"The dataset {source!r} is empty: it has no rows.")
+    return ds
+
+
+def tokenize_dataset(dataset: Any, tokenizer: Any, *, text_column: str = "text", num_proc: int | None = None) -> torch.Tensor:
+    """All documents as one 1-D tensor of ids, without BOS, joined by the EOS token.
+
+    A single document tokenises exactly as :func:`hf_prope.evaluation.tokenize_text` does, so
+    perplexities on ``python-docs`` are those of the zero-shot protocol.
+    """
+
+    def encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
+        texts = [t for t in batch[text_column] if isinstance(t, str) and t]
+        return {"ids": tokenizer(texts, add_special_tokens=False)["input_ids"]}
+
+    encoded = dataset.map(
+        encode, batched=True, remove_columns=dataset.column_names, num_proc=num_proc, desc="tokenising"
+    )
+    eos = tokenizer.eos_token_id
+    pieces: list[torch.Tensor] = []
+    for row in encoded["ids"]:
+        if pieces and eos is not None:
+            pieces.append(torch.tensor([eos], dtype=torch.long))
+        pieces.append(torch.tensor(row, dtype=torch.long))
+    ids = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+    if ids.numel() == 0:
+        raise ValueError("The dataset holds no text: every document is empty.")
+    return ids
+
+
+@dataclass(frozen=True)
+class TokenSplit:
+    """Training blocks and the held-out tail of one token stream (disjoint by construction)."""
+
+    train_blocks: torch.Tensor  # (n_blocks, block_size)
+    heldout: torch.Tensor  # 1-D: the last heldout_tokens ids of the stream
+    total_tokens: int
+
+    @property
+    def train_tokens(self) -> int:
+        return int(self.train_blocks.numel())
+
+
+def split_tail(ids: torch.Tensor, *, block_size: int, heldout_tokens: int, min_blocks: int = 1) -> TokenSplit:
+    """Hold out the last ``heldout_tokens`` ids and pack what precedes them into ``block_size`` blocks.
+
+    The tail is where :func:`hf_prope.evaluation.perplexity` takes its windows from, so
+    evaluating on ``heldout`` measures text no training block contains. A trailing partial
+    block is dropped. Raises ``ValueError`` when fewer than ``min_blocks`` blocks remain.
+    """
+    if block_size < 2:
+        raise ValueError(f"block_size must be at least 2 tokens, got {block_size}.")
+    if heldout_tokens < 2:
+        raise ValueError(f"The held-out split needs at least 2 tokens, got {heldout_tokens}.")
+    total = int(ids.numel())
+    n_blocks = max(0, (total - heldout_tokens) // block_size)
+    if n_blocks < min_blocks:
+        raise ValueError(
+            f"The data has {total} tokens: after holding out the last {heldout_tokens} for evaluation, "
+            f"{max(0, total - heldout_tokens)} remain, {n_blocks} training blocks of {block_size} tokens, but at "
+            f"least {min_blocks} are needed (one batch on every process). Use more data, a smaller block_size, "
+            "or fewer/shorter evaluation windows."
+        )
+    train = ids[: total - heldout_tokens][: n_blocks * block_size].reshape(n_blocks, block_size)
+    return TokenSplit(train_blocks=train.clone(), heldout=ids[total - heldout_tokens :].clone(), total_tokens=total)

@@ -72,15 +72,31 @@ def perplexity(
     """Perplexity of ``model`` on the last ``n_windows * window`` tokens of ``input_ids``.
 
     Each window is evaluated from scratch; the mean is over all ``n_windows * (window - 1)``
-    predicted tokens. ``progress`` is ``True`` for a tqdm bar or a string to use as its
+    predicted tokens. In a distributed run (``torch.distributed`` initialised) every process
+    scores a share of the windows and all get the same total. ``progress`` is ``True`` for a tqdm bar or a string to use as its
     description. ``batch_size`` windows run per forward pass (same result, more memory).
     Raises ``ValueError`` when ``input_ids`` is too short for the windows asked.
     """
     windows = _windows(input_ids, window, n_windows)
+    rank, world = rank_and_world()
+    # Under torchrun each process scores its share of the windows; the sums are then added up.
+    mine = windows[rank::world]
     desc = progress if isinstance(progress, str) else "perplexity"
-    with tqdm(total=n_windows, desc=desc, unit="window", disable=not progress) as bar:
-        nll, count = _nll_sum(model, windows, batch_size, bar)
+    with tqdm(total=mine.shape[0], desc=desc, unit="window", disable=not progress or rank != 0) as bar:
+        nll, count = _nll_sum(model, mine, batch_size, bar)
+    if world > 1:
+        device = next(model.parameters()).device
+        sums = torch.tensor([nll, float(count)], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(sums)
+        nll, count = float(sums[0]), int(sums[1])
     return math.exp(nll / count)
+
+
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world_size)`` of this process: ``(0, 1)`` unless ``torch.distributed`` is initialised."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def tokenize_text(tokenizer: Any, text: str) -> torch.Tensor:

@@ -119,3 +119,24 @@ def same_state(a: dict[str, Any], b: dict[str, Any]) -> bool:
         and a["buffers"].keys() == b["buffers"].keys()
         and all(torch.equal(a["buffers"][k], b["buffers"][k]) for k in a["buffers"])
     )
+
+
+def char_tokenizer() -> Any:
+    """A real fast tokenizer with one token per printable ASCII character (fits the tiny vocabulary)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "</s>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    assert len(vocab) <= VOCAB
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="</s>")
+
+
+def save_tiny(folder: Any, model_type: str = "llama", *, seed: int = 0, **overrides: Any) -> Any:
+    """A tiny model and its tokenizer saved to ``folder`` (a local model source for recipes); returns the folder."""
+    model = tiny_model(model_type, seed=seed, **overrides)
+    model.save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    return folder

@@ -1,0 +1,172 @@
+"""What every recipe shares: the class shape, model loading, the output folder, rank-0 writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Sequence
+
+import torch
+
+
+@dataclass
+class ModelArguments:
+    """Which model to load."""
+
+    model: str = field(
+        default="smollm2-135m",
+        metadata={"help": "An embedded name (smollm2-135m, gemma-3-270m), a local .gguf file, a local model "
+                  "folder, or a Hub model id."},
+    )
+    model_revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of a Hub model."})
+    dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="float32", metadata={"help": "Dtype of the loaded weights (use bf16=true for mixed precision)."}
+    )
+
+
+@dataclass
+class DataArguments:
+    """Where the text comes from and how it is cut."""
+
+    dataset: str = field(
+        default="python-docs",
+        metadata={"help": "python-docs (CPython's documentation, always available), a local .txt/.md/.json/.jsonl/"
+                  ".csv/.parquet file or a folder of them, or a Hub dataset name."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Config name of a Hub dataset."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of a Hub dataset to read."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the text (JSON/CSV/Hub data)."})
+
+
+@dataclass
+class PatchArguments:
+    """The hf-prope patch, flattened so that ``p=0.25`` is an override (see ``hf_prope.PatchSpec``)."""
+
+    patch: str = field(default="p-rope", metadata={"help": "p-rope, freq-mask, nope or rope."})
+    p: float | None = field(default=0.25, metadata={"help": "p-rope: fraction of frequency pairs that rotate."})
+    rotate: Literal["highest", "lowest"] | None = field(
+        default=None, metadata={"help": "p-rope: which end keeps rotating (highest = the paper's p-RoPE)."}
+    )
+    keep: list[int] | None = field(default=None, metadata={"help": "freq-mask: indices of pairs that rotate."})
+    max_wavelength: float | None = field(default=None, metadata={"help": "freq-mask: longest wavelength kept."})
+    layers: list[int] | None = field(default=None, metadata={"help": "Patch only these layer indices."})
+    layer_types: list[str] | None = field(
+        default=None, metadata={"help": "Patch only layers of these types (e.g. full_attention on Gemma 3)."}
+    )
+
+    def spec(self) -> Any:
+        """The :class:`hf_prope.PatchSpec` these settings describe (validated)."""
+        from hf_prope.spec import make_spec
+
+        params = {f.name: getattr(self, f.name) for f in fields(PatchArguments) if f.name != "patch"}
+        if self.patch != "p-rope" and params["p"] == PatchArguments.p:
+            params["p"] = None  # the default p belongs to p-rope; other patches take none
+        return make_spec(self.patch, **{k: v for k, v in params.items() if v is not None})
+
+
+def load_model(args: ModelArguments) -> tuple[Any, Any]:
+    """Model and tokenizer from an embedded name, a GGUF file, a local folder or the Hub; eval mode.
+
+    For a folder or Hub id the config is read first, so an unsupported model type fails
+    before any weights are fetched.
+    """
+    from hf_prope import models
+    from hf_prope.registry import get_architecture
+
+    dtype = getattr(torch, args.dtype)
+    local = args.model in models.EMBEDDED_MODELS or Path(args.model).exists()
+    if local:
+        model, tokenizer = models.load_model(args.model, dtype=dtype)
+        get_architecture(model.config.model_type)
+        return model, tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if args.model.endswith(".gguf") or args.model.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"No model file or folder at {args.model!r}.")
+    config = AutoConfig.from_pretrained(args.model, revision=args.model_revision)
+    get_architecture(config.model_type)
+    tokenizer = AutoTokenizer.from_pretrained(args.model, revision=args.model_revision)
+    model = AutoModelForCausalLM.from_pretrained(args.model, revision=args.model_revision, dtype=dtype)
+    return model.eval(), tokenizer
+
+
+def check_writable(folder: str | os.PathLike[str]) -> Path:
+    """Create ``folder`` if needed and prove it can be written, before any work is done."""
+    path = Path(folder).expanduser().resolve()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".hf-prope-write-test-{uuid.uuid4().hex[:8]}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(f"The output folder {path} cannot be written ({err.strerror}); choose another output_dir.") from None
+    return path
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write a file through a temporary name in the same folder, so readers never see half of it."""
+    mode = "wb" if isinstance(data, bytes) else "w"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, value: Any) -> None:
+    write_atomic(path, json.dumps(value, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def is_main_process() -> bool:
+    from hf_prope.evaluation import rank_and_world
+
+    return rank_and_world()[0] == 0
+
+
+def barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+class Recipe:
+    """A recipe is configured by dataclasses, then ``setup()`` checks everything and ``run()`` works.
+
+    Subclasses set :attr:`name` and :attr:`arguments` and implement ``setup`` and ``run``;
+    ``from_config`` builds one from a YAML file and overrides.
+    """
+
+    name: ClassVar[str]
+    arguments: ClassVar[tuple[type, ...]]
+    description: ClassVar[str] = ""
+
+    def __init__(self, *args: Any) -> None:
+        if len(args) != len(self.arguments) or not all(isinstance(a, t) for a, t in zip(args, self.arguments)):
+            raise TypeError(f"{type(self).__name__} takes {', '.join(t.__name__ for t in self.arguments)}.")
+        self.args = args
+
+    @classmethod
+    def from_config(cls, config: str | os.PathLike[str] | None = None, overrides: Sequence[str] | dict[str, Any] = ()) -> "Recipe":
+        from .config import parse_config
+
+        return cls(*parse_config(cls.arguments, config, overrides))
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting of the recipe as plain JSON values (tokens removed)."""
+        out: dict[str, Any] = {}
+        for arg in self.args:
+            values = arg.to_dict() if hasattr(arg, "to_dict") else asdict(arg)
+            out.update({k: v for k, v in values.items() if "token" not in k})
+        return out
+
+    def setup(self) -> None:
+        raise NotImplementedError
+
+    def run(self) -> dict[str, Any]:
+        raise NotImplementedError

@@ -1,0 +1,160 @@
+"""Recipe configuration: YAML files plus command-line overrides, read by ``HfArgumentParser``.
+
+A recipe declares its settings as dataclasses (its own, and transformers' ``TrainingArguments``
+where it trains). A config file is a flat YAML mapping of their fields; the command line adds
+``key=value``, ``--key value``, ``--key=value`` or ``--no_key`` overrides, later ones winning.
+Values typed on the command line are read as YAML (so ``[q_proj, v_proj]`` is a list) and then
+converted with the parser's own type for that field, which also mends YAML 1.1's habit of
+reading ``5e-4`` as a string. An unknown key is an error naming the closest valid one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+from hf_prope.spec import closest
+
+CONFIG_PACKAGE = "hf_prope.recipes.configs"
+
+
+def packaged_configs() -> list[str]:
+    """Names (without ``.yaml``) of the config files installed with hf-prope."""
+    return sorted(p.name[:-5] for p in resources.files(CONFIG_PACKAGE).iterdir() if p.name.endswith(".yaml"))
+
+
+def config_path(name_or_path: str | os.PathLike[str]) -> Path:
+    """A config file's path: a file as given, else a packaged config by name (``smollm2_135m_eval``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    name = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    packaged = resources.files(CONFIG_PACKAGE) / f"{name}.yaml"
+    if packaged.is_file():
+        return Path(str(packaged))
+    raise FileNotFoundError(
+        f"No config file {str(name_or_path)!r}; packaged configs: {', '.join(packaged_configs())}."
+        + closest(name, packaged_configs())
+    )
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    import yaml
+
+    text = Path(path).read_text()
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {err}") from err
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a mapping of key: value lines, got {type(values).__name__}.")
+    return values
+
+
+def parse_overrides(argv: Sequence[str]) -> dict[str, str]:
+    """``key=value`` / ``--key value`` / ``--key=value`` / ``--flag`` into a dict of raw strings."""
+    out: dict[str, str] = {}
+    items = list(argv)
+    i = 0
+    while i < len(items):
+        item = items[i]
+        if item.startswith("--"):
+            body = item[2:]
+            if "=" in body:
+                key, raw = body.split("=", 1)
+            elif i + 1 < len(items) and not items[i + 1].startswith("--"):
+                key, raw = body, items[i + 1]
+                i += 1
+            else:
+                key, raw = body, "true"  # a bare --flag
+        elif "=" in item:
+            key, raw = item.split("=", 1)
+        else:
+            raise ValueError(f"Cannot read the override {item!r}: write key=value or --key value.")
+        if not key:
+            raise ValueError(f"Cannot read the override {item!r}: the key is empty.")
+        out[key.replace("-", "_")] = raw
+        i += 1
+    return out
+
+
+def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """The parser's action per field name (not the ``--no_x`` twins of booleans)."""
+    return {a.dest: a for a in parser._actions if f"--{a.dest}" in a.option_strings}
+
+
+def _convert(key: str, item: Any, action: argparse.Action) -> Any:
+    convert = action.type
+    if isinstance(item, str) and convert is not None and convert is not str:
+        try:
+            item = convert(item)
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            kind = getattr(convert, "__name__", "its type").replace("string_to_bool", "true/false")
+            raise ValueError(f"{key}: cannot read {item!r} as {kind}.") from None
+    elif convert in (int, float) and (isinstance(item, bool) or not isinstance(item, (int, float))):
+        raise ValueError(f"{key} takes a number, got {item!r}.")
+    elif convert is float:
+        item = float(item)
+    elif convert is str and not isinstance(item, str):
+        item = str(item)
+    if action.choices is not None and item not in action.choices:
+        choices = [str(c) for c in action.choices]
+        raise ValueError(f"{key} must be one of {', '.join(choices)}, got {item!r}." + closest(str(item), choices))
+    return item
+
+
+def _coerce(key: str, value: Any, action: argparse.Action) -> Any:
+    """A YAML value or a raw command-line string, converted with the parser's type for ``key``."""
+    import yaml
+
+    if isinstance(value, str) and value.strip() in ("null", "~", "") + (("none", "None") if action.type is not str else ()):
+        return None
+    if value is None:
+        return None
+    if action.nargs in ("+", "*"):
+        if isinstance(value, str):
+            loaded = yaml.safe_load(value) if value.lstrip().startswith("[") else None
+            value = loaded if isinstance(loaded, list) else [v.strip() for v in value.split(",") if v.strip()]
+        elif not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_convert(key, v, action) for v in value]
+    if isinstance(value, (list, tuple, dict)):
+        raise ValueError(f"{key} takes one value, got {value!r}.")
+    return _convert(key, value, action)
+
+
+def parse_config(
+    dataclass_types: Sequence[type],
+    config: str | os.PathLike[str] | None = None,
+    overrides: Sequence[str] | dict[str, Any] = (),
+) -> tuple[Any, ...]:
+    """Instances of ``dataclass_types`` from a YAML file (optional) and overrides; validated.
+
+    Raises ``ValueError`` for an unknown key (naming the closest), a value of the wrong type,
+    or anything the dataclasses' own checks reject; ``FileNotFoundError`` for a missing file.
+    """
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(list(dataclass_types))
+    values: dict[str, Any] = {}
+    if config is not None:
+        values.update(read_yaml(config_path(config)))
+    values.update(overrides if isinstance(overrides, dict) else parse_overrides(overrides))
+    actions = _actions(parser)
+    for key in list(values):
+        if key not in actions:
+            if key.startswith("no_") and key[3:] in actions and str(values[key]).lower() == "true":
+                values[key[3:]] = False  # --no_control
+                del values[key]
+                continue
+            raise ValueError(f"Unknown config key {key!r}." + (closest(key, list(actions)) or " See --help for the keys."))
+        values[key] = _coerce(key, values[key], actions[key])
+    try:
+        return tuple(parser.parse_dict(values))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"Invalid configuration: {err}") from err

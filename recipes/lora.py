@@ -1,0 +1,454 @@
+"""LoRA-adapt a pretrained RoPE model to a patch (p-RoPE by default), with the evidence and a control.
+
+A pretrained model loses some quality when its low frequencies stop rotating; a short LoRA
+run wins most of it back. But LoRA on held-out text of a new domain also helps the
+*unpatched* model, so the honest figure is the gap between the patched model after training
+and the same LoRA budget spent on the unpatched model (the control)::
+
+    (a) base (RoPE)        (b) patched, before training
+    (c) patched + LoRA     (d) control: RoPE + the same LoRA        headline: gap = (c) / (d)
+
+The recipe trains with transformers' ``Trainer`` (so ``torchrun`` / ``accelerate launch``
+give DDP, and checkpoints resume), writes ``results.json``, ``results.png`` and the adapter or
+merged model with a model card, and pushes it to the Hub when ``hub_model_id`` is set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+from transformers import TrainerCallback, TrainingArguments
+
+from .base import (
+    DataArguments,
+    ModelArguments,
+    PatchArguments,
+    Recipe,
+    barrier,
+    check_writable,
+    is_main_process,
+    load_model,
+    write_json,
+)
+
+STAGES = ("control", "patched")  # the control trains first so the patched model is the one left to save
+RESULTS_FILE = "results.json"
+PLOT_FILE = "results.png"
+_MLP_MODULES = ["gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraArguments:
+    """The PEFT LoRA adapter."""
+
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: float = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        metadata={"help": "Module names that get a LoRA (attention projections by default)."},
+    )
+    lora_mlp: bool = field(default=False, metadata={"help": "Also adapt the MLP (gate_proj, up_proj, down_proj)."})
+
+    def target_modules(self) -> list[str]:
+        return list(dict.fromkeys(self.lora_target_modules + (_MLP_MODULES if self.lora_mlp else [])))
+
+
+@dataclass
+class LoraRecipeArguments:
+    """Blocks, the held-out split, the control, and how the result is saved."""
+
+    block_size: int = field(default=256, metadata={"help": "Tokens per training block."})
+    eval_window: int = field(default=512, metadata={"help": "Tokens per held-out evaluation window."})
+    eval_windows: int = field(default=16, metadata={"help": "Held-out windows, taken from the end of the data."})
+    eval_batch_size: int = field(default=1, metadata={"help": "Windows per evaluation forward pass."})
+    control: bool = field(
+        default=True, metadata={"help": "Also train the same LoRA on the unpatched model (doubles training time)."}
+    )
+    save_method: Literal["adapter", "merged"] = field(
+        default="adapter", metadata={"help": "Save the LoRA adapter (with the patch) or the merged model."}
+    )
+    resume: bool = field(default=False, metadata={"help": "Continue the run in output_dir after an interruption."})
+    overwrite: bool = field(default=False, metadata={"help": "Discard a previous run in output_dir."})
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "eval_window"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"{name} must be at least 2 tokens, got {getattr(self, name)}.")
+        for name in ("eval_windows", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.resume and self.overwrite:
+            raise ValueError("resume=true and overwrite=true contradict each other; choose one.")
+
+
+class _BlockDataset(torch.utils.data.Dataset):
+    """Fixed-length token blocks as causal-LM examples (labels = inputs; the model shifts them)."""
+
+    def __init__(self, blocks: torch.Tensor) -> None:
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return int(self.blocks.shape[0])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.blocks[i], "labels": self.blocks[i]}
+
+
+class _PatchRecordCallback(TrainerCallback):
+    """Put the patch record in every checkpoint, so a checkpoint folder alone is never mistaken for plain RoPE."""
+
+    def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        from hf_prope.hub import PATCH_FILE, patch_record
+
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and model is not None and folder.is_dir():
+            write_json(folder / PATCH_FILE, patch_record(model))
+
+
+def _losses(log_history: list[dict[str, Any]]) -> list[list[float]]:
+    return [[entry["step"], entry["loss"]] for entry in log_history if "loss" in entry and "step" in entry]
+
+
+class LoRARecipe(Recipe):
+    """``hf-prope run lora``: patch a pretrained model, LoRA-train it back, and measure against a control.
+
+    ``run()`` = ``setup()``, ``train()`` (control, then the patched model), ``evaluate()``,
+    ``save()``, ``push()``. Extra ``transformers.TrainerCallback`` objects may be passed as
+    ``callbacks=``.
+    """
+
+    name = "lora"
+    description = "LoRA-adapt a patched model, evaluate it against an unpatched control, save and push it"
+    arguments = (ModelArguments, DataArguments, PatchArguments, LoraArguments, LoraRecipeArguments, TrainingArguments)
+
+    def __init__(self, *args: Any, callbacks: Sequence[TrainerCallback] = ()) -> None:
+        super().__init__(*args)
+        (self.model_args, self.data_args, self.patch_args, self.lora_args, self.recipe_args,
+         self.training_args) = args
+        self.callbacks = list(callbacks)
+        self.results: dict[str, Any] = {}
+        self.histories: dict[str, list[dict[str, Any]]] = {}
+
+    # -----------------------------------------------------------------------------------------
+    # setup: every check before any training
+
+    def setup(self) -> None:
+        from hf_prope.data import load_text_dataset, split_tail, tokenize_dataset
+        from hf_prope.patching import patch_model, unpatch_model
+
+        started = time.perf_counter()
+        ta, ra = self.training_args, self.recipe_args
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+            ta.use_cpu = True  # accelerate forms a CPU (gloo) process group only when asked to
+        _ = ta.device  # initialises the process group under torchrun / accelerate launch
+        self.spec = self.patch_args.spec()
+        if ta.push_to_hub and not ta.hub_model_id:
+            raise ValueError("push_to_hub=true needs hub_model_id (e.g. hub_model_id=me/smollm2-p-rope).")
+        if ta.max_steps is None or ta.max_steps <= 0:
+            raise ValueError("Set max_steps (a positive number of optimizer steps): the control needs the same budget.")
+        self.out = Path(ta.output_dir).expanduser().resolve()
+        if is_main_process():
+            check_writable(self.out)
+            self._check_previous_run()
+        dataset = load_text_dataset(
+            self.data_args.dataset, text_column=self.data_args.text_column,
+            config_name=self.data_args.dataset_config, split=self.data_args.dataset_split,
+        )
+        if ta.hub_model_id:
+            self._check_hub()
+        self._say(f"Loading {self.model_args.model} ...")
+        self.model, self.tokenizer = load_model(self.model_args)
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit is not None and ra.block_size > limit:
+            raise ValueError(
+                f"block_size={ra.block_size} is longer than {self.model_args.model} allows "
+                f"(max_position_embeddings={limit}); use block_size <= {limit}."
+            )
+        self._check_targets()
+        patch_model(self.model, self.spec)  # checks the spec against this model (layers, head size)
+        unpatch_model(self.model)
+        ids = tokenize_dataset(dataset, self.tokenizer, text_column=self.data_args.text_column)
+        world = max(1, ta.world_size)
+        self.split = split_tail(
+            ids, block_size=ra.block_size, heldout_tokens=ra.eval_window * ra.eval_windows,
+            min_blocks=ta.per_device_train_batch_size * world,
+        )
+        self.train_dataset = _BlockDataset(self.split.train_blocks)
+        self.started = started
+        self._say(
+            f"Data: {self.split.total_tokens:,} tokens; training on {len(self.train_dataset):,} blocks of "
+            f"{ra.block_size}, held out the last {self.split.heldout.numel():,} ({ra.eval_windows} x {ra.eval_window})."
+        )
+
+    def _check_previous_run(self) -> None:
+        ours = [self.out / name for name in (*STAGES, RESULTS_FILE)]
+        found = [p.name for p in ours if p.exists()]
+        if not found or self.recipe_args.resume:
+            return
+        if not self.recipe_args.overwrite:
+            raise FileExistsError(
+                f"{self.out} already holds a run ({', '.join(found)}). Pass resume=true to continue it, "
+                "overwrite=true to discard it, or choose another output_dir."
+            )
+        for p in ours:
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+
+    def _check_hub(self) -> None:
+        from huggingface_hub import HfApi
+
+        from hf_prope.hub import _check_token
+
+        api = HfApi(token=self.training_args.hub_token)
+        _check_token(api)
+        if is_main_process():
+            api.create_repo(self.training_args.hub_model_id, private=self.training_args.hub_private_repo, exist_ok=True)
+
+    def _check_targets(self) -> None:
+        from hf_prope.spec import closest
+
+        leaves = {name.rsplit(".", 1)[-1] for name, _ in self.model.named_modules()}
+        for target in self.lora_args.target_modules():
+            if target not in leaves:
+                raise ValueError(
+                    f"lora_target_modules: the model has no module named {target!r}." + closest(target, sorted(leaves))
+                )
+
+    # -----------------------------------------------------------------------------------------
+    # train: the control (RoPE + LoRA) and the patched model (patch + LoRA), same budget and seed
+
+    def train(self) -> None:
+        from hf_prope.patching import patch_model
+
+        self.results["base"] = self.evaluate("(a) base")
+        patch_model(self.model, self.spec)
+        self.results["patched_before"] = self.evaluate("(b) patched, before training")
+        if self.recipe_args.control:
+            from hf_prope.patching import unpatch_model
+
+            unpatch_model(self.model)
+            control = self._train_stage("control", self.model)
+            self.results["control"] = self.evaluate("(d) control after training", control)
+            self.model = control.unload()  # the base again, without LoRA layers
+            patch_model(self.model, self.spec)
+        self.peft_model = self._train_stage("patched", self.model)
+
+    def _lora(self, model: Any) -> Any:
+        from peft import LoraConfig, get_peft_model
+        from transformers import set_seed
+
+        la = self.lora_args
+        set_seed(self.training_args.seed)  # same LoRA initialisation for both stages
+        config = LoraConfig(
+            r=la.lora_r, lora_alpha=la.lora_alpha, lora_dropout=la.lora_dropout,
+            target_modules=la.target_modules(), task_type="CAUSAL_LM",
+        )
+        return get_peft_model(model, config)
+
+    def _train_stage(self, stage: str, model: Any) -> Any:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+        from transformers import Trainer, default_data_collator
+        from transformers.trainer_utils import get_last_checkpoint
+
+        import hf_prope
+
+        peft_model = self._lora(model)
+        stage_dir = self.out / stage
+        final = stage_dir / "final"
+        record = stage_dir / "stage.json"
+        if self.recipe_args.resume and record.is_file() and (final / "adapter_model.safetensors").is_file():
+            self._say(f"[{stage}] already trained: loading {final}")
+            set_peft_model_state_dict(peft_model, load_file(final / "adapter_model.safetensors"))
+            self.histories[stage] = json.loads(record.read_text())["log_history"]
+            return peft_model
+        args = dataclasses.replace(self.training_args, output_dir=str(stage_dir), push_to_hub=False)
+        trainer = Trainer(
+            model=peft_model, args=args, train_dataset=self.train_dataset, data_collator=default_data_collator,
+            callbacks=[_PatchRecordCallback(), *self.callbacks],
+        )
+        last = get_last_checkpoint(str(stage_dir)) if self.recipe_args.resume and stage_dir.is_dir() else None
+        what = "control: unpatched model + LoRA" if stage == "control" else f"patched: {self.spec.describe()} + LoRA"
+        self._say(f"[{stage}] {what}, {args.max_steps} steps" + (f", resuming from {last}" if last else ""))
+        trainer.train(resume_from_checkpoint=last)
+        self.histories[stage] = trainer.state.log_history
+        if is_main_process():
+            hf_prope.save_pretrained(peft_model, final, save_method="adapter", tokenizer=None)
+            write_json(record, {"global_step": trainer.state.global_step, "log_history": trainer.state.log_history})
+        barrier()
+        return peft_model
+
+    # -----------------------------------------------------------------------------------------
+    # evaluate, report, save, push
+
+    def evaluate(self, label: str = "perplexity", model: Any = None) -> float:
+        """Perplexity of ``model`` (default: the current one) on the held-out split."""
+        from hf_prope.evaluation import perplexity
+
+        ra = self.recipe_args
+        return perplexity(
+            model if model is not None else getattr(self, "peft_model", self.model), self.split.heldout,
+            window=ra.eval_window, n_windows=ra.eval_windows, batch_size=ra.eval_batch_size, progress=label,
+        )
+
+    def report(self) -> dict[str, Any]:
+        """(c) on the trained model, then ``results.json``, the table and the plot (rank 0 writes)."""
+        self.results["patched_after"] = self.evaluate("(c) patched after training", self.peft_model)
+        r = self.results
+        ta = self.training_args
+        world = max(1, ta.world_size)
+        gap = r["patched_after"] / r["control"] if "control" in r else None
+        self.summary = {
+            "model": self.model_args.model,
+            "patch": self.spec.to_dict(),
+            "patch_description": self.spec.describe(),
+            "perplexity": {
+                "base": r["base"],
+                "patched_before_training": r["patched_before"],
+                "patched_after_training": r["patched_after"],
+                "control_after_training": r.get("control"),
+            },
+            "gap_patched_over_control": gap,
+            "heldout": {"dataset": self.data_args.dataset, "window": self.recipe_args.eval_window,
+                        "n_windows": self.recipe_args.eval_windows, "tokens": int(self.split.heldout.numel())},
+            "training": {
+                "max_steps": ta.max_steps, "world_size": world,
+                "tokens_per_step": ta.per_device_train_batch_size * ta.gradient_accumulation_steps * world
+                * self.recipe_args.block_size,
+                "train_blocks": len(self.train_dataset),
+            },
+            "loss_curves": {stage: _losses(history) for stage, history in self.histories.items()},
+            "seconds": round(time.perf_counter() - self.started, 1),
+            "settings": self.settings(),
+        }
+        if is_main_process():
+            write_json(self.out / RESULTS_FILE, self.summary)
+            self._plot(self.out / PLOT_FILE)
+            print("\n" + format_table(self.summary), flush=True)
+            print(f"\nWrote {self.out / RESULTS_FILE} and {self.out / PLOT_FILE}", flush=True)
+        return self.summary
+
+    def card_results(self) -> dict[str, float]:
+        """The figures for the model card: perplexities on the held-out split and the gap."""
+        p = self.summary["perplexity"]
+        steps = self.summary["training"]["max_steps"]
+        out = {
+            "held-out perplexity, base model (RoPE)": p["base"],
+            "held-out perplexity, patched, before training": p["patched_before_training"],
+            f"held-out perplexity, patched + LoRA ({steps} steps)": p["patched_after_training"],
+        }
+        if p["control_after_training"] is not None:
+            out[f"held-out perplexity, control: RoPE + same LoRA ({steps} steps)"] = p["control_after_training"]
+            out["gap (patched / control)"] = self.summary["gap_patched_over_control"]
+        return out
+
+    def save(self) -> Path | None:
+        import hf_prope
+
+        if not is_main_process():
+            return None
+        folder = self.out / self.recipe_args.save_method
+        hf_prope.save_pretrained(
+            self.peft_model, folder, save_method=self.recipe_args.save_method, tokenizer=self.tokenizer,
+            eval_results=self.card_results(), repo_id=self.training_args.hub_model_id,
+        )
+        print(f"Saved the {self.recipe_args.save_method} model to {folder}", flush=True)
+        return folder
+
+    def push(self) -> Any:
+        import hf_prope
+
+        ta = self.training_args
+        if not ta.hub_model_id or not is_main_process():
+            return None
+        info = hf_prope.push_to_hub(
+            self.peft_model, ta.hub_model_id, tokenizer=self.tokenizer, save_method=self.recipe_args.save_method,
+            private=ta.hub_private_repo, token=ta.hub_token, eval_results=self.card_results(),
+        )
+        print(f"Pushed to {ta.hub_model_id}: {getattr(info, 'commit_url', info)}", flush=True)
+        return info
+
+    def run(self) -> dict[str, Any]:
+        self.setup()
+        self.train()
+        summary = self.report()
+        self.save()
+        self.push()
+        barrier()
+        return summary
+
+    # -----------------------------------------------------------------------------------------
+
+    def _say(self, text: str) -> None:
+        if is_main_process():
+            print(text, file=sys.stderr, flush=True)
+
+    def _plot(self, path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        s = self.summary
+        p = s["perplexity"]
+        steps = s["training"]["max_steps"]
+        labels = ["(a) base\nRoPE", "(b) patched\nbefore", f"(c) patched\n+ LoRA", f"(d) control\nRoPE + LoRA"]
+        values = [p["base"], p["patched_before_training"], p["patched_after_training"], p["control_after_training"]]
+        keep = [(l, v) for l, v in zip(labels, values) if v is not None]
+        fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+        bars = left.bar([l for l, _ in keep], [v for _, v in keep], color=["#777", "#d62728", "#1f77b4", "#2ca02c"][: len(keep)])
+        left.set_yscale("log")
+        left.set_ylabel("held-out perplexity (log scale, lower is better)")
+        left.set_title(f"{s['model']}: {s['patch_description']}\n{steps} LoRA steps; "
+                       f"{s['heldout']['n_windows']} windows x {s['heldout']['window']} tokens held out")
+        for bar, (_, v) in zip(bars, keep):
+            left.annotate(f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom")
+        for stage, points in s["loss_curves"].items():
+            if points:
+                right.plot([x for x, _ in points], [y for _, y in points], label=stage, marker=".")
+        right.set_xlabel("optimizer step")
+        right.set_ylabel("training loss (cross-entropy, nats/token)")
+        gap = s["gap_patched_over_control"]
+        right.set_title("training loss" + (f"; gap (c)/(d) = {gap:.3f}" if gap else ""))
+        right.legend()
+        right.grid(alpha=0.3)
+        fig.tight_layout()
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        tmp.replace(path)
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The before/after table of a LoRA run's ``results.json``."""
+    p = summary["perplexity"]
+    steps = summary["training"]["max_steps"]
+    rows = [
+        ("(a) base model, RoPE", p["base"]),
+        (f"(b) {summary['patch_description']}, before training", p["patched_before_training"]),
+        (f"(c) patched + LoRA, {steps} steps", p["patched_after_training"]),
+        (f"(d) control: RoPE + LoRA, {steps} steps", p["control_after_training"]),
+    ]
+    width = max(len(name) for name, _ in rows) + 2
+    lines = [f"{'held-out perplexity':<{width}}{'value':>10}{'x base':>9}", "-" * (width + 19)]
+    for name, value in rows:
+        if value is None:
+            lines.append(f"{name:<{width}}{'(off)':>10}{'-':>9}")
+        else:
+            lines.append(f"{name:<{width}}{value:>10.2f}{value / p['base']:>9.3f}")
+    gap = summary["gap_patched_over_control"]
+    if gap is not None:
+        lines.append(f"gap (c)/(d): {gap:.3f}  (the patched model is {100 * (gap - 1):+.1f}% vs the same LoRA on RoPE)")
+    return "\n".join(lines)
