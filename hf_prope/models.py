@@ -110,8 +110,23 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32) -> tuple[
     kwargs: dict[str, Any] = {"gguf_file": path.name, "local_files_only": True}
     tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype, **kwargs)
+    _forget_gguf_quantization(model)
     model.eval()
     return model, tokenizer
+
+
+def _forget_gguf_quantization(model: Any) -> None:
+    """Mark a GGUF-loaded model as the plain float model it is.
+
+    transformers dequantises GGUF weights into ordinary float tensors but keeps a GGUF
+    "quantizer" tag on the model, which makes ``Trainer`` refuse to train it (even with LoRA)
+    and ``save_pretrained`` write a ``quantization_config`` that no float checkpoint has.
+    """
+    if getattr(getattr(model.config, "quantization_config", None), "quant_method", None) != "gguf":
+        return
+    model.hf_quantizer = None
+    model.is_quantized = False
+    del model.config.quantization_config
 
 
 def load_embedded(name: str, *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
