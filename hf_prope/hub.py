@@ -131,6 +131,12 @@ def _license_of(path: str | None) -> str | None:
     return None
 
 
+def _is_packaged_model(name: str) -> bool:
+    from .models import EMBEDDED_MODELS
+
+    return name in EMBEDDED_MODELS or name.endswith(".gguf")
+
+
 def model_card(
     model: nn.Module,
     *,
@@ -146,8 +152,8 @@ def model_card(
     spec = get_patch(model)
     config = _unwrap(model).config
     base_model = base_model or getattr(config, "_name_or_path", None) or None
-    if base_model and (os.path.isabs(base_model) or base_model.startswith(".")):
-        base_model = None  # a local path means nothing on the Hub
+    if base_model and (os.path.isabs(base_model) or base_model.startswith(".") or _is_packaged_model(base_model)):
+        base_model = None  # a local path or a model packaged with hf-prope means nothing on the Hub
     license = license or _license_of(getattr(config, "_name_or_path", None))
     tags = ["p-rope", "hf-prope", "rope", config.model_type]
     if save_method == "adapter":
@@ -445,7 +451,12 @@ def from_pretrained(
         base = base_model
     else:
         name = base_model or PeftConfig.from_pretrained(folder).base_model_name_or_path
-        base = AutoModelForCausalLM.from_pretrained(name, token=token, **model_kwargs)
+        if _is_packaged_model(str(name)):
+            from .models import load_model  # an embedded name or a GGUF file (the recipes record these)
+
+            base, _ = load_model(str(name), **{k: v for k, v in model_kwargs.items() if k == "dtype"})
+        else:
+            base = AutoModelForCausalLM.from_pretrained(name, token=token, **model_kwargs)
     check_base_matches(record, base)
     if record["spec"] is not None:
         patch_model(base, PatchSpec.from_dict(record["spec"]))

@@ -94,6 +94,14 @@ def load_model(args: ModelArguments) -> tuple[Any, Any]:
     return model.eval(), tokenizer
 
 
+def has_accelerator() -> bool:
+    """Whether torch sees a GPU (or another accelerator) on this machine."""
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
+
+
 def check_writable(folder: str | os.PathLike[str]) -> Path:
     """Create ``folder`` if needed and prove it can be written, before any work is done."""
     path = Path(folder).expanduser().resolve()
@@ -155,7 +163,12 @@ class Recipe:
     def from_config(cls, config: str | os.PathLike[str] | None = None, overrides: Sequence[str] | dict[str, Any] = ()) -> "Recipe":
         from .config import parse_config
 
-        return cls(*parse_config(cls.arguments, config, overrides))
+        return cls(*parse_config(cls.arguments, config, overrides, defaults=cls.machine_defaults()))
+
+    @classmethod
+    def machine_defaults(cls) -> dict[str, Any]:
+        """Settings this machine implies, which a config file or override may still change."""
+        return {}
 
     def settings(self) -> dict[str, Any]:
         """Every setting of the recipe as plain JSON values (tokens removed)."""

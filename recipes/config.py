@@ -11,6 +11,7 @@ reading ``5e-4`` as a string. An unknown key is an error naming the closest vali
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 from importlib import resources
 from pathlib import Path
@@ -132,8 +133,12 @@ def parse_config(
     dataclass_types: Sequence[type],
     config: str | os.PathLike[str] | None = None,
     overrides: Sequence[str] | dict[str, Any] = (),
+    defaults: dict[str, Any] | None = None,
 ) -> tuple[Any, ...]:
     """Instances of ``dataclass_types`` from a YAML file (optional) and overrides; validated.
+
+    ``defaults`` (e.g. facts about this machine) come before the file, which comes before
+    the overrides.
 
     Raises ``ValueError`` for an unknown key (naming the closest), a value of the wrong type,
     or anything the dataclasses' own checks reject; ``FileNotFoundError`` for a missing file.
@@ -141,7 +146,7 @@ def parse_config(
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(list(dataclass_types))
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = dict(defaults or {})
     if config is not None:
         values.update(read_yaml(config_path(config)))
     values.update(overrides if isinstance(overrides, dict) else parse_overrides(overrides))
@@ -152,7 +157,9 @@ def parse_config(
                 values[key[3:]] = False  # --no_control
                 del values[key]
                 continue
-            raise ValueError(f"Unknown config key {key!r}." + (closest(key, list(actions)) or " See --help for the keys."))
+            near = difflib.get_close_matches(key, list(actions), n=3, cutoff=0.6)
+            hint = f" Did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
+            raise ValueError(f"Unknown config key {key!r}.{hint} `hf-prope run RECIPE --help` lists the keys.")
         values[key] = _coerce(key, values[key], actions[key])
     try:
         return tuple(parser.parse_dict(values))

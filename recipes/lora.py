@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import sys
 import time
@@ -35,6 +34,7 @@ from .base import (
     Recipe,
     barrier,
     check_writable,
+    has_accelerator,
     is_main_process,
     load_model,
     write_json,
@@ -131,6 +131,12 @@ class LoRARecipe(Recipe):
     description = "LoRA-adapt a patched model, evaluate it against an unpatched control, save and push it"
     arguments = (ModelArguments, DataArguments, PatchArguments, LoraArguments, LoraRecipeArguments, TrainingArguments)
 
+    @classmethod
+    def machine_defaults(cls) -> dict[str, Any]:
+        # Without a GPU, TrainingArguments refuses bf16 and accelerate forms no CPU (gloo) process
+        # group under torchrun unless use_cpu is set.
+        return {} if has_accelerator() else {"use_cpu": True}
+
     def __init__(self, *args: Any, callbacks: Sequence[TrainerCallback] = ()) -> None:
         super().__init__(*args)
         (self.model_args, self.data_args, self.patch_args, self.lora_args, self.recipe_args,
@@ -148,8 +154,6 @@ class LoRARecipe(Recipe):
 
         started = time.perf_counter()
         ta, ra = self.training_args, self.recipe_args
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-            ta.use_cpu = True  # accelerate forms a CPU (gloo) process group only when asked to
         _ = ta.device  # initialises the process group under torchrun / accelerate launch
         self.spec = self.patch_args.spec()
         if ta.push_to_hub and not ta.hub_model_id:
@@ -249,13 +253,19 @@ class LoRARecipe(Recipe):
         from peft import LoraConfig, get_peft_model
         from transformers import set_seed
 
+        from hf_prope.hub import _is_packaged_model
+
         la = self.lora_args
         set_seed(self.training_args.seed)  # same LoRA initialisation for both stages
         config = LoraConfig(
             r=la.lora_r, lora_alpha=la.lora_alpha, lora_dropout=la.lora_dropout,
             target_modules=la.target_modules(), task_type="CAUSAL_LM",
         )
-        return get_peft_model(model, config)
+        peft_model = get_peft_model(model, config)
+        if _is_packaged_model(self.model_args.model):
+            # PEFT would record the folder the GGUF file sits in, which no loader can rebuild the base from.
+            peft_model.peft_config["default"].base_model_name_or_path = self.model_args.model
+        return peft_model
 
     def _train_stage(self, stage: str, model: Any) -> Any:
         from peft import set_peft_model_state_dict

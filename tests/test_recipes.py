@@ -1,0 +1,361 @@
+"""The LoRA and eval recipes end to end on a tiny model, checked against independent measurements.
+
+Oracles: perplexities recomputed here from transformers' own causal-LM loss on models built
+here (fresh base, freshly patched, the saved adapter reloaded); the token stream recomputed
+from the tokenizer; a second, uninterrupted run for kill-and-resume; the batches each rank
+really fed to the model (a hook) for distributed runs; the Hub server's own record of commits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from hub_server import local_hub_fixture
+from tiny import char_tokenizer, save_tiny
+from transformers import AutoModelForCausalLM
+
+import hf_prope
+from hf_prope.data import python_docs_text
+from hf_prope.hub import PATCH_FILE
+from hf_prope.recipes import ContextEvalRecipe, LoRARecipe
+from hf_prope.recipes.lora import format_table
+
+TOKEN = "hf_good"
+BLOCK = 32
+WINDOW = 32
+N_WINDOWS = 4
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("source")
+    text = root / "docs.txt"
+    text.write_text(python_docs_text()[:30_000])
+    return {"model": save_tiny(root / "tiny-llama"), "text": text}
+
+
+def overrides(source: dict[str, Path], out: Path, **extra) -> dict:
+    values = {
+        "model": str(source["model"]), "dataset": str(source["text"]), "output_dir": str(out),
+        "p": 0.25, "block_size": BLOCK, "eval_window": WINDOW, "eval_windows": N_WINDOWS,
+        "per_device_train_batch_size": 2, "learning_rate": 3e-3, "max_steps": 6, "save_steps": 3,
+        "logging_steps": 1, "seed": 0, "report_to": "none", "disable_tqdm": True,
+        "lora_r": 4, "lora_alpha": 8,
+    }
+    values.update(extra)
+    return values
+
+
+def loss_perplexity(model, ids: torch.Tensor, window: int = WINDOW, n: int = N_WINDOWS) -> float:
+    """exp of transformers' own mean causal-LM loss over the last ``n`` windows (the oracle)."""
+    windows = ids[-window * n :].reshape(n, window)
+    model.eval()
+    with torch.no_grad():
+        losses = [model(w[None], labels=w[None]).loss.item() for w in windows]
+    return math.exp(sum(losses) / len(losses))
+
+
+def stream(source) -> torch.Tensor:
+    return torch.tensor(char_tokenizer()(source["text"].read_text(), add_special_tokens=False)["input_ids"])
+
+
+@pytest.fixture(scope="module")
+def trained(source, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("run") / "out"
+    summary = LoRARecipe.from_config(None, overrides(source, out)).run()
+    return {"out": out, "summary": summary}
+
+
+def test_lora_recipe_against_independent_measurements(source, trained) -> None:
+    out, summary = trained["out"], trained["summary"]
+    ids = stream(source)
+    p = summary["perplexity"]
+    base = AutoModelForCausalLM.from_pretrained(source["model"])
+    assert p["base"] == pytest.approx(loss_perplexity(base, ids), rel=1e-5)
+    hf_prope.patch_model(base, "p-rope", p=0.25)
+    assert p["patched_before_training"] == pytest.approx(loss_perplexity(base, ids), rel=1e-5)
+    # (c) and (d) are the saved artefacts themselves, reloaded
+    adapter = hf_prope.from_pretrained(out / "adapter")
+    assert hf_prope.get_patch(adapter) == hf_prope.PatchSpec("p-rope", p=0.25)
+    assert p["patched_after_training"] == pytest.approx(loss_perplexity(adapter, ids), rel=1e-5)
+    control = hf_prope.from_pretrained(out / "control" / "final")
+    assert hf_prope.get_patch(control) is None
+    assert p["control_after_training"] == pytest.approx(loss_perplexity(control, ids), rel=1e-5)
+    # training helped both, and the headline is (c)/(d)
+    assert p["patched_after_training"] < p["patched_before_training"]
+    assert p["control_after_training"] < p["base"]
+    assert summary["gap_patched_over_control"] == pytest.approx(p["patched_after_training"] / p["control_after_training"])
+    assert [s for s, _ in summary["loss_curves"]["patched"]] == [1, 2, 3, 4, 5, 6]
+    assert summary["training"]["tokens_per_step"] == 2 * BLOCK
+
+
+def test_lora_recipe_outputs(trained) -> None:
+    out, summary = trained["out"], trained["summary"]
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["perplexity"] == summary["perplexity"]
+    assert "hub_token" not in on_disk["settings"] and on_disk["settings"]["lora_r"] == 4
+    png = (out / "results.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    card = (out / "adapter" / "README.md").read_text()
+    assert "gap (patched / control)" in card and f"{summary['gap_patched_over_control']:.4g}" in card
+    assert {"adapter_model.safetensors", PATCH_FILE, "tokenizer.json"} <= {f.name for f in (out / "adapter").iterdir()}
+    # every checkpoint carries the patch, so a checkpoint folder is never mistaken for plain RoPE
+    record = json.loads((out / "patched" / "checkpoint-6" / PATCH_FILE).read_text())
+    assert record["spec"] == hf_prope.PatchSpec("p-rope", p=0.25).to_dict()
+    assert not [p.name for p in out.rglob(".*")]  # no temporary files left behind
+    table = format_table(summary)
+    assert "(c) patched + LoRA, 6 steps" in table and "gap (c)/(d)" in table
+
+
+def test_without_control_and_merged_save(source, tmp_path) -> None:
+    summary = LoRARecipe.from_config(None, overrides(source, tmp_path, control=False, save_method="merged", max_steps=2)).run()
+    assert summary["perplexity"]["control_after_training"] is None and summary["gap_patched_over_control"] is None
+    assert not (tmp_path / "control").exists()
+    merged = hf_prope.from_pretrained(tmp_path / "merged")
+    assert hf_prope.get_patch(merged) == hf_prope.PatchSpec("p-rope", p=0.25)
+    assert summary["perplexity"]["patched_after_training"] == pytest.approx(loss_perplexity(merged, stream(source)), rel=1e-4)
+    assert "(off)" in format_table(summary)
+
+
+def test_gradient_checkpointing_and_accumulation_do_not_change_training(source, tmp_path) -> None:
+    """Same examples per step: 2 x 1 accumulated, or 1 x 2 with checkpointing, or 2 in one batch."""
+    def run(name, **extra):
+        values = overrides(source, tmp_path / name, control=False, max_steps=3, **extra)
+        return LoRARecipe.from_config(None, values).run()
+
+    plain = run("plain")
+    checkpointed = run("gc", gradient_checkpointing=True)
+    accumulated = run("acc", per_device_train_batch_size=1, gradient_accumulation_steps=2)
+    for other in (checkpointed, accumulated):
+        assert other["loss_curves"]["patched"] == pytest.approx(plain["loss_curves"]["patched"], rel=1e-4)
+        assert other["perplexity"]["patched_after_training"] == pytest.approx(
+            plain["perplexity"]["patched_after_training"], rel=1e-4)
+    assert plain["perplexity"]["patched_after_training"] < plain["perplexity"]["patched_before_training"]
+
+
+def test_bf16_mixed_precision_trains(source, tmp_path) -> None:
+    summary = LoRARecipe.from_config(None, overrides(source, tmp_path, control=False, max_steps=3, bf16=True)).run()
+    p = summary["perplexity"]
+    assert math.isfinite(p["patched_after_training"]) and p["patched_after_training"] < p["patched_before_training"]
+
+
+_KILL_SCRIPT = """
+import json, os, signal, sys
+from transformers import TrainerCallback
+from hf_prope.recipes import LoRARecipe
+
+class KillAfterSave(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        if args.output_dir.endswith("patched") and state.global_step == 4:
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no atexit: a real crash
+
+recipe = LoRARecipe(*LoRARecipe.from_config(None, json.loads(sys.argv[1])).args, callbacks=[KillAfterSave()])
+recipe.run()
+"""
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def test_kill_and_resume_matches_uninterrupted_run(source, tmp_path) -> None:
+    values = overrides(source, tmp_path / "killed", max_steps=8, save_steps=2)
+    script = tmp_path / "kill.py"
+    script.write_text(_KILL_SCRIPT)
+    killed = subprocess.run([sys.executable, str(script), json.dumps(values)], capture_output=True, text=True,
+                            env=_env(), timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    out = Path(values["output_dir"])
+    assert (out / "control" / "stage.json").is_file() and (out / "patched" / "checkpoint-4").is_dir()
+    assert not (out / "results.json").exists() and not (out / "adapter").exists()
+    control_record = (out / "control" / "stage.json").read_text()
+
+    with pytest.raises(FileExistsError, match="resume=true"):
+        LoRARecipe.from_config(None, values).setup()
+    resumed = LoRARecipe.from_config(None, {**values, "resume": True}).run()
+    reference = LoRARecipe.from_config(None, {**values, "output_dir": str(tmp_path / "reference")}).run()
+
+    assert (out / "control" / "stage.json").read_text() == control_record  # the finished stage was not redone
+    assert json.loads((out / "patched" / "stage.json").read_text())["global_step"] == 8
+    assert [s for s, _ in resumed["loss_curves"]["patched"]] == list(range(1, 9))
+    assert resumed["loss_curves"]["patched"] == pytest.approx(reference["loss_curves"]["patched"], rel=1e-4)
+    for key in ("patched_after_training", "control_after_training"):
+        assert resumed["perplexity"][key] == pytest.approx(reference["perplexity"][key], rel=1e-4)
+
+
+_DDP_SCRIPT = """
+import hashlib, json, os, sys
+from pathlib import Path
+from transformers import TrainerCallback
+from hf_prope.recipes import LoRARecipe
+
+record_dir = Path(sys.argv[1])
+
+class RecordBatches(TrainerCallback):
+    # What each rank really fed to the model while training: a hash per example.
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.seen = []
+        def hook(module, inputs):
+            self.seen.extend(hashlib.sha1(row.numpy().tobytes()).hexdigest() for row in inputs[0])
+        self.handle = model.get_input_embeddings().register_forward_pre_hook(hook)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.handle.remove()
+        stage = Path(args.output_dir).name
+        (record_dir / f"{stage}-rank{os.environ['RANK']}.json").write_text(json.dumps(self.seen))
+
+recipe = LoRARecipe(*LoRARecipe.from_config(None, json.loads(sys.argv[2])).args, callbacks=[RecordBatches()])
+recipe.run()
+"""
+
+
+@pytest.fixture
+def local_hub(monkeypatch, tmp_path):
+    yield from local_hub_fixture(monkeypatch, tmp_path / "hf-home")
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_processes_split_the_data_and_only_rank0_writes_and_pushes(launcher, source, local_hub, tmp_path) -> None:
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=TOKEN)
+    api.create_repo("user/tiny-base")
+    api.upload_folder(repo_id="user/tiny-base", folder_path=source["model"])  # the model comes from the Hub
+    records = tmp_path / "records"
+    records.mkdir()
+    out = tmp_path / "out"
+    steps, batch = 3, 2
+    values = overrides(source, out, model="user/tiny-base", max_steps=steps, hub_model_id="user/tiny-p25")
+    script = tmp_path / "ddp.py"
+    script.write_text(_DDP_SCRIPT)
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0"]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+               "--cpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    result = subprocess.run([*cmd, str(script), str(records), json.dumps(values)], capture_output=True, text=True,
+                            env={**_env(), "HF_TOKEN": TOKEN}, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert TOKEN not in result.stdout + result.stderr
+    for stage in ("control", "patched"):
+        seen = [json.loads((records / f"{stage}-rank{r}.json").read_text()) for r in (0, 1)]
+        assert len(seen[0]) == len(seen[1]) == steps * batch
+        assert not set(seen[0]) & set(seen[1]), "both ranks trained on the same blocks"
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["training"]["world_size"] == 2 and summary["training"]["tokens_per_step"] == 2 * batch * BLOCK
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "control", "patched", "results.json", "results.png"]
+    commits = [p for m, p in local_hub.requests if m == "POST" and "/commit/" in p and "tiny-p25" in p]
+    assert len(commits) == 1  # one push, from rank 0 only
+    files = set(local_hub.files("user/tiny-p25"))
+    assert {PATCH_FILE, "adapter_model.safetensors", "README.md"} <= files
+    pushed = hf_prope.from_pretrained("user/tiny-p25", token=TOKEN)
+    ids = stream(source)
+    assert summary["perplexity"]["patched_after_training"] == pytest.approx(loss_perplexity(pushed, ids), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input: a clear error before any training
+
+
+@pytest.fixture(scope="module")
+def gpt2_folder(tmp_path_factory) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path_factory.mktemp("gpt2")
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=128, n_positions=64)).save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def _bad_cases(source, tmp_path, gpt2_folder):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    return {
+        "missing data file": ({"dataset": str(tmp_path / "nope.jsonl")}, FileNotFoundError, "does not exist"),
+        "empty dataset": ({"dataset": str(empty)}, ValueError, "holds no text"),
+        "block too long": ({"block_size": 512}, ValueError, "longer than"),
+        "unsupported model": ({"model": str(gpt2_folder)}, ValueError, "gpt2"),
+        "unwritable output": ({"output_dir": str(blocker / "out")}, PermissionError, "cannot be written"),
+        "too little data": ({"eval_windows": 2000}, ValueError, "training blocks"),
+        "lora target typo": ({"lora_target_modules": ["q_prj"]}, ValueError, "Did you mean 'q_proj'"),
+        "bad layer": ({"patch": "nope", "layers": [99]}, ValueError, "99"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing data file", "empty dataset", "block too long", "unsupported model",
+                                  "unwritable output", "too little data", "lora target typo", "bad layer"])
+def test_bad_input_fails_before_training(case, source, tmp_path, gpt2_folder) -> None:
+    extra, error, message = _bad_cases(source, tmp_path, gpt2_folder)[case]
+    out = tmp_path / "out"
+    recipe = LoRARecipe.from_config(None, overrides(source, out, **extra))
+    with pytest.raises(error, match=message):
+        recipe.setup()
+    assert not (out / "control").exists() and not (out / "patched").exists()
+
+
+def test_cli_reports_bad_input_in_one_line(source, tmp_path, capsys) -> None:
+    from hf_prope.cli import main
+
+    args = [f"{k}={v}" for k, v in overrides(source, tmp_path, dataset=str(tmp_path / "missing.json")).items()]
+    assert main(["run", "lora", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hf-prope: error: The data file") and "Traceback" not in err
+    assert main(["run", "lora", "--config", "smollm2_135m_quick", "lora_rnk=3"]) == 2
+    assert "Did you mean" in capsys.readouterr().err
+
+
+def test_hub_token_checked_before_training(source, local_hub, tmp_path) -> None:
+    out = tmp_path / "out"
+    recipe = LoRARecipe.from_config(None, overrides(source, out, hub_model_id="user/x"))
+    with pytest.raises(PermissionError, match="token is missing or was rejected"):
+        recipe.setup()
+    assert not any(m == "POST" for m, _ in local_hub.requests)
+    assert not (out / "control").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# the eval recipe
+
+
+def test_eval_recipe_by_context_against_independent_measurements(source, trained, tmp_path) -> None:
+    out = tmp_path / "eval"
+    recipe = ContextEvalRecipe.from_config(None, {
+        "model": str(source["model"]), "dataset": str(source["text"]), "output_dir": str(out),
+        "p": [1.0, 0.5], "contexts": [8, 16, 64], "eval_tokens": 128, "trained": [str(trained["out"] / "adapter")],
+    })
+    summary = recipe.run()
+    ids = stream(source)
+    rows = {r["variant"]: r["perplexity"] for r in summary["rows"]}
+    assert list(rows) == ["RoPE", "p=0.5", "trained: adapter"]
+    base = AutoModelForCausalLM.from_pretrained(source["model"])
+    for context in (8, 16, 64):
+        assert rows["RoPE"][context] == pytest.approx(loss_perplexity(base, ids, context, 128 // context), rel=1e-5)
+    hf_prope.patch_model(base, "p-rope", p=0.5)
+    assert rows["p=0.5"][16] == pytest.approx(loss_perplexity(base, ids, 16, 8), rel=1e-5)
+    adapter = hf_prope.from_pretrained(trained["out"] / "adapter")
+    assert rows["trained: adapter"][64] == pytest.approx(loss_perplexity(adapter, ids, 64, 2), rel=1e-5)
+    assert json.loads((out / "results.json").read_text())["rows"][0]["perplexity"]["16"] == rows["RoPE"][16]
+    assert (out / "perplexity_by_context.png").read_bytes()[:4] == b"\x89PNG"
+    assert summary["training_length"] == 256
+
+
+def test_eval_recipe_bad_input(source, tmp_path) -> None:
+    with pytest.raises(ValueError, match="exceeds eval_tokens"):
+        ContextEvalRecipe.from_config(None, {"contexts": [64, 512], "eval_tokens": 256})
+    recipe = ContextEvalRecipe.from_config(None, {
+        "model": str(source["model"]), "dataset": str(source["text"]), "output_dir": str(tmp_path),
+        "layer_types": ["full_attention"],
+    })
+    with pytest.raises(ValueError, match="layer"):
+        recipe.setup()
