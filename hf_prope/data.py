@@ -103,14 +103,16 @@ def tokenize_dataset(dataset: Any, tokenizer: Any, *, text_column: str = "text",
 
     def encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
         texts = [t for t in batch[text_column] if isinstance(t, str) and t]
-        return {"ids": tokenizer(texts, add_special_tokens=False)["input_ids"]}
+        # A batched map may return fewer rows than it got: empty documents are dropped.
+        return {"ids": tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []}
 
     encoded = dataset.map(
         encode, batched=True, remove_columns=dataset.column_names, num_proc=num_proc, desc="tokenising"
     )
     eos = tokenizer.eos_token_id
     pieces: list[torch.Tensor] = []
-    for row in encoded["ids"]:
+    rows = encoded["ids"] if "ids" in encoded.column_names else []  # no column when every document was empty
+    for row in rows:
         if pieces and eos is not None:
             pieces.append(torch.tensor([eos], dtype=torch.long))
         pieces.append(torch.tensor(row, dtype=torch.long))

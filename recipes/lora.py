@@ -193,6 +193,7 @@ class LoRARecipe(Recipe):
             f"Data: {self.split.total_tokens:,} tokens; training on {len(self.train_dataset):,} blocks of "
             f"{ra.block_size}, held out the last {self.split.heldout.numel():,} ({ra.eval_windows} x {ra.eval_window})."
         )
+        barrier()  # rank 0 may have cleared a previous run
 
     def _check_previous_run(self) -> None:
         ours = [self.out / name for name in (*STAGES, RESULTS_FILE)]
@@ -447,12 +448,19 @@ def format_table(summary: dict[str, Any]) -> str:
     steps = summary["training"]["max_steps"]
     rows = [
         ("(a) base model, RoPE", p["base"]),
-        (f"(b) {summary['patch_description']}, before training", p["patched_before_training"]),
+        ("(b) patched, before training", p["patched_before_training"]),
         (f"(c) patched + LoRA, {steps} steps", p["patched_after_training"]),
         (f"(d) control: RoPE + LoRA, {steps} steps", p["control_after_training"]),
     ]
     width = max(len(name) for name, _ in rows) + 2
-    lines = [f"{'held-out perplexity':<{width}}{'value':>10}{'x base':>9}", "-" * (width + 19)]
+    held = summary["heldout"]
+    lines = [
+        f"{summary['model']}, patch: {summary['patch_description']}",
+        f"held-out: the last {held['n_windows']} windows of {held['window']} tokens of {held['dataset']}",
+        "",
+        f"{'perplexity':<{width}}{'value':>10}{'x base':>9}",
+        "-" * (width + 19),
+    ]
     for name, value in rows:
         if value is None:
             lines.append(f"{name:<{width}}{'(off)':>10}{'-':>9}")
