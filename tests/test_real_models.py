@@ -5,6 +5,7 @@ About three minutes on 2 CPU cores. Deselect with ``-m "not real_model"``.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -129,3 +130,36 @@ def test_gemma3_full_attention_only() -> None:
 
     assert torch.equal(rotary.full_attention_inv_freq, full_before)
     assert torch.equal(_logits(model, ids), before)
+
+
+def test_lora_recipe_on_smollm2(smollm2: tuple[Any, Any], tmp_path) -> None:
+    """The main job's recipe on the real model, tiny budget: its figures against the model's own loss."""
+    from hf_prope.recipes import LoRARecipe
+
+    out = tmp_path / "out"
+    recipe = LoRARecipe.from_config("smollm2_135m_quick", {
+        "max_steps": 2, "block_size": 64, "per_device_train_batch_size": 2, "eval_windows": 2,
+        "output_dir": str(out), "disable_tqdm": True, "overwrite": False,
+    })
+    summary = recipe.run()
+    p = summary["perplexity"]
+    model, tokenizer = smollm2
+    ids = tokenizer(python_docs_text(), add_special_tokens=False, return_tensors="pt").input_ids[0]
+    windows = ids[-2 * 512 :].reshape(2, 512)
+
+    def loss_ppl(m: Any) -> float:
+        with torch.no_grad():
+            return float(torch.tensor([m(w[None], labels=w[None]).loss for w in windows]).mean().exp())
+
+    assert p["base"] == pytest.approx(loss_ppl(model), rel=1e-4)
+    hf_prope.patch_model(model, "p-rope", p=0.25)
+    try:
+        assert p["patched_before_training"] == pytest.approx(loss_ppl(model), rel=1e-4)
+    finally:
+        hf_prope.unpatch_model(model)
+    # The saved adapter names the embedded base, and hf_prope.from_pretrained rebuilds it from there.
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == "smollm2-135m"
+    reloaded = hf_prope.from_pretrained(out / "adapter")
+    assert p["patched_after_training"] == pytest.approx(loss_ppl(reloaded), rel=1e-4)
+    assert p["patched_after_training"] < p["patched_before_training"]
+    assert summary["gap_patched_over_control"] == pytest.approx(p["patched_after_training"] / p["control_after_training"])
