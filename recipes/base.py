@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import uuid
 from dataclasses import asdict, dataclass, field, fields
@@ -143,6 +144,27 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (no display is needed or used)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Save a figure as PNG through a temporary name, then close it."""
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    pyplot().close(fig)
+    tmp.replace(path)
+
+
+RESULTS_FILE = "results.json"
+
+
 class Recipe:
     """A recipe is configured by dataclasses, then ``setup()`` checks everything and ``run()`` works.
 
@@ -177,6 +199,23 @@ class Recipe:
             values = arg.to_dict() if hasattr(arg, "to_dict") else asdict(arg)
             out.update({k: v for k, v in values.items() if "token" not in k})
         return out
+
+    def say(self, text: str) -> None:
+        """A progress line on stderr, from the main process only."""
+        if is_main_process():
+            print(text, file=sys.stderr, flush=True)
+
+    def write_results(self, out: Path, summary: dict[str, Any], table: str, plot_file: str) -> None:
+        """``results.json``, the plot and the table, from the main process only."""
+        if not is_main_process():
+            return
+        write_json(out / RESULTS_FILE, summary)
+        self.plot(out / plot_file)
+        print("\n" + table, flush=True)
+        print(f"\nWrote {out / RESULTS_FILE} and {out / plot_file}", flush=True)
+
+    def plot(self, path: Path) -> None:
+        raise NotImplementedError
 
     def setup(self) -> None:
         raise NotImplementedError

@@ -13,15 +13,13 @@ It writes ``results.json`` and ``perplexity_by_context.png`` to ``output_dir`` a
 from __future__ import annotations
 
 import copy
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .base import DataArguments, ModelArguments, Recipe, check_writable, is_main_process, load_model, write_json
+from .base import DataArguments, ModelArguments, Recipe, check_writable, is_main_process, load_model, pyplot, save_figure
 
-RESULTS_FILE = "results.json"
 PLOT_FILE = "perplexity_by_context.png"
 
 
@@ -99,7 +97,7 @@ class ContextEvalRecipe(Recipe):
             self.data_args.dataset, text_column=self.data_args.text_column,
             config_name=self.data_args.dataset_config, split=self.data_args.dataset_split,
         )
-        self._say(f"Loading {self.model_args.model} ...")
+        self.say(f"Loading {self.model_args.model} ...")
         self.model, self.tokenizer = load_model(self.model_args)
         for _, spec in self.variants:
             if spec is not None:
@@ -157,23 +155,11 @@ class ContextEvalRecipe(Recipe):
             "seconds": round(time.perf_counter() - self.started, 1),
             "settings": self.settings(),
         }
-        if is_main_process():
-            write_json(self.out / RESULTS_FILE, self.summary)
-            self._plot(self.out / PLOT_FILE)
-            print("\n" + format_table(self.summary), flush=True)
-            print(f"\nWrote {self.out / RESULTS_FILE} and {self.out / PLOT_FILE}", flush=True)
+        self.write_results(self.out, self.summary, format_table(self.summary), PLOT_FILE)
         return self.summary
 
-    def _say(self, text: str) -> None:
-        if is_main_process():
-            print(text, file=sys.stderr, flush=True)
-
-    def _plot(self, path: Path) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    def plot(self, path: Path) -> None:
+        plt = pyplot()
         s = self.summary
         contexts = s["contexts"]
         base = next((r for r in s["rows"] if r["spec"] is None and not r["variant"].startswith("trained")), None)
@@ -203,10 +189,7 @@ class ContextEvalRecipe(Recipe):
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=8)
         fig.tight_layout()
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        tmp.replace(path)
+        save_figure(fig, path)
 
 
 def format_table(summary: dict[str, Any]) -> str:

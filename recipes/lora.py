@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from .base import (
+    RESULTS_FILE,
     DataArguments,
     ModelArguments,
     PatchArguments,
@@ -37,11 +37,12 @@ from .base import (
     has_accelerator,
     is_main_process,
     load_model,
+    pyplot,
+    save_figure,
     write_json,
 )
 
 STAGES = ("control", "patched")  # the control trains first so the patched model is the one left to save
-RESULTS_FILE = "results.json"
 PLOT_FILE = "results.png"
 _MLP_MODULES = ["gate_proj", "up_proj", "down_proj"]
 
@@ -170,7 +171,7 @@ class LoRARecipe(Recipe):
         )
         if ta.hub_model_id:
             self._check_hub()
-        self._say(f"Loading {self.model_args.model} ...")
+        self.say(f"Loading {self.model_args.model} ...")
         self.model, self.tokenizer = load_model(self.model_args)
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if limit is not None and ra.block_size > limit:
@@ -189,7 +190,7 @@ class LoRARecipe(Recipe):
         )
         self.train_dataset = _BlockDataset(self.split.train_blocks)
         self.started = started
-        self._say(
+        self.say(
             f"Data: {self.split.total_tokens:,} tokens; training on {len(self.train_dataset):,} blocks of "
             f"{ra.block_size}, held out the last {self.split.heldout.numel():,} ({ra.eval_windows} x {ra.eval_window})."
         )
@@ -281,7 +282,7 @@ class LoRARecipe(Recipe):
         final = stage_dir / "final"
         record = stage_dir / "stage.json"
         if self.recipe_args.resume and record.is_file() and (final / "adapter_model.safetensors").is_file():
-            self._say(f"[{stage}] already trained: loading {final}")
+            self.say(f"[{stage}] already trained: loading {final}")
             set_peft_model_state_dict(peft_model, load_file(final / "adapter_model.safetensors"))
             self.histories[stage] = json.loads(record.read_text())["log_history"]
             return peft_model
@@ -292,7 +293,7 @@ class LoRARecipe(Recipe):
         )
         last = get_last_checkpoint(str(stage_dir)) if self.recipe_args.resume and stage_dir.is_dir() else None
         what = "control: unpatched model + LoRA" if stage == "control" else f"patched: {self.spec.describe()} + LoRA"
-        self._say(f"[{stage}] {what}, {args.max_steps} steps" + (f", resuming from {last}" if last else ""))
+        self.say(f"[{stage}] {what}, {args.max_steps} steps" + (f", resuming from {last}" if last else ""))
         trainer.train(resume_from_checkpoint=last)
         self.histories[stage] = trainer.state.log_history
         if is_main_process():
@@ -344,11 +345,7 @@ class LoRARecipe(Recipe):
             "seconds": round(time.perf_counter() - self.started, 1),
             "settings": self.settings(),
         }
-        if is_main_process():
-            write_json(self.out / RESULTS_FILE, self.summary)
-            self._plot(self.out / PLOT_FILE)
-            print("\n" + format_table(self.summary), flush=True)
-            print(f"\nWrote {self.out / RESULTS_FILE} and {self.out / PLOT_FILE}", flush=True)
+        self.write_results(self.out, self.summary, format_table(self.summary), PLOT_FILE)
         return self.summary
 
     def card_results(self) -> dict[str, float]:
@@ -402,20 +399,12 @@ class LoRARecipe(Recipe):
 
     # -----------------------------------------------------------------------------------------
 
-    def _say(self, text: str) -> None:
-        if is_main_process():
-            print(text, file=sys.stderr, flush=True)
-
-    def _plot(self, path: Path) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    def plot(self, path: Path) -> None:
+        plt = pyplot()
         s = self.summary
         p = s["perplexity"]
         steps = s["training"]["max_steps"]
-        labels = ["(a) base\nRoPE", "(b) patched\nbefore", f"(c) patched\n+ LoRA", f"(d) control\nRoPE + LoRA"]
+        labels = ["(a) base\nRoPE", "(b) patched\nbefore", "(c) patched\n+ LoRA", "(d) control\nRoPE + LoRA"]
         values = [p["base"], p["patched_before_training"], p["patched_after_training"], p["control_after_training"]]
         keep = [(l, v) for l, v in zip(labels, values) if v is not None]
         fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
@@ -436,10 +425,7 @@ class LoRARecipe(Recipe):
         right.legend()
         right.grid(alpha=0.3)
         fig.tight_layout()
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        tmp.replace(path)
+        save_figure(fig, path)
 
 
 def format_table(summary: dict[str, Any]) -> str:
