@@ -159,6 +159,8 @@ class ContextEvalRecipe(Recipe):
         return self.summary
 
     def plot(self, path: Path) -> None:
+        from matplotlib import ticker
+
         plt = pyplot()
         s = self.summary
         contexts = s["contexts"]
@@ -179,8 +181,14 @@ class ContextEvalRecipe(Recipe):
             right.set_ylabel("perplexity / unchanged model's (log scale)")
             right.set_yscale("log")
             right.set_title("relative to the unchanged model at the same length")
-        for ax in [a for a in axes[0]]:
+        for ax in axes[0]:
             ax.set_xscale("log", base=2)
+            ax.set_xticks(contexts)
+            ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%d"))
+            ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+            ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(ticker.NullFormatter())
             ax.set_xlabel("context length (tokens per window)")
             if s["training_length"]:
                 ax.axvline(s["training_length"], color="grey", linestyle="--", linewidth=1)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -400,6 +401,8 @@ class LoRARecipe(Recipe):
     # -----------------------------------------------------------------------------------------
 
     def plot(self, path: Path) -> None:
+        from matplotlib import ticker
+
         plt = pyplot()
         s = self.summary
         p = s["perplexity"]
@@ -407,12 +410,15 @@ class LoRARecipe(Recipe):
         labels = ["(a) base\nRoPE", "(b) patched\nbefore", "(c) patched\n+ LoRA", "(d) control\nRoPE + LoRA"]
         values = [p["base"], p["patched_before_training"], p["patched_after_training"], p["control_after_training"]]
         keep = [(l, v) for l, v in zip(labels, values) if v is not None]
-        fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+        fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5.2))
         bars = left.bar([l for l, _ in keep], [v for _, v in keep], color=["#777", "#d62728", "#1f77b4", "#2ca02c"][: len(keep)])
         left.set_yscale("log")
+        left.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        left.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        left.yaxis.set_minor_formatter(ticker.NullFormatter())
         left.set_ylabel("held-out perplexity (log scale, lower is better)")
-        left.set_title(f"{s['model']}: {s['patch_description']}\n{steps} LoRA steps; "
-                       f"{s['heldout']['n_windows']} windows x {s['heldout']['window']} tokens held out")
+        left.set_title(textwrap.fill(f"{s['model']}: {s['patch_description']}", 60) + f"\n{steps} LoRA steps; "
+                       f"{s['heldout']['n_windows']} x {s['heldout']['window']} tokens held out", fontsize=10)
         for bar, (_, v) in zip(bars, keep):
             left.annotate(f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom")
         for stage, points in s["loss_curves"].items():
