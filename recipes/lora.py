@@ -195,23 +195,25 @@ class LoRARecipe(Recipe):
             f"Data: {self.split.total_tokens:,} tokens; training on {len(self.train_dataset):,} blocks of "
             f"{ra.block_size}, held out the last {self.split.heldout.numel():,} ({ra.eval_windows} x {ra.eval_window})."
         )
-        barrier()  # rank 0 may have cleared a previous run
+        self._clear_previous_run()
+        barrier()  # no process starts training before rank 0 has cleared a previous run
+
+    def _previous_run(self) -> list[Path]:
+        return [p for p in (self.out / name for name in (*STAGES, RESULTS_FILE)) if p.exists()]
 
     def _check_previous_run(self) -> None:
-        ours = [self.out / name for name in (*STAGES, RESULTS_FILE)]
-        found = [p.name for p in ours if p.exists()]
-        if not found or self.recipe_args.resume:
-            return
-        if not self.recipe_args.overwrite:
+        found = self._previous_run()
+        if found and not self.recipe_args.resume and not self.recipe_args.overwrite:
             raise FileExistsError(
-                f"{self.out} already holds a run ({', '.join(found)}). Pass resume=true to continue it, "
-                "overwrite=true to discard it, or choose another output_dir."
+                f"{self.out} already holds a run ({', '.join(p.name for p in found)}). Pass resume=true to continue "
+                "it, overwrite=true to discard it, or choose another output_dir."
             )
-        for p in ours:
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+
+    def _clear_previous_run(self) -> None:
+        """With overwrite=true, once every check has passed: a failed setup leaves the old run alone."""
+        if self.recipe_args.overwrite and is_main_process():
+            for p in self._previous_run():
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
 
     def _check_hub(self) -> None:
         from huggingface_hub import HfApi

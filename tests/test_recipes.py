@@ -373,3 +373,15 @@ def test_eval_recipe_bad_input(source, tmp_path) -> None:
     })
     with pytest.raises(ValueError, match="layer"):
         recipe.setup()
+
+
+def test_overwrite_discards_the_old_run_only_after_every_check_passed(source, tmp_path) -> None:
+    out = tmp_path / "out"
+    (out / "patched").mkdir(parents=True)
+    (out / "results.json").write_text("{}")
+    bad = LoRARecipe.from_config(None, overrides(source, out, overwrite=True, dataset=str(tmp_path / "missing.txt")))
+    with pytest.raises(FileNotFoundError):
+        bad.setup()
+    assert (out / "results.json").read_text() == "{}" and (out / "patched").is_dir()
+    LoRARecipe.from_config(None, overrides(source, out, overwrite=True)).setup()
+    assert not (out / "results.json").exists() and not (out / "patched").exists()
