@@ -7,7 +7,6 @@ comes before it, so the two never share a token.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,8 @@ def _local_files(source: str) -> list[Path] | None:
         return files
     if path.is_file():
         return [path]
-    looks_local = path.suffix.lower() in _BUILDERS or source.startswith((".", "/", "~")) or os.sep * 2 in source
+    # A Hub dataset is "name" or "namespace/name": anything else that names no file is a missing local path.
+    looks_local = path.suffix.lower() in _BUILDERS or source.startswith((".", "/", "~")) or source.count("/") > 1
     if looks_local:
         raise FileNotFoundError(f"The data file {source!r} does not exist (current folder: {Path.cwd()}).")
     return None

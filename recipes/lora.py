@@ -239,14 +239,12 @@ class LoRARecipe(Recipe):
     # train: the control (RoPE + LoRA) and the patched model (patch + LoRA), same budget and seed
 
     def train(self) -> None:
-        from hf_prope.patching import patch_model
+        from hf_prope.patching import patch_model, unpatch_model
 
         self.results["base"] = self.evaluate("(a) base")
         patch_model(self.model, self.spec)
         self.results["patched_before"] = self.evaluate("(b) patched, before training")
         if self.recipe_args.control:
-            from hf_prope.patching import unpatch_model
-
             unpatch_model(self.model)
             control = self._train_stage("control", self.model)
             self.results["control"] = self.evaluate("(d) control after training", control)
