@@ -256,19 +256,25 @@ class LoRARecipe(Recipe):
         from peft import LoraConfig, get_peft_model
         from transformers import set_seed
 
-        from hf_prope.hub import _is_packaged_model
-
         la = self.lora_args
         set_seed(self.training_args.seed)  # same LoRA initialisation for both stages
         config = LoraConfig(
             r=la.lora_r, lora_alpha=la.lora_alpha, lora_dropout=la.lora_dropout,
             target_modules=la.target_modules(), task_type="CAUSAL_LM",
         )
-        peft_model = get_peft_model(model, config)
+        return get_peft_model(model, config)
+
+    def _record_base(self, peft_model: Any) -> None:
+        """Name the base in the adapter's config so that ``hf_prope.from_pretrained`` can rebuild it.
+
+        For an embedded or GGUF model PEFT records the folder the GGUF file sits in, which no
+        loader can rebuild the base from. Set after training: checkpoints keep the folder, so
+        PEFT's save-time vocabulary check stays local instead of asking the Hub for that name.
+        """
+        from hf_prope.hub import _is_packaged_model
+
         if _is_packaged_model(self.model_args.model):
-            # PEFT would record the folder the GGUF file sits in, which no loader can rebuild the base from.
             peft_model.peft_config["default"].base_model_name_or_path = self.model_args.model
-        return peft_model
 
     def _train_stage(self, stage: str, model: Any) -> Any:
         from peft import set_peft_model_state_dict
@@ -285,6 +291,7 @@ class LoRARecipe(Recipe):
         if self.recipe_args.resume and record.is_file() and (final / "adapter_model.safetensors").is_file():
             self.say(f"[{stage}] already trained: loading {final}")
             set_peft_model_state_dict(peft_model, load_file(final / "adapter_model.safetensors"))
+            self._record_base(peft_model)
             self.histories[stage] = json.loads(record.read_text())["log_history"]
             return peft_model
         args = dataclasses.replace(self.training_args, output_dir=str(stage_dir), push_to_hub=False)
@@ -296,6 +303,7 @@ class LoRARecipe(Recipe):
         what = "control: unpatched model + LoRA" if stage == "control" else f"patched: {self.spec.describe()} + LoRA"
         self.say(f"[{stage}] {what}, {args.max_steps} steps" + (f", resuming from {last}" if last else ""))
         trainer.train(resume_from_checkpoint=last)
+        self._record_base(peft_model)
         self.histories[stage] = trainer.state.log_history
         if is_main_process():
             hf_prope.save_pretrained(peft_model, final, save_method="adapter", tokenizer=None)
