@@ -194,7 +194,7 @@ def _run_recipe(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: hf-prope run RECIPE [--config FILE_OR_NAME] [key=value | --key value ...]\n\nrecipes:")
         for name, cls in RECIPES.items():
-            print(f"  {name:<8}{cls.description}")
+            print(f"  {name:<8}{cls.description} (default config: {cls.default_config})")
         from hf_prope.recipes import packaged_configs
 
         print(f"\npackaged configs: {', '.join(packaged_configs())}")
@@ -208,7 +208,7 @@ def _run_recipe(argv: list[str]) -> int:
         print(help_parser.format_help())
         return 0
     config, rest = _pop_config(rest)
-    recipe = recipe_cls.from_config(config, rest)
+    recipe = recipe_cls.from_config(config or recipe_cls.default_config, rest)
     recipe.run()
     return 0
 

@@ -175,6 +175,7 @@ class Recipe:
     name: ClassVar[str]
     arguments: ClassVar[tuple[type, ...]]
     description: ClassVar[str] = ""
+    default_config: ClassVar[str | None] = None  # what `hf-prope run NAME` uses without --config
 
     def __init__(self, *args: Any) -> None:
         if len(args) != len(self.arguments) or not all(isinstance(a, t) for a, t in zip(args, self.arguments)):

@@ -73,6 +73,7 @@ class ContextEvalRecipe(Recipe):
 
     name = "eval"
     description = "perplexity by context length of a model, unchanged and under p-RoPE, with a plot"
+    default_config = "smollm2_135m_eval"
     arguments = (ModelArguments, DataArguments, ContextEvalArguments)
 
     def __init__(self, *args: Any) -> None:

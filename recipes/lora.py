@@ -131,6 +131,7 @@ class LoRARecipe(Recipe):
 
     name = "lora"
     description = "LoRA-adapt a patched model, evaluate it against an unpatched control, save and push it"
+    default_config = "smollm2_135m_p_rope_lora"
     arguments = (ModelArguments, DataArguments, PatchArguments, LoraArguments, LoraRecipeArguments, TrainingArguments)
 
     @classmethod

@@ -79,6 +79,7 @@ def test_missing_config_file_suggests_packaged() -> None:
 
 def test_registry() -> None:
     assert set(RECIPES) == {"lora", "eval"}
+    assert all(cls.default_config in packaged_configs() for cls in RECIPES.values())
     assert get_recipe("lora") is LoRARecipe
     with pytest.raises(ValueError, match="Did you mean 'eval'"):
         get_recipe("evall")
