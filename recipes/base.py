@@ -79,19 +79,20 @@ def load_model(args: ModelArguments) -> tuple[Any, Any]:
     from hf_prope.registry import get_architecture
 
     dtype = getattr(torch, args.dtype)
-    local = args.model in models.EMBEDDED_MODELS or Path(args.model).exists()
-    if local:
-        model, tokenizer = models.load_model(args.model, dtype=dtype)
+    path = Path(args.model).expanduser()
+    if args.model in models.EMBEDDED_MODELS or (path.is_file() and path.suffix == ".gguf"):
+        model, tokenizer = models.load_model(str(path) if path.is_file() else args.model, dtype=dtype)
         get_architecture(model.config.model_type)
         return model, tokenizer
+    if not path.is_dir() and (path.suffix == ".gguf" or args.model.startswith((".", "/", "~"))):
+        raise FileNotFoundError(f"No model file or folder at {args.model!r}.")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    if args.model.endswith(".gguf") or args.model.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"No model file or folder at {args.model!r}.")
-    config = AutoConfig.from_pretrained(args.model, revision=args.model_revision)
-    get_architecture(config.model_type)
-    tokenizer = AutoTokenizer.from_pretrained(args.model, revision=args.model_revision)
-    model = AutoModelForCausalLM.from_pretrained(args.model, revision=args.model_revision, dtype=dtype)
+    kwargs: dict[str, Any] = {"local_files_only": True} if path.is_dir() else {"revision": args.model_revision}
+    source = str(path) if path.is_dir() else args.model
+    get_architecture(AutoConfig.from_pretrained(source, **kwargs).model_type)
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     return model.eval(), tokenizer
 
 
