@@ -141,7 +141,8 @@ class ContextEvalRecipe(Recipe):
         for path in self.eval_args.trained or []:
             trained = hf_prope.from_pretrained(path, base_model=copy.deepcopy(self.model)).eval()
             spec = hf_prope.get_patch(trained)
-            label = f"trained: {Path(path).name}"
+            name = Path(path).parent.name if Path(path).name in ("adapter", "merged") else Path(path).name
+            label = f"trained: {name}"
             rows.append({"variant": label, "spec": spec.to_dict() if spec else None, "perplexity": self._scores(trained, label)})
             del trained
         limit = getattr(self.model.config, "max_position_embeddings", None)

@@ -351,14 +351,14 @@ def test_eval_recipe_by_context_against_independent_measurements(source, trained
     summary = recipe.run()
     ids = stream(source)
     rows = {r["variant"]: r["perplexity"] for r in summary["rows"]}
-    assert list(rows) == ["RoPE", "p=0.5", "trained: adapter"]
+    assert list(rows) == ["RoPE", "p=0.5", "trained: out"]
     base = AutoModelForCausalLM.from_pretrained(source["model"])
     for context in (8, 16, 64):
         assert rows["RoPE"][context] == pytest.approx(loss_perplexity(base, ids, context, 128 // context), rel=1e-5)
     hf_prope.patch_model(base, "p-rope", p=0.5)
     assert rows["p=0.5"][16] == pytest.approx(loss_perplexity(base, ids, 16, 8), rel=1e-5)
     adapter = hf_prope.from_pretrained(trained["out"] / "adapter")
-    assert rows["trained: adapter"][64] == pytest.approx(loss_perplexity(adapter, ids, 64, 2), rel=1e-5)
+    assert rows["trained: out"][64] == pytest.approx(loss_perplexity(adapter, ids, 64, 2), rel=1e-5)
     assert json.loads((out / "results.json").read_text())["rows"][0]["perplexity"]["16"] == rows["RoPE"][16]
     assert (out / "perplexity_by_context.png").read_bytes()[:4] == b"\x89PNG"
     assert summary["training_length"] == 256
