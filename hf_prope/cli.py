@@ -136,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="hf-prope",
         description="p-RoPE for Hugging Face transformers. With no command: the main job, a short LoRA run "
         f"({' '.join(MAIN_JOB)}) on the embedded SmolLM2-135M that prints perplexity before and after training "
-        "against an unpatched control (about 10 minutes on 2 CPU cores).",
+        "against an unpatched control (about 9 minutes on 2 CPU cores).",
     )
     parser.add_argument("--version", action="version", version=f"hf-prope {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
