@@ -73,8 +73,9 @@ def perplexity(
 
     Each window is evaluated from scratch; the mean is over all ``n_windows * (window - 1)``
     predicted tokens. In a distributed run (``torch.distributed`` initialised) every process
-    scores a share of the windows and all get the same total. ``progress`` is ``True`` for a tqdm bar or a string to use as its
-    description. ``batch_size`` windows run per forward pass (same result, more memory).
+    scores a share of the windows and all get the same total. ``progress`` is ``True`` for a
+    tqdm bar or a string to use as its description. ``batch_size`` windows run per forward
+    pass (same result, more memory).
     Raises ``ValueError`` when ``input_ids`` is too short for the windows asked.
     """
     windows = _windows(input_ids, window, n_windows)
