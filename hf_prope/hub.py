@@ -266,10 +266,13 @@ def _write_folder(
     eval_results: dict[str, float] | None,
 ) -> None:
     if method == "adapter":
-        model.save_pretrained(folder, safe_serialization=True)
+        base_name = next(iter(model.peft_config.values())).base_model_name_or_path
+        # PEFT's "auto" embedding check fetches the base's config.json from the Hub when the base name is
+        # not a folder; an embedded model's name is on no Hub, and its vocabulary is never resized.
+        extra = {"save_embedding_layers": False} if base_name and _is_packaged_model(str(base_name)) else {}
+        model.save_pretrained(folder, safe_serialization=True, **extra)
         (folder / PATCH_FILE).write_text(json.dumps(patch_record(model), indent=2, sort_keys=True) + "\n")
         (folder / BASE_CONFIG_FILE).write_text(_unwrap(model).config.to_json_string())
-        base_name = next(iter(model.peft_config.values())).base_model_name_or_path
     else:
         merged = model
         if _is_peft(model):
