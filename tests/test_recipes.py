@@ -63,8 +63,12 @@ def loss_perplexity(model, ids: torch.Tensor, window: int = WINDOW, n: int = N_W
     return math.exp(sum(losses) / len(losses))
 
 
-def stream(source) -> torch.Tensor:
-    return torch.tensor(char_tokenizer()(source["text"].read_text(), add_special_tokens=False)["input_ids"])
+def stream(source, model_dir=None) -> torch.Tensor:
+    """The text tokenised by the tokenizer saved with the model (transformers picks its class by model type)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir or source["model"])
+    return torch.tensor(tokenizer(source["text"].read_text(), add_special_tokens=False)["input_ids"])
 
 
 def _losses(summary: dict, stage: str = "patched") -> list[float]:
@@ -385,3 +389,20 @@ def test_overwrite_discards_the_old_run_only_after_every_check_passed(source, tm
     assert (out / "results.json").read_text() == "{}" and (out / "patched").is_dir()
     LoRARecipe.from_config(None, overrides(source, out, overwrite=True)).setup()
     assert not (out / "results.json").exists() and not (out / "patched").exists()
+
+
+@pytest.mark.parametrize(
+    "model_type, patch",
+    [("gemma3_text", {"layer_types": ["full_attention"]}),  # native per-layer-type config (Gemma 4 layout)
+     ("qwen2", {"layers": [1, 4]})],                       # per-layer hooks, which a config cannot carry
+)
+def test_lora_recipe_with_layer_selective_patches(model_type, patch, source, tmp_path) -> None:
+    model_dir = save_tiny(tmp_path / model_type, model_type)
+    out = tmp_path / "out"
+    summary = LoRARecipe.from_config(None, overrides(
+        source, out, model=str(model_dir), control=False, max_steps=2, **patch)).run()
+    expected = hf_prope.PatchSpec("p-rope", p=0.25, **{k: tuple(v) for k, v in patch.items()})
+    reloaded = hf_prope.from_pretrained(out / "adapter")
+    assert hf_prope.get_patch(reloaded) == expected
+    assert summary["perplexity"]["patched_after_training"] == pytest.approx(
+        loss_perplexity(reloaded, stream(source, model_dir)), rel=1e-5)
