@@ -42,6 +42,14 @@ class DataArguments:
     dataset_split: str = field(default="train", metadata={"help": "Split of a Hub dataset to read."})
     text_column: str = field(default="text", metadata={"help": "Column holding the text (JSON/CSV/Hub data)."})
 
+    def load(self) -> Any:
+        """The ``datasets.Dataset`` these settings name (missing files and empty data raise here)."""
+        from hf_prope.data import load_text_dataset
+
+        return load_text_dataset(
+            self.dataset, text_column=self.text_column, config_name=self.dataset_config, split=self.dataset_split
+        )
+
 
 @dataclass
 class PatchArguments:
@@ -96,6 +104,14 @@ def load_model(args: ModelArguments) -> tuple[Any, Any]:
     return model.eval(), tokenizer
 
 
+def check_patch_fits(model: Any, spec: Any) -> None:
+    """Apply ``spec`` and take it off again: raises (layers, layer types, head size) before any real work."""
+    from hf_prope.patching import patch_model, unpatch_model
+
+    patch_model(model, spec)
+    unpatch_model(model)
+
+
 def has_accelerator() -> bool:
     """Whether torch sees a GPU (or another accelerator) on this machine."""
     accelerator = getattr(torch, "accelerator", None)
@@ -141,7 +157,9 @@ def is_main_process() -> bool:
 
 
 def barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    from hf_prope.evaluation import rank_and_world
+
+    if rank_and_world()[1] > 1:
         torch.distributed.barrier()
 
 

@@ -18,7 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .base import DataArguments, ModelArguments, Recipe, check_writable, is_main_process, load_model, pyplot, save_figure
+from .base import (
+    DataArguments,
+    ModelArguments,
+    Recipe,
+    check_patch_fits,
+    check_writable,
+    is_main_process,
+    load_model,
+    pyplot,
+    save_figure,
+)
 
 PLOT_FILE = "perplexity_by_context.png"
 
@@ -81,7 +91,7 @@ class ContextEvalRecipe(Recipe):
         self.model_args, self.data_args, self.eval_args = args
 
     def setup(self) -> None:
-        from hf_prope.data import load_text_dataset, tokenize_dataset
+        from hf_prope.data import tokenize_dataset
         from hf_prope.spec import PatchSpec
 
         ea = self.eval_args
@@ -94,18 +104,12 @@ class ContextEvalRecipe(Recipe):
         for path in ea.trained or []:
             if not Path(path).exists() and ("/" not in path or path.startswith((".", "/", "~"))):
                 raise FileNotFoundError(f"trained: no folder {path!r} (expected a save of the lora recipe).")
-        dataset = load_text_dataset(
-            self.data_args.dataset, text_column=self.data_args.text_column,
-            config_name=self.data_args.dataset_config, split=self.data_args.dataset_split,
-        )
+        dataset = self.data_args.load()
         self.say(f"Loading {self.model_args.model} ...")
         self.model, self.tokenizer = load_model(self.model_args)
         for _, spec in self.variants:
             if spec is not None:
-                from hf_prope.patching import patch_model, unpatch_model
-
-                patch_model(self.model, spec)  # checks layer types against this model
-                unpatch_model(self.model)
+                check_patch_fits(self.model, spec)
         ids = tokenize_dataset(dataset, self.tokenizer, text_column=self.data_args.text_column)
         if ids.numel() < ea.eval_tokens:
             raise ValueError(

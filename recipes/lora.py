@@ -34,6 +34,7 @@ from .base import (
     PatchArguments,
     Recipe,
     barrier,
+    check_patch_fits,
     check_writable,
     has_accelerator,
     is_main_process,
@@ -152,10 +153,9 @@ class LoRARecipe(Recipe):
     # setup: every check before any training
 
     def setup(self) -> None:
-        from hf_prope.data import load_text_dataset, split_tail, tokenize_dataset
-        from hf_prope.patching import patch_model, unpatch_model
+        from hf_prope.data import split_tail, tokenize_dataset
 
-        started = time.perf_counter()
+        self.started = time.perf_counter()
         ta, ra = self.training_args, self.recipe_args
         _ = ta.device  # initialises the process group under torchrun / accelerate launch
         self.spec = self.patch_args.spec()
@@ -167,10 +167,7 @@ class LoRARecipe(Recipe):
         if is_main_process():
             check_writable(self.out)
             self._check_previous_run()
-        dataset = load_text_dataset(
-            self.data_args.dataset, text_column=self.data_args.text_column,
-            config_name=self.data_args.dataset_config, split=self.data_args.dataset_split,
-        )
+        dataset = self.data_args.load()
         if ta.hub_model_id:
             self._check_hub()
         self.say(f"Loading {self.model_args.model} ...")
@@ -182,8 +179,7 @@ class LoRARecipe(Recipe):
                 f"(max_position_embeddings={limit}); use block_size <= {limit}."
             )
         self._check_targets()
-        patch_model(self.model, self.spec)  # checks the spec against this model (layers, head size)
-        unpatch_model(self.model)
+        check_patch_fits(self.model, self.spec)
         ids = tokenize_dataset(dataset, self.tokenizer, text_column=self.data_args.text_column)
         world = max(1, ta.world_size)
         self.split = split_tail(
@@ -191,7 +187,6 @@ class LoRARecipe(Recipe):
             min_blocks=ta.per_device_train_batch_size * world,
         )
         self.train_dataset = _BlockDataset(self.split.train_blocks)
-        self.started = started
         self.say(
             f"Data: {self.split.total_tokens:,} tokens; training on {len(self.train_dataset):,} blocks of "
             f"{ra.block_size}, held out the last {self.split.heldout.numel():,} ({ra.eval_windows} x {ra.eval_window})."
