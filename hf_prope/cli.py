@@ -6,6 +6,9 @@ prints perplexity before and after training, against a control. Other commands:
 
 * ``hf-prope run RECIPE --config FILE_OR_NAME [key=value | --key value ...]``: a recipe
   (``lora``, ``eval``); ``hf-prope run RECIPE --help`` lists its keys.
+* ``hf-prope analyze MODEL [--out DIR] [key=value ...]``: which frequencies the model uses, its
+  positional heads and a checked suggestion of p, as PNG heat maps, JSON and a markdown summary
+  (the ``analyze`` recipe; ``hf-prope analyze --help`` lists its keys).
 * ``hf-prope zero-shot``: perplexity under RoPE and p-RoPE variants with no training, beside
   the project's reference figures.
 """
@@ -144,6 +147,11 @@ def _parser() -> argparse.ArgumentParser:
         "run", help="run a recipe: hf-prope run {lora,eval} --config FILE [key=value ...] (see hf-prope run --help)",
         add_help=False,
     )
+    sub.add_parser(
+        "analyze", add_help=False,
+        help="hf-prope analyze MODEL [--out DIR] [key=value ...]: frequency usage, positional heads and a "
+        "suggested p, as a report with heat maps (see hf-prope analyze --help)",
+    )
     zs = sub.add_parser(
         "zero-shot",
         help="perplexity of a model, unchanged and under p-RoPE variants, with no training",
@@ -213,6 +221,29 @@ def _run_recipe(argv: list[str]) -> int:
     return 0
 
 
+def _analyze(argv: list[str]) -> int:
+    """``analyze MODEL [--out DIR] [overrides]`` is ``run analyze model=MODEL output_dir=DIR [overrides]``."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: hf-prope analyze MODEL [--out DIR] [key=value | --key value ...]\n\n"
+              "MODEL: smollm2-135m, gemma-3-270m, a local .gguf file, a local model folder or a Hub model id.\n"
+              "DIR: where report.json, summary.md and the PNG heat maps go (default: report).\n")
+        return _run_recipe(["analyze", "--help"]) if argv else 2
+    model, rest = argv[0], argv[1:]
+    if model.startswith("-") or "=" in model:
+        raise ValueError(f"hf-prope analyze needs the model first (e.g. hf-prope analyze smollm2-135m), got {model!r}.")
+    overrides, i = [f"model={model}"], 0
+    while i < len(rest):
+        if rest[i] in ("--out", "-o"):
+            if i + 1 >= len(rest):
+                raise ValueError(f"{rest[i]} needs a folder.")
+            overrides.append(f"output_dir={rest[i + 1]}")
+            i += 2
+            continue
+        overrides.append(f"output_dir={rest[i].split('=', 1)[1]}" if rest[i].startswith("--out=") else rest[i])
+        i += 1
+    return _run_recipe(["analyze", *overrides])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``hf-prope`` and ``python -m hf_prope``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -222,6 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_recipe(MAIN_JOB[1:])
         if argv[0] == "run":
             return _run_recipe(argv[1:])
+        if argv[0] == "analyze":
+            return _analyze(argv[1:])
         args = _parser().parse_args(argv)
         if args.command is None:
             _parser().print_help()

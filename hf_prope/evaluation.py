@@ -115,19 +115,24 @@ def zero_shot_table(
     text: str | None = None,
     progress: bool = True,
     batch_size: int = 1,
+    input_ids: torch.Tensor | None = None,
 ) -> list[dict[str, Any]]:
     """Perplexity of the same model, patched in place with each variant in turn.
 
     ``variants`` are ``(label, spec)`` pairs; ``spec=None`` means the unpatched model.
-    ``text`` defaults to :func:`hf_prope.data.python_docs_text`. The model is left
+    ``text`` defaults to :func:`hf_prope.data.python_docs_text`; ``input_ids`` (1-D) replaces
+    it with text already tokenised. The model is left
     unpatched afterwards (even on error). Rows: ``variant``, ``spec`` (dict or None),
     ``perplexity``, ``ratio_to_rope`` (to the first unpatched variant; None if there is none).
     """
-    if text is None:
-        from .data import python_docs_text
+    if input_ids is not None:
+        ids = input_ids
+    else:
+        if text is None:
+            from .data import python_docs_text
 
-        text = python_docs_text()
-    ids = tokenize_text(tokenizer, text)
+            text = python_docs_text()
+        ids = tokenize_text(tokenizer, text)
     windows = _windows(ids, window, n_windows)  # fails on a short text before any model work
     current = get_patch(model)
     if current is not None:

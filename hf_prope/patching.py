@@ -401,6 +401,31 @@ def patch_info(model: nn.Module) -> dict[str, Any]:
     return info
 
 
+def layer_frequencies(model: nn.Module, *, original: bool = False) -> torch.Tensor:
+    """Each decoder layer's rotation frequencies (radians per token), shape ``(num_layers, pairs)``.
+
+    Pair 0 is the highest frequency. By default what each layer rotates by now, patch
+    included (0 for a pair that does not rotate, whether by its frequency or by a layer
+    hook); with ``original=True``, the model's own frequencies before any patch.
+    """
+    parts = _find_parts(model)
+    n_layers = int(parts.config.num_hidden_layers)
+    if original:
+        rotary = _build_rotary(parts, _with_rope(parts.config, _original_rope(parts.config)))
+    else:
+        rotary = parts.rotaries[0]
+    rows = []
+    for layer in range(n_layers):
+        freq = _inv_freq(rotary, _rope_key_of_layer(parts, layer)).detach().float().cpu().clone()
+        attention = parts.attentions.get(layer)
+        if not original and attention is not None:
+            for hook in attention._forward_pre_hooks.values():
+                if isinstance(hook, PositionMaskHook):
+                    freq = freq * hook.channel_keep[: freq.numel()].to(freq.dtype)
+        rows.append(freq)
+    return torch.stack(rows)
+
+
 # ---------------------------------------------------------------------------------------------
 # Class level: models built afterwards are patched
 

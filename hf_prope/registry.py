@@ -29,6 +29,9 @@ class Architecture:
     ``rope_per_layer_type`` is true when the model's config nests ``rope_parameters``
     by layer type and its rotary module keeps one set of frequencies per type
     (Gemma 3); then a ``layer_types`` patch is expressed in the config itself.
+    ``query_norm`` / ``key_norm`` name the attention's per-head norm applied to the
+    ``q_proj`` / ``k_proj`` output before rotation, where the model has one;
+    :mod:`hf_prope.analysis` reads the projections with forward hooks and applies it.
     """
 
     model_type: str
@@ -38,6 +41,8 @@ class Architecture:
     attention_class_name: str
     base_model_class_name: str
     rope_per_layer_type: bool = False
+    query_norm: str | None = None
+    key_norm: str | None = None
 
     def _cls(self, name: str) -> Any:
         return getattr(importlib.import_module(self.modeling_module), name)

@@ -38,6 +38,8 @@ register_architecture(
         attention_class_name="Gemma3Attention",
         base_model_class_name="Gemma3TextModel",
         rope_per_layer_type=True,
+        query_norm="q_norm",  # Gemma 3 normalises each query/key head before rotating it
+        key_norm="k_norm",
     )
 )
 

@@ -13,6 +13,9 @@ for _version in ("2", "3"):
             rotary_class_name=f"Qwen{_version}RotaryEmbedding",
             attention_class_name=f"Qwen{_version}Attention",
             base_model_class_name=f"Qwen{_version}Model",
+            # Qwen 3 normalises each query/key head before rotating it.
+            query_norm="q_norm" if _version == "3" else None,
+            key_norm="k_norm" if _version == "3" else None,
         )
     )
 

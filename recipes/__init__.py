@@ -17,20 +17,21 @@ from __future__ import annotations
 
 from hf_prope.spec import closest
 
+from .analyze import AnalyzeRecipe
 from .base import Recipe
 from .config import config_path, packaged_configs, parse_config
 from .context_eval import ContextEvalRecipe
 from .lora import LoRARecipe
 
-RECIPES: dict[str, type[Recipe]] = {recipe.name: recipe for recipe in (LoRARecipe, ContextEvalRecipe)}
+RECIPES: dict[str, type[Recipe]] = {recipe.name: recipe for recipe in (LoRARecipe, ContextEvalRecipe, AnalyzeRecipe)}
 
 
 def get_recipe(name: str) -> type[Recipe]:
-    """The recipe class registered as ``name`` (``lora``, ``eval``)."""
+    """The recipe class registered as ``name`` (``lora``, ``eval``, ``analyze``)."""
     if name not in RECIPES:
         raise ValueError(f"Unknown recipe {name!r}; recipes: {', '.join(RECIPES)}." + closest(name, list(RECIPES)))
     return RECIPES[name]
 
 
-__all__ = ["RECIPES", "Recipe", "LoRARecipe", "ContextEvalRecipe", "get_recipe", "parse_config", "config_path",
+__all__ = ["RECIPES", "Recipe", "LoRARecipe", "ContextEvalRecipe", "AnalyzeRecipe", "get_recipe", "parse_config", "config_path",
            "packaged_configs"]
