@@ -8,6 +8,9 @@ The public API is what ``__all__`` lists::
     hf_prope.unpatch_model(model)                   # back to the original, bit for bit
     hf_prope.apply_p_rope_to_llama(p=0.25)          # class level: models built afterwards are patched
 
+    usage = hf_prope.analysis.frequency_usage(model, tokenizer, texts)  # which frequencies it uses
+    hf_prope.analysis.suggest_p(usage)                                  # which p to try, with evidence
+
 Importing it registers hf-prope's rope types with transformers (``ROPE_INIT_FUNCTIONS``)
 so checkpoints saved with them load, and makes ``PeftModel.from_pretrained`` warn when an
 adapter's recorded patch is not on the base model; it patches no model class by itself.
@@ -55,6 +58,8 @@ from .registry import (  # noqa: E402
 from .spec import PatchSpec, rotated_pairs  # noqa: E402
 from .hub import PatchMismatchError, from_pretrained, push_to_hub, save_pretrained  # noqa: E402
 from .hub import _install_peft_load_check  # noqa: E402
+from . import analysis  # noqa: E402
+from .patching import layer_frequencies  # noqa: E402
 
 _install_peft_load_check()
 
@@ -71,6 +76,8 @@ __all__ = [
     "from_pretrained",
     "PatchMismatchError",
     "patch_info",
+    "layer_frequencies",
+    "analysis",
     "apply_patch_to_class",
     "revert_class_patches",
     "class_patches",

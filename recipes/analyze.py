@@ -21,6 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hf_prope.analysis import (
+    DEFAULT_GRID,
+    DEFAULT_THRESHOLD,
+    DEFAULT_TOLERANCE,
+    DEFAULT_WINDOW,
+    DEFAULT_WINDOWS,
+)
+
 from .base import (
     DataArguments,
     ModelArguments,
@@ -40,28 +48,24 @@ HEADS_PLOT = "positional_heads.png"
 PPL_PLOT = "perplexity_vs_p.png"
 
 
-def _eighths() -> list[float]:
-    return [i / 8 for i in range(9)]
-
-
 @dataclass
 class AnalysisArguments:
     """What to measure, how much text, and where the report goes."""
 
-    window: int = field(default=512, metadata={"help": "Tokens per window the model reads (each from scratch)."})
-    n_windows: int = field(default=8, metadata={"help": "Windows measured, from the end of the text."})
+    window: int = field(default=DEFAULT_WINDOW, metadata={"help": "Tokens per window the model reads (each from scratch)."})
+    n_windows: int = field(default=DEFAULT_WINDOWS, metadata={"help": "Windows measured, from the end of the text."})
     context_length: int | None = field(
         default=None,
         metadata={"help": "Context the suggestion of p must hold at (default: window); also the window of the "
                   "perplexity check."},
     )
     tolerance: float = field(
-        default=0.02,
+        default=DEFAULT_TOLERANCE,
         metadata={"help": "Largest share of the attention-logit scale the stopped pairs may move (see "
                   "hf_prope.analysis.suggest_p)."},
     )
     threshold: float = field(
-        default=0.5, metadata={"help": "A head is positional when its mean attention on one position exceeds this."}
+        default=DEFAULT_THRESHOLD, metadata={"help": "A head is positional when its mean attention on one position exceeds this."}
     )
     remove_highest: float = field(
         default=0.25,
@@ -73,7 +77,7 @@ class AnalysisArguments:
         metadata={"help": "Layer of the head x pair heat map (default: the one with most positional heads, else the "
                   "middle one)."},
     )
-    grid: list[float] = field(default_factory=_eighths, metadata={"help": "Values of p tried (1 = RoPE)."})
+    grid: list[float] = field(default_factory=lambda: list(DEFAULT_GRID), metadata={"help": "Values of p tried (1 = RoPE)."})
     check: bool = field(default=True, metadata={"help": "Measure zero-shot perplexity over the grid (the check)."})
     output_dir: str = field(default="report", metadata={"help": "Where the report goes."})
 
@@ -171,6 +175,7 @@ class AnalyzeRecipe(Recipe):
         self.summary = {
             "model": self.model_args.model,
             "model_type": usage.model_type,
+            "layer": self.layer,
             "dataset": self.data_args.dataset,
             "window": aa.window,
             "n_windows": aa.n_windows,
@@ -186,21 +191,34 @@ class AnalyzeRecipe(Recipe):
         return self.summary
 
     def write(self) -> None:
-        """The pictures first, then the JSON and the summary that point at them."""
-        layer_plot = f"frequency_usage_layer{self.layer}.png"
-        plot_usage(self.usage, self.model_args.model, self.out / USAGE_PLOT, self.suggestions[0])
-        plot_layer(self.usage, self.model_args.model, self.layer, self.out / layer_plot)
-        plot_heads(self.heads, self.model_args.model, self.out / HEADS_PLOT)
-        files = [USAGE_PLOT, layer_plot, HEADS_PLOT]
-        if self.curves:
-            plot_perplexity(self.curves, self.suggestions, self.model_args.model, self.context, self.out / PPL_PLOT)
-            files.append(PPL_PLOT)
-        self.summary["files"] = [REPORT_FILE, SUMMARY_FILE, *files]
-        write_json(self.out / REPORT_FILE, self.summary)
-        text = summary_markdown(self.summary, self.usage, self.heads, self.suggestions, layer_plot)
-        write_atomic(self.out / SUMMARY_FILE, text)
-        print("\n" + text, flush=True)
-        print(f"Wrote {', '.join(self.summary['files'])} to {self.out}", flush=True)
+        write_report(self.out, self.summary)
+
+
+def write_report(out: Path, summary: dict[str, Any]) -> None:
+    """The pictures, then ``report.json`` and ``summary.md`` that point at them, from a report's values.
+
+    ``write_report(folder, json.load(open(folder / "report.json")))`` redraws a report.
+    """
+    from hf_prope.analysis import FrequencyUsage, PositionalHeads, Suggestion
+
+    usage = FrequencyUsage.from_dict(summary["usage"])
+    heads = PositionalHeads.from_dict(summary["positional_heads"])
+    suggestions = [Suggestion.from_dict(s) for s in summary["suggestions"]]
+    model, layer = summary["model"], summary["layer"]
+    layer_plot = f"frequency_usage_layer{layer}.png"
+    plot_usage(usage, model, out / USAGE_PLOT, suggestions[0])
+    plot_layer(usage, model, layer, out / layer_plot, heads)
+    plot_heads(heads, model, out / HEADS_PLOT)
+    files = [USAGE_PLOT, layer_plot, HEADS_PLOT]
+    if summary["perplexity_by_p"]:
+        plot_perplexity(summary["perplexity_by_p"], suggestions, model, summary["context_length"], out / PPL_PLOT)
+        files.append(PPL_PLOT)
+    summary["files"] = [REPORT_FILE, SUMMARY_FILE, *files]
+    write_json(out / REPORT_FILE, summary)
+    text = summary_markdown(summary, usage, heads, suggestions, layer_plot)
+    write_atomic(out / SUMMARY_FILE, text)
+    print("\n" + text, flush=True)
+    print(f"Wrote {', '.join(summary['files'])} to {out}", flush=True)
 
 
 def _busiest_layer(heads: Any, layers: list[int]) -> int:
@@ -266,16 +284,20 @@ def plot_usage(usage: Any, model: str, path: Path, suggestion: Any | None = None
     save_figure(fig, path)
 
 
-def plot_layer(usage: Any, model: str, layer: int, path: Path) -> None:
-    """Head x pair heat maps of one layer, query and key."""
+def plot_layer(usage: Any, model: str, layer: int, path: Path, heads: Any | None = None) -> None:
+    """Head x pair heat maps of one layer, query and key; positional query heads are named."""
     plt = pyplot()
     n = usage.n_pairs
+    kinds = {h["head"]: h["kind"] for h in (heads.heads if heads is not None else []) if h["layer"] == layer}
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
     for ax, which in zip(axes, ("query", "key")):
         share = usage.head_share(layer, which).numpy() * 100
         image = ax.imshow(share, aspect="auto", cmap="viridis", interpolation="nearest", origin="lower",
                           extent=(-0.5, n - 0.5, -0.5, share.shape[0] - 0.5))
         ax.set_yticks(range(share.shape[0]))
+        if which == "query" and kinds:
+            ax.set_yticklabels([f"{h} ({kinds[h]})" if h in kinds else str(h) for h in range(share.shape[0])],
+                               fontsize=8)
         ax.set_ylabel(f"{which} head" if which == "query" else "key/value head")
         _pair_axis(ax, n)
         ax.set_title(f"{which}: share of each head's norm per pair")
@@ -409,7 +431,7 @@ def summary_markdown(summary: dict[str, Any], usage: Any, heads: Any, suggestion
         "",
         f"![frequency usage]({USAGE_PLOT})",
         "",
-        f"![layer {summary.get('layer', '')}]({layer_plot})",
+        f"![layer {summary['layer']}: query/key norm by head and pair]({layer_plot})",
         "",
         f"![positional heads]({HEADS_PLOT})",
         "",

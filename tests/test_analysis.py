@@ -321,6 +321,14 @@ def test_analyze_command_writes_a_readable_report(tmp_path, capsys) -> None:
     summary = (out / "summary.md").read_text()
     assert "## Suggested p" in summary and "![frequency usage](frequency_usage.png)" in summary
     assert "## Suggested p" in capsys.readouterr().out
+    # A report redraws from its JSON alone, to the same summary.
+    from hf_prope.recipes.analyze import write_report
+
+    redrawn = tmp_path / "redrawn"
+    redrawn.mkdir()
+    write_report(redrawn, json.loads((out / "report.json").read_text()))
+    assert (redrawn / "summary.md").read_text() == summary
+    assert sorted(p.name for p in redrawn.iterdir()) == files
 
 
 def test_analyze_command_refuses_bad_input_before_writing(tmp_path, capsys) -> None:

@@ -163,3 +163,32 @@ def test_lora_recipe_on_smollm2(smollm2: tuple[Any, Any], tmp_path) -> None:
     assert p["patched_after_training"] == pytest.approx(loss_ppl(reloaded), rel=1e-4)
     assert p["patched_after_training"] < p["patched_before_training"]
     assert summary["gap_patched_over_control"] == pytest.approx(p["patched_after_training"] / p["control_after_training"])
+
+
+def test_analysis_on_smollm2_against_a_plain_recomputation(smollm2: tuple[Any, Any]) -> None:
+    from hf_prope import analysis
+
+    model, tokenizer = smollm2
+    text = python_docs_text()
+    usage = analysis.frequency_usage(model, tokenizer, text, window=256, n_windows=2)
+    assert usage.query.shape == (30, 9, 32) and usage.key.shape == (30, 3, 32)  # grouped-query attention
+    # Independent recomputation of layers 0 and 7: hidden state -> input norm -> projection -> pair norms.
+    ids = analysis.token_windows(tokenizer, text, window=256, n_windows=2)
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states
+    for layer in (0, 7):
+        block = model.model.layers[layer]
+        x = block.input_layernorm(hidden[layer])
+        for proj, measured in ((block.self_attn.q_proj, usage.query), (block.self_attn.k_proj, usage.key)):
+            v = proj(x).view(*x.shape[:2], -1, 64)
+            pairs = torch.sqrt(v[..., :32] ** 2 + v[..., 32:] ** 2).mean(dim=(0, 1))
+            torch.testing.assert_close(measured[layer], pairs, rtol=1e-4, atol=1e-6)
+    # The paper's finding on this model: the lowest quarter carries more of the norm than the highest.
+    q_bands = usage.band_shares(4, "query")
+    assert q_bands[3] > q_bands[0]
+
+    heads = analysis.positional_heads(model, tokenizer, text, window=256, n_windows=2)
+    assert heads.heads, "SmolLM2 has previous-token and diagonal heads above 0.5"
+    # Removing the highest quarter of the frequencies takes every one of them below half its share.
+    assert all(h["share_after"] < h["share"] / 2 for h in heads.heads)
+    assert hf_prope.get_patch(model) is None
