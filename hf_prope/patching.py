@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import rope_types, rotation
+from . import rope_types
 from .registry import Architecture, NoRotaryEmbeddingError, get_architecture
 from .spec import PatchSpec, make_spec
 
@@ -211,12 +211,10 @@ class PositionMaskHook:
     pickled for multiprocessing and traced by ``torch.compile``.
     """
 
-    def __init__(self, keep: list[bool], attention_scaling: float, narrow: bool = False) -> None:
+    def __init__(self, keep: list[bool], attention_scaling: float) -> None:
         kept = torch.tensor(keep, dtype=torch.bool)
         self.channel_keep = torch.cat([kept, kept])  # HF layout: pair i is channels i and i + d/2
         self.attention_scaling = float(attention_scaling)
-        # With the rotating pairs a prefix, hand out only their cos/sin (see hf_prope.rotation).
-        self.prefix = rotation.prefix_length(keep) if narrow and self.attention_scaling == 1.0 else None
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         pe = kwargs.get("position_embeddings")
@@ -226,13 +224,10 @@ class PositionMaskHook:
                 "version passes them differently and layer-selective patches cannot apply."
             )
         cos, sin = pe
-        kwargs = dict(kwargs)
-        if self.prefix is not None:
-            kwargs["position_embeddings"] = (cos[..., : self.prefix], sin[..., : self.prefix])
-            return args, kwargs
         keep = self.channel_keep.to(cos.device)
         # What frequency 0 gives in the rotary module: cos(0) * scaling and sin(0) * scaling.
         one = torch.tensor(self.attention_scaling, dtype=torch.float32, device=cos.device).to(cos.dtype)
+        kwargs = dict(kwargs)
         kwargs["position_embeddings"] = (torch.where(keep, cos, one), torch.where(keep, sin, torch.zeros_like(sin)))
         return args, kwargs
 
@@ -294,20 +289,6 @@ def _attention_scaling(rotary: nn.Module, key: str | None) -> float:
     return float(getattr(rotary, "attention_scaling" if key is None else f"{key}_attention_scaling"))
 
 
-def _narrow_prefixes(rotary: nn.Module, keys: list[str | None]) -> dict[str | None, int]:
-    """Rope entries whose rotating pairs are a proper prefix (and unscaled): key -> r.
-
-    Read from a freshly built rotary module (on the CPU): the model's own may be on the
-    meta device while ``from_pretrained`` builds it.
-    """
-    out: dict[str | None, int] = {}
-    for key in keys:
-        r = rotation.prefix_length((_inv_freq(rotary, key) != 0).tolist())
-        if r is not None and _attention_scaling(rotary, key) == 1.0:
-            out[key] = r
-    return out
-
-
 def _commit(parts: _Parts, new_config: Any, hook_masks: dict[int, list[bool]]) -> None:
     fresh = _build_rotary(parts, new_config)
     keys = _rope_keys(parts)
@@ -317,14 +298,9 @@ def _commit(parts: _Parts, new_config: Any, hook_masks: dict[int, list[bool]]) -
         rotary.config = new_config
         _fix_longrope(rotary, new_config, keys)
     handles = []
-    narrow = rotation.install(parts.arch.modeling_module)
-    prefixes = _narrow_prefixes(fresh, keys) if narrow else {}
-    if prefixes:
-        hook = rotation.NarrowRotaryHook(prefixes)
-        handles += [r.register_forward_hook(hook, with_kwargs=True) for r in parts.rotaries]
     for layer, keep in sorted(hook_masks.items()):
         key = _rope_key_of_layer(parts, layer)
-        hook = PositionMaskHook(keep, _attention_scaling(parts.rotaries[0], key), narrow=narrow)
+        hook = PositionMaskHook(keep, _attention_scaling(parts.rotaries[0], key))
         handles.append(parts.attentions[layer].register_forward_pre_hook(hook, with_kwargs=True))
     if handles:
         setattr(parts.model, _HOOKS_ATTR, handles)
@@ -419,9 +395,6 @@ def patch_info(model: nn.Module) -> dict[str, Any]:
     info: dict[str, Any] = {"model_type": parts.arch.model_type, "spec": get_patch(model), "frequencies": {}}
     for k in keys:
         info["frequencies"][k or "all"] = _inv_freq(parts.rotaries[0], k).detach().float().cpu()
-    narrow = [h for h in parts.rotaries[0]._forward_hooks.values() if isinstance(h, rotation.NarrowRotaryHook)]
-    # Rope entries whose prefix alone is rotated (hf_prope.rotation): entry -> rotating pairs.
-    info["prefix_rotation"] = {k or "all": r for k, r in narrow[0].rotated.items()} if narrow else {}
     info["hooked_layers"] = sorted(
         i for i, att in parts.attentions.items() if any(isinstance(h, PositionMaskHook) for h in att._forward_pre_hooks.values())
     )
