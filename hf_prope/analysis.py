@@ -27,8 +27,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .evaluation import _windows, zero_shot_table
-from .patching import _find_parts, _layer_types, get_patch, layer_frequencies, patch_model, unpatch_model
-from .spec import PatchSpec, make_spec, rotated_pairs
+from .patching import (
+    _find_parts,
+    _layer_types,
+    check_layer_indices,
+    get_patch,
+    layer_frequencies,
+    patch_model,
+    unpatch_model,
+)
+from .spec import PatchSpec, rotated_pairs
 
 Which = Literal["query", "key"]
 
@@ -84,30 +92,20 @@ def _check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
     if layers is None:
         return list(range(n_layers))
     chosen = [int(i) for i in layers]
-    bad = [i for i in chosen if not 0 <= i < n_layers]
-    if bad:
-        raise ValueError(
-            f"layers {bad} out of range: this model has {n_layers} decoder layers (indices 0..{n_layers - 1})."
-        )
+    check_layer_indices(chosen, n_layers)
     if not chosen:
         raise ValueError("layers is empty; leave it out to measure every layer.")
     return sorted(set(chosen))
 
 
-def _attention_span(config: Any, layer: int) -> int | None:
+def _attention_span(config: Any, types: list[str] | None, layer: int) -> int | None:
     """How far back layer ``layer`` can attend (its sliding window), or ``None`` for no limit."""
     window = getattr(config, "sliding_window", None)
     if not window:
         return None
-    types = _layer_types_of(config)
     if types is not None:
         return int(window) if types[layer] == "sliding_attention" else None
     return int(window) if getattr(config, "model_type", None) == "mistral" else None
-
-
-def _layer_types_of(config: Any) -> list[str] | None:
-    lt = getattr(config, "layer_types", None)
-    return list(lt) if lt else None
 
 
 def _run(model: nn.Module, windows: torch.Tensor, desc: str, progress: bool) -> None:
@@ -323,15 +321,16 @@ def frequency_usage(
         for handle in handles:
             handle.remove()
     spec = get_patch(model)
+    types = _layer_types(parts)
     return FrequencyUsage(
         model_type=arch.model_type,
         layers=chosen,
-        layer_types=[_layer_types_of(parts.config)[i] for i in chosen] if _layer_types_of(parts.config) else None,
+        layer_types=[types[i] for i in chosen] if types else None,
         query=torch.stack([recorders[i][0].mean() for i in chosen]),
         key=torch.stack([recorders[i][1].mean() for i in chosen]),
         frequencies=current[chosen],
         original_frequencies=original[chosen],
-        attention_span=[_attention_span(parts.config, i) for i in chosen],
+        attention_span=[_attention_span(parts.config, types, i) for i in chosen],
         tokens=int(windows.numel()),
         window=int(window),
         patch=spec.to_dict() if spec is not None else None,
@@ -482,9 +481,9 @@ def positional_heads(
         raise ValueError(f"threshold must be between 0 and 1 (a share of attention), got {threshold!r}.")
     parts = _find_parts(model)
     chosen = _check_layers(layers, int(parts.config.num_hidden_layers))
-    spec = make_spec(intervention) if isinstance(intervention, (PatchSpec, dict)) else None
-    if intervention is not None and spec is None:
+    if intervention is not None and not isinstance(intervention, (PatchSpec, dict)):
         raise TypeError(f"intervention must be a PatchSpec, a spec dict or None, got {type(intervention).__name__}.")
+    spec = PatchSpec.from_dict(intervention) if isinstance(intervention, dict) else intervention
     windows = token_windows(tokenizer, texts, window=window, n_windows=n_windows)
     inner = parts.model
     previous_impl = getattr(inner.config, "_attn_implementation", None) or "eager"

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -85,6 +85,15 @@ def _layer_types(parts: _Parts) -> list[str] | None:
     return list(lt) if lt else None
 
 
+def check_layer_indices(layers: Sequence[int], n_layers: int) -> None:
+    """Raise a clear error for decoder-layer indices outside ``0..n_layers-1``."""
+    bad = [i for i in layers if not 0 <= i < n_layers]
+    if bad:
+        raise ValueError(
+            f"layers {bad} out of range: this model has {n_layers} decoder layers (indices 0..{n_layers - 1})."
+        )
+
+
 def _rope_key_of_layer(parts: _Parts, layer: int) -> str | None:
     return _layer_types(parts)[layer] if parts.arch.rope_per_layer_type else None  # type: ignore[index]
 
@@ -138,11 +147,7 @@ def _plan(parts: _Parts, spec: PatchSpec) -> _Plan:
     model_wide: dict[str | None, list[bool]] = {}
     hook_masks: dict[int, list[bool]] = {}
     if spec.layers is not None:
-        bad = [i for i in spec.layers if i >= n_layers]
-        if bad:
-            raise ValueError(
-                f"layers {bad} out of range: this model has {n_layers} decoder layers (indices 0..{n_layers - 1})."
-            )
+        check_layer_indices(spec.layers, n_layers)
         for i in spec.layers:
             hook_masks[i] = spec.keep_mask(base_freqs[_rope_key_of_layer(parts, i)])
     elif spec.layer_types is not None:

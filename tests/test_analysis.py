@@ -184,6 +184,9 @@ def test_intervention_keeps_the_models_own_patch() -> None:
     assert hf_prope.get_patch(model) == PatchSpec("p-rope", p=0.5)
     # p=0.5 keeps the highest pairs, which the constructed heads use.
     assert {(h["layer"], h["head"]) for h in found.heads} == {(1, 0), (3, 2)}
+    as_dict = analysis.positional_heads(model, char_tokenizer(), TEXT, window=WINDOW, n_windows=N_WINDOWS,
+                                        intervention=analysis.DEFAULT_INTERVENTION.to_dict())
+    assert torch.equal(as_dict.diagonal_after, found.diagonal_after)
     skipped = analysis.positional_heads(model, char_tokenizer(), TEXT, window=WINDOW, n_windows=N_WINDOWS, intervention=None)
     assert skipped.diagonal_after is None and skipped.intervention is None
 
