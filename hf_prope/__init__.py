@@ -58,7 +58,7 @@ from .registry import (  # noqa: E402
 from .spec import PatchSpec, rotated_pairs  # noqa: E402
 from .hub import PatchMismatchError, from_pretrained, push_to_hub, save_pretrained  # noqa: E402
 from .hub import _install_peft_load_check  # noqa: E402
-from . import analysis  # noqa: E402
+from . import analysis, rotation  # noqa: E402
 from .patching import layer_frequencies  # noqa: E402
 
 _install_peft_load_check()
@@ -78,6 +78,7 @@ __all__ = [
     "patch_info",
     "layer_frequencies",
     "analysis",
+    "rotation",
     "apply_patch_to_class",
     "revert_class_patches",
     "class_patches",

@@ -11,6 +11,8 @@ prints perplexity before and after training, against a control. Other commands:
   (the ``analyze`` recipe; ``hf-prope analyze --help`` lists its keys).
 * ``hf-prope zero-shot``: perplexity under RoPE and p-RoPE variants with no training, beside
   the project's reference figures.
+* ``hf-prope bench [--only rotary,train,decode,patch,recipe] [--device cuda] [--profile]``: speed
+  and memory against transformers' native path, measured side by side (:mod:`hf_prope.benchmarks`).
 """
 
 from __future__ import annotations
@@ -172,10 +174,36 @@ def _parser() -> argparse.ArgumentParser:
     zs.add_argument("--batch-size", type=_at_least(1), default=1, help="windows per forward pass (default: %(default)s)")
     zs.add_argument("--out", metavar="FILE", help="also write the table as JSON to FILE")
     zs.set_defaults(func=_zero_shot)
+
+    from .benchmarks import BENCHMARKS
+
+    bench = sub.add_parser(
+        "bench",
+        help="speed and memory of hf-prope against transformers' native path, side by side",
+        description="Median of interleaved repeats; prints each ratio against the native path measured in the same "
+        "run, and its target. Benchmarks: rotary (rotary application alone), train (a training step of a "
+        "SmolLM2-shaped model), decode (KV-cache decoding), patch (patch_model latency and memory on SmolLM2), "
+        "recipe (the LoRA recipe against a plain Trainer + PEFT script).",
+    )
+    bench.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated benchmarks (default: all)")
+    bench.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    bench.add_argument("--repeats", type=_at_least(1), default=5, help="repeats per variant (default: %(default)s)")
+    bench.add_argument("--quick", action="store_true", help="small shapes, for a smoke test (figures not meaningful)")
+    bench.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators per variant")
+    bench.add_argument("--out", metavar="FILE", help="also write the table as JSON to FILE")
+    bench.set_defaults(func=_bench)
     return parser
 
 
 MAIN_JOB = ["run", "lora", "--config", "smollm2_135m_quick"]
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .benchmarks import run
+
+    run([b.strip() for b in args.only.split(",") if b.strip()], device=args.device, repeats=args.repeats,
+        quick=args.quick, out=args.out, profile=args.profile)
+    return 0
 
 
 def _pop_config(argv: list[str]) -> tuple[str | None, list[str]]:

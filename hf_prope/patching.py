@@ -14,6 +14,9 @@ How a patch is carried (why, in short):
   one cos/sin. A forward pre-hook on each chosen attention module replaces its
   ``position_embeddings`` with masked ones: cos = the rotary's attention scaling,
   sin = 0 on unkept pairs, exactly what frequency 0 would produce.
+* Where the pairs that still rotate are a prefix (p-RoPE), the cos/sin are tagged so the
+  architecture's ``apply_rotary_pos_emb`` rotates only those channels
+  (:mod:`hf_prope.rotation`); the tag hooks are part of the patch, removed with it.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from . import rope_types
+from . import rope_types, rotation
 from .registry import Architecture, NoRotaryEmbeddingError, get_architecture
 from .spec import PatchSpec, make_spec
 
@@ -220,6 +223,8 @@ class PositionMaskHook:
         kept = torch.tensor(keep, dtype=torch.bool)
         self.channel_keep = torch.cat([kept, kept])  # HF layout: pair i is channels i and i + d/2
         self.attention_scaling = float(attention_scaling)
+        # A stopped pair is passed through only when unscaled; then a prefix can skip the rest.
+        self.prefix = rotation.prefix_length(keep) if self.attention_scaling == 1.0 else None
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         pe = kwargs.get("position_embeddings")
@@ -233,7 +238,8 @@ class PositionMaskHook:
         # What frequency 0 gives in the rotary module: cos(0) * scaling and sin(0) * scaling.
         one = torch.tensor(self.attention_scaling, dtype=torch.float32, device=cos.device).to(cos.dtype)
         kwargs = dict(kwargs)
-        kwargs["position_embeddings"] = (torch.where(keep, cos, one), torch.where(keep, sin, torch.zeros_like(sin)))
+        masked = (torch.where(keep, cos, one), torch.where(keep, sin, torch.zeros_like(sin)))
+        kwargs["position_embeddings"] = masked if self.prefix is None else rotation.tag(*masked, self.prefix)
         return args, kwargs
 
 
@@ -294,6 +300,20 @@ def _attention_scaling(rotary: nn.Module, key: str | None) -> float:
     return float(getattr(rotary, "attention_scaling" if key is None else f"{key}_attention_scaling"))
 
 
+def _prefixes(rotary: nn.Module, keys: list[str | None]) -> dict[str | None, int]:
+    """Rope entries whose rotating pairs are a proper prefix and unscaled: key -> r.
+
+    Read from a freshly built rotary module (on the CPU): the model's own may be on the
+    meta device while ``from_pretrained`` builds it.
+    """
+    out: dict[str | None, int] = {}
+    for key in keys:
+        r = rotation.prefix_length((_inv_freq(rotary, key) != 0).tolist())
+        if r is not None and _attention_scaling(rotary, key) == 1.0:
+            out[key] = r
+    return out
+
+
 def _commit(parts: _Parts, new_config: Any, hook_masks: dict[int, list[bool]]) -> None:
     fresh = _build_rotary(parts, new_config)
     keys = _rope_keys(parts)
@@ -303,6 +323,13 @@ def _commit(parts: _Parts, new_config: Any, hook_masks: dict[int, list[bool]]) -
         rotary.config = new_config
         _fix_longrope(rotary, new_config, keys)
     handles = []
+    patched = getattr(new_config, CONFIG_KEY, None) is not None
+    prefixes = _prefixes(fresh, keys) if patched and rotation.install(parts.arch.modeling_module) else {}
+    if hook_masks:
+        rotation.install(parts.arch.modeling_module)
+    if prefixes:
+        tagger = rotation.PrefixTagHook(prefixes)
+        handles += [r.register_forward_hook(tagger, with_kwargs=True) for r in parts.rotaries]
     for layer, keep in sorted(hook_masks.items()):
         key = _rope_key_of_layer(parts, layer)
         hook = PositionMaskHook(keep, _attention_scaling(parts.rotaries[0], key))
@@ -400,6 +427,9 @@ def patch_info(model: nn.Module) -> dict[str, Any]:
     info: dict[str, Any] = {"model_type": parts.arch.model_type, "spec": get_patch(model), "frequencies": {}}
     for k in keys:
         info["frequencies"][k or "all"] = _inv_freq(parts.rotaries[0], k).detach().float().cpu()
+    taggers = [h for h in parts.rotaries[0]._forward_hooks.values() if isinstance(h, rotation.PrefixTagHook)]
+    # Rope entries of which only a prefix of pairs is rotated (hf_prope.rotation): entry -> pairs.
+    info["prefix_rotation"] = {k or "all": r for k, r in taggers[0].rotated.items()} if taggers else {}
     info["hooked_layers"] = sorted(
         i for i, att in parts.attentions.items() if any(isinstance(h, PositionMaskHook) for h in att._forward_pre_hooks.values())
     )

