@@ -2,7 +2,7 @@
 
 ::
 
-    hf-prope bench                          # everything, on the CPU (about 12 min on 2 cores)
+    hf-prope bench                          # everything, on the CPU (about 17 min on 2 cores)
     hf-prope bench --only rotary,train      # some of it
     hf-prope bench --device cuda            # the same on a GPU
     hf-prope bench --only train --profile   # where the time goes (torch.profiler, top operators)
@@ -92,6 +92,11 @@ def smollm2_config(**overrides: Any) -> Any:
     return config
 
 
+def _shape(quick: bool, layers: int) -> Any:
+    # --quick is a smoke test of the code: a small vocabulary keeps the LM head from dominating.
+    return smollm2_config(num_hidden_layers=layers, **({"vocab_size": 2048} if quick else {}))
+
+
 def _native_config(config: Any, p: float) -> Any:
     """The same model with transformers' own p-RoPE (``"proportional"``), or hf-prope's type before 5.5."""
     from hf_prope.rope_types import has_native_proportional
@@ -123,6 +128,12 @@ def _three_models(config: Any, p: float, device: torch.device, dtype: torch.dtyp
     hf_prope.patch_model(patched, "p-rope", p=p)
     native = LlamaForCausalLM(_native_config(config, p)).to(device=device, dtype=dtype)
     native.load_state_dict(base.state_dict())
+    # The variants must do the same work: hf-prope's logits equal the native path's.
+    probe = torch.arange(16, device=device)[None]
+    with torch.no_grad():
+        if not torch.equal(patched(probe).logits, native(probe).logits):
+            raise RuntimeError("hf-prope's patched model and native p-RoPE disagree; the benchmark would compare "
+                               "different computations.")
     return {"RoPE (unpatched)": base, f"hf-prope p={p:g}": patched, f"hf-prope p={p:g}, general path": patched,
             f"native proportional p={p:g}": native}
 
@@ -174,6 +185,8 @@ def bench_rotary(device: torch.device, repeats: int, quick: bool, profile: bool 
         if r < head_dim // 2:
             rotation.tag(*ours, r)
         fns = {"native": lambda: native(q, k, cos, sin), "hf-prope": lambda: wrapped(q, k, *ours)}
+        if not all(torch.equal(a, b) for a, b in zip(fns["native"](), fns["hf-prope"]())):
+            raise RuntimeError(f"p={p:g}: hf-prope's rotation differs from transformers'; not benchmarking it.")
         with torch.inference_mode():
             times = interleaved(fns, repeats=repeats * 3, inner=5 if quick else 20, device=device)
             if profile:
@@ -205,14 +218,15 @@ def _profile(title: str, fns: dict[str, Callable[[], Any]], device: torch.device
 
 def bench_train(device: torch.device, repeats: int, quick: bool, profile: bool = False, p: float = 0.25) -> list[Row]:
     """One forward + backward of a SmolLM2-shaped model: patched vs unpatched vs native p-RoPE."""
-    layers = 30 if not quick else 4
-    models = _three_models(smollm2_config(num_hidden_layers=layers), p, device, torch.float32)
+    layers = 30 if not quick else 2
+    models = _three_models(_shape(quick, layers), p, device, torch.float32)
     for m in models.values():
         m.train()
-    batch, tokens = (1, 512) if device.type == "cpu" else (8, 1024)
+    # 1 x 1024 on a CPU: q has 590k elements, past rotation.MIN_ELEMENTS_TRAINING.
+    batch, tokens = (1, 1024) if device.type == "cpu" else (8, 1024)
     if quick:
         batch, tokens = 1, 128
-    ids = torch.randint(0, 49152, (batch, tokens), generator=torch.Generator().manual_seed(1)).to(device)
+    ids = torch.randint(0, models["RoPE (unpatched)"].config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(1)).to(device)
 
     def step(model: Any) -> Callable[[], None]:
         def run() -> None:
@@ -229,10 +243,10 @@ def bench_train(device: torch.device, repeats: int, quick: bool, profile: bool =
 
 def bench_decode(device: torch.device, repeats: int, quick: bool, profile: bool = False, p: float = 0.25) -> list[Row]:
     """Greedy decoding with the KV cache: tokens per second, patched vs unpatched vs native."""
-    layers = 30 if not quick else 4
-    models = _three_models(smollm2_config(num_hidden_layers=layers), p, device, torch.float32)
+    layers = 30 if not quick else 2
+    models = _three_models(_shape(quick, layers), p, device, torch.float32)
     prompt_len, new = (128, 64) if not quick else (16, 8)
-    prompt = torch.randint(0, 49152, (1, prompt_len), generator=torch.Generator().manual_seed(2)).to(device)
+    prompt = torch.randint(0, models["RoPE (unpatched)"].config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(2)).to(device)
 
     def gen(model: Any) -> Callable[[], None]:
         def run() -> None:
@@ -357,7 +371,7 @@ def bench_recipe(device: torch.device, repeats: int, quick: bool, profile: bool 
             trainer.train()
             return _runtime(trainer.state.log_history)
 
-        for rep in range(max(2, repeats // 2)):
+        for rep in range(max(3, repeats // 2)):
             order = [("recipe", run_recipe), ("plain script", run_plain)]
             for name, fn in order if rep % 2 == 0 else order[::-1]:
                 runtimes[name].append(fn(rep))
@@ -418,6 +432,28 @@ def format_rows(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
+def steady_allocator() -> bool:
+    """Make glibc's malloc keep freed memory for reuse, as jemalloc and tcmalloc do.
+
+    By default glibc returns large freed blocks to the system, so every step pays page faults
+    for its activations again, at moments that depend on the allocation history: the same
+    rotary call measured 5 ms in one repeat and 16 ms in the next. Fixing the mmap and trim
+    thresholds removes that noise for every variant alike. True if applied (Linux glibc).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if sys.platform != "linux" or not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 256 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError):
+        return False
+
+
 def run(only: Sequence[str] = BENCHMARKS, *, device: str = "cpu", repeats: int = 5, quick: bool = False,
         out: str | None = None, profile: bool = False) -> list[Row]:
     """Run the chosen benchmarks, print the table, and write it as JSON to ``out``."""
@@ -435,8 +471,11 @@ def run(only: Sequence[str] = BENCHMARKS, *, device: str = "cpu", repeats: int =
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
     info = machine()
+    info["steady_allocator"] = steady_allocator()
     print(f"hf-prope bench on {info.get('gpu', info['cpu'])} ({info['threads']} threads), torch {info['torch']}, "
-          f"transformers {info['transformers']}; median of {repeats} interleaved repeats", file=sys.stderr, flush=True)
+          f"transformers {info['transformers']}; median of {repeats} interleaved repeats"
+          + ("; glibc malloc keeps freed memory (see steady_allocator)" if info["steady_allocator"] else ""),
+          file=sys.stderr, flush=True)
     rows: list[Row] = []
     for name in only:
         print(f"[{name}] ...", file=sys.stderr, flush=True)

@@ -65,7 +65,12 @@ def test_prefix_length() -> None:
 
 @pytest.fixture
 def calls(monkeypatch) -> dict[str, int]:
-    """Counts calls of the fast path (the wrapper looks rotate_prefix up at call time)."""
+    """Counts calls of the fast path (the wrapper looks rotate_prefix up at call time).
+
+    Tiny models are far below the sizes where the fast path pays, so it is forced on.
+    """
+    monkeypatch.setattr(rotation, "MIN_ELEMENTS_TRAINING", 0)
+    monkeypatch.setattr(rotation, "MIN_ELEMENTS_INFERENCE", 0)
     count = {"n": 0}
     original = rotation.rotate_prefix
 
@@ -173,6 +178,32 @@ def test_other_masks_and_scaled_rope_take_the_general_path(calls) -> None:
     assert calls["n"] == 0
 
 
+def test_small_calls_keep_transformers_formula_and_large_ones_take_the_prefix(calls, monkeypatch) -> None:
+    monkeypatch.setattr(rotation, "MIN_ELEMENTS_TRAINING", 1 << 19)  # the defaults (the fixture zeroes them)
+    monkeypatch.setattr(rotation, "MIN_ELEMENTS_INFERENCE", 1 << 20)
+    model = tiny_model("llama")
+    hf_prope.patch_model(model, "p-rope", p=0.25)
+    modeling = importlib.import_module(get_architecture("llama").modeling_module)
+    d = HEAD_DIM
+    cos, sin = _cos_sin(2, d, 1024, torch.float32)
+    cos, sin = rotation.tag(cos.contiguous(), sin.contiguous(), 2)
+    small = torch.randn(2, 4, 8, d)
+    large = torch.randn(2, 32, 1024, d)  # 1,048,576 elements
+    with torch.no_grad():
+        modeling.apply_rotary_pos_emb(small, small, *rotation.tag(cos[:, :8], sin[:, :8], 2))
+        assert calls["n"] == 0
+        out_q, _ = modeling.apply_rotary_pos_emb(large, large, cos, sin)
+        assert calls["n"] == 2
+    assert torch.equal(out_q, _native_apply(large, cos, sin))
+    # With autograd the prefix pays from half that size.
+    half = torch.randn(2, 16, 1024, d, requires_grad=True)  # 524,288 elements
+    modeling.apply_rotary_pos_emb(half, half, cos, sin)
+    assert calls["n"] == 4
+    with torch.no_grad():
+        modeling.apply_rotary_pos_emb(half, half, cos, sin)
+    assert calls["n"] == 4
+
+
 def test_direct_rotary_callers_and_foreign_apply_functions_still_get_full_width_cos_sin(calls) -> None:
     # The tag is a fact about correct full-width values: code that ignores it stays right.
     model = tiny_model("llama")
@@ -271,3 +302,45 @@ def test_fast_path_under_torch_compile(calls) -> None:
     assert grads.keys() == ref_grads.keys()
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6)
+
+
+def test_fast_path_under_gradient_checkpointing(calls) -> None:
+    # Recomputed layers get the same tagged position embeddings and take the fast path again.
+    model = tiny_model("llama").train()
+    hf_prope.patch_model(model, "p-rope", p=0.25)
+    # transformers 5.24 renamed it; 5.0 has only the old name.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    logits, grads = _loss_and_grads(model, tokens())
+    assert calls["n"] == 2 * 2 * model.config.num_hidden_layers  # forward and recomputation, q and k
+    with rotation.disabled():
+        ref_logits, ref_grads = _loss_and_grads(model, tokens())
+    assert torch.equal(logits, ref_logits)
+    assert all(torch.equal(grads[k], ref_grads[k]) for k in grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_path_keeps_the_input_layout_and_values(dtype: torch.dtype) -> None:
+    # q as the attention makes it: a (batch, tokens, heads, dim) projection seen as (batch, heads, tokens, dim).
+    d, r = 64, 8
+    q = torch.randn(2, 40, 3, d).to(dtype).transpose(1, 2)
+    cos, sin = _cos_sin(r, d, 40, dtype)
+    q_before = q.clone()
+    with torch.no_grad():
+        got = rotation.rotate_prefix(q, cos, sin, r)
+    assert torch.equal(got, _native_apply(q, cos, sin))
+    assert got.stride() == q.stride()  # no layout change for the attention that follows
+    assert torch.equal(q, q_before)  # the input is not written to
+
+
+def test_fast_path_in_inference_under_torch_compile(calls) -> None:
+    torch._dynamo.reset()
+    model = tiny_model("qwen3").eval()
+    hf_prope.patch_model(model, "p-rope", p=0.5)
+    with torch.no_grad():
+        expected = clone_with_config(model, model.config)(tokens()).logits
+        got = torch.compile(model, backend="inductor")(tokens()).logits
+    assert calls["n"] > 0
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)

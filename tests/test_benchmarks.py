@@ -1,0 +1,45 @@
+"""The benchmark code runs and reports what it claims (no timing is asserted: see hf_prope.benchmarks)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hf_prope import benchmarks
+from hf_prope.cli import main
+
+
+def test_quick_benchmarks_report_every_variant_against_its_baseline(tmp_path, capsys) -> None:
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--repeats", "1", "--only", "rotary,train,decode", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert [r["variant"] for r in rows if r["benchmark"].startswith("rotary")] == ["p=1", "p=0.75", "p=0.5", "p=0.25"]
+    train = {r["variant"]: r for r in rows if r["benchmark"].startswith("training")}
+    assert set(train) == {"hf-prope p=0.25", "hf-prope p=0.25, general path", "native proportional p=0.25"}
+    assert all(r["baseline"] == "RoPE (unpatched)" for r in train.values())
+    assert {r["benchmark"] for r in rows} == {"rotary application (q and k)", "training step (fwd+bwd)",
+                                               "decoding with KV cache"}
+    for r in rows:
+        assert r["value"] > 0 and r["baseline_value"] > 0
+        assert r["ratio"] == pytest.approx(r["value"] / r["baseline_value"])
+        assert r["variant"] in printed
+    assert data["machine"]["torch"] and data["quick"] is True
+
+
+def test_unknown_benchmark_is_refused_before_any_work(tmp_path) -> None:
+    out = tmp_path / "sub" / "bench.json"
+    with pytest.raises(ValueError, match="Unknown benchmark 'rotery'.*rotary"):
+        benchmarks.run(["rotery"], out=str(out))
+    assert not out.parent.exists()
+
+
+def test_cuda_without_a_gpu_is_refused() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match="no GPU"):
+        benchmarks.run(["rotary"], device="cuda")
