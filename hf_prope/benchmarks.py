@@ -2,7 +2,7 @@
 
 ::
 
-    hf-prope bench                          # everything, on the CPU (about 17 min on 2 cores)
+    hf-prope bench                          # everything, on the CPU (about 13 min on 2 cores)
     hf-prope bench --only rotary,train      # some of it
     hf-prope bench --device cuda            # the same on a GPU
     hf-prope bench --only train --profile   # where the time goes (torch.profiler, top operators)
