@@ -146,9 +146,27 @@ def install(modeling_module: str) -> bool:
         return rotate_prefix(q, cos, sin, r, unsqueeze_dim), rotate_prefix(k, cos, sin, r, unsqueeze_dim)
 
     apply_rotary_pos_emb.__hf_prope_original__ = original  # type: ignore[attr-defined]
+    # Some transformers versions keep the function on every attention module (``rotary_fn``),
+    # and pickle finds a function by its module and name, which now hold the wrapper. Give the
+    # original a name pickle can resolve here, in this process or a fresh one (module __getattr__).
+    original.__hf_prope_name__ = (original.__module__, original.__qualname__)  # type: ignore[attr-defined]
+    original.__module__ = __name__
+    original.__qualname__ = _PICKLE_PREFIX + modeling_module.replace(".", "__")
     module.apply_rotary_pos_emb = apply_rotary_pos_emb  # type: ignore[attr-defined]
     _ORIGINALS[modeling_module] = original
     return True
+
+
+_PICKLE_PREFIX = "original_apply_rotary_pos_emb__"
+
+
+def __getattr__(name: str) -> Any:
+    """transformers' own ``apply_rotary_pos_emb`` of a modeling module, by the name install() gave it."""
+    if name.startswith(_PICKLE_PREFIX):
+        module = importlib.import_module(name[len(_PICKLE_PREFIX) :].replace("__", "."))
+        fn = module.apply_rotary_pos_emb
+        return getattr(fn, "__hf_prope_original__", fn)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def uninstall(modeling_module: str | None = None) -> None:
@@ -160,6 +178,7 @@ def uninstall(modeling_module: str | None = None) -> None:
     for name in [modeling_module] if modeling_module else list(_ORIGINALS):
         original = _ORIGINALS.pop(name, None)
         if original is not None:
+            original.__module__, original.__qualname__ = original.__hf_prope_name__  # type: ignore[attr-defined]
             importlib.import_module(name).apply_rotary_pos_emb = original  # type: ignore[attr-defined]
 
 

@@ -344,3 +344,29 @@ def test_fast_path_in_inference_under_torch_compile(calls) -> None:
         got = torch.compile(model, backend="inductor")(tokens()).logits
     assert calls["n"] > 0
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_models_holding_transformers_function_still_pickle_while_it_is_wrapped(tmp_path) -> None:
+    # Some transformers versions store apply_rotary_pos_emb on each attention module (rotary_fn).
+    import subprocess
+    import sys
+
+    arch = get_architecture("gemma3_text")
+    rotation.install(arch.modeling_module)
+    plain = tiny_model("gemma3_text")  # unpatched, built while the wrapper is installed
+    original = importlib.import_module(arch.modeling_module).apply_rotary_pos_emb.__hf_prope_original__
+    for module in plain.modules():
+        if isinstance(module, arch.attention_class):
+            module.rotary_fn = original  # what those versions do in __init__
+    data = pickle.dumps(plain)
+    assert pickle.loads(data).model.layers[0].self_attn.rotary_fn is original
+    # A fresh process, where nothing is wrapped, loads it back with transformers' own function.
+    path = tmp_path / "model.pkl"
+    path.write_bytes(data)
+    code = (
+        "import pickle, sys, importlib; m = pickle.loads(open(sys.argv[1], 'rb').read()); "
+        f"mod = importlib.import_module({arch.modeling_module!r}); "
+        "assert m.model.layers[0].self_attn.rotary_fn is mod.apply_rotary_pos_emb; print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]
