@@ -43,3 +43,10 @@ def test_cuda_without_a_gpu_is_refused() -> None:
         pytest.skip("this machine has a GPU")
     with pytest.raises(ValueError, match="no GPU"):
         benchmarks.run(["rotary"], device="cuda")
+
+
+def test_profile_prints_the_top_operators_of_each_variant(capsys) -> None:
+    benchmarks.run(["rotary"], repeats=1, quick=True, profile=True)
+    err = capsys.readouterr().err
+    assert "--- profile: rotary p=0.25, native ---" in err and "--- profile: rotary p=0.25, hf-prope ---" in err
+    assert "aten::mul" in err  # transformers' formula multiplies by cos and sin
