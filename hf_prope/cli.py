@@ -146,7 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hf-prope {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser(
-        "run", help="run a recipe: hf-prope run {lora,eval,analyze} [--config FILE] [key=value ...] (see hf-prope run --help)",
+        "run", help="run a recipe: hf-prope run {lora,eval,analyze,ablation} [--config FILE] [key=value ...] (see hf-prope run --help)",
         add_help=False,
     )
     sub.add_parser(

@@ -79,7 +79,10 @@ def _find_parts(model: nn.Module) -> _Parts:
 def _rope_keys(parts: _Parts) -> list[str | None]:
     """``[None]`` for one flat rope_parameters dict, else the layer types it is nested by."""
     if parts.arch.rope_per_layer_type:
-        return sorted(k for k, v in parts.config.rope_parameters.items() if v is not None)
+        # The rotary module builds frequencies only for layer types the model has (a 2-layer
+        # Gemma 3 is all sliding), although rope_parameters names every type.
+        present = set(_layer_types(parts) or parts.config.rope_parameters)
+        return sorted(k for k, v in parts.config.rope_parameters.items() if v is not None and k in present)
     return [None]
 
 

@@ -17,21 +17,22 @@ from __future__ import annotations
 
 from hf_prope.spec import closest
 
+from .ablation import AblationRecipe
 from .analyze import AnalyzeRecipe
 from .base import Recipe
 from .config import config_path, packaged_configs, parse_config
 from .context_eval import ContextEvalRecipe
 from .lora import LoRARecipe
 
-RECIPES: dict[str, type[Recipe]] = {recipe.name: recipe for recipe in (LoRARecipe, ContextEvalRecipe, AnalyzeRecipe)}
+RECIPES: dict[str, type[Recipe]] = {recipe.name: recipe for recipe in (LoRARecipe, ContextEvalRecipe, AnalyzeRecipe, AblationRecipe)}
 
 
 def get_recipe(name: str) -> type[Recipe]:
-    """The recipe class registered as ``name`` (``lora``, ``eval``, ``analyze``)."""
+    """The recipe class registered as ``name`` (``lora``, ``eval``, ``analyze``, ``ablation``)."""
     if name not in RECIPES:
         raise ValueError(f"Unknown recipe {name!r}; recipes: {', '.join(RECIPES)}." + closest(name, list(RECIPES)))
     return RECIPES[name]
 
 
-__all__ = ["RECIPES", "Recipe", "LoRARecipe", "ContextEvalRecipe", "AnalyzeRecipe", "get_recipe", "parse_config", "config_path",
+__all__ = ["RECIPES", "Recipe", "LoRARecipe", "ContextEvalRecipe", "AnalyzeRecipe", "AblationRecipe", "get_recipe", "parse_config", "config_path",
            "packaged_configs"]

@@ -203,3 +203,17 @@ def test_arch_function_with_model_argument() -> None:
     assert hf_prope.get_patch(model).layer_types == ("full_attention",)
     with pytest.raises(ValueError, match="patches llama models"):
         hf_prope.apply_p_rope_to_llama(p=0.25, model=model)
+
+
+def test_gemma3_with_one_layer_type_only() -> None:
+    """A small Gemma 3 has only sliding layers: its rotary module has no full-attention frequencies to patch."""
+    from tiny import HEAD_DIM
+
+    model = tiny_model("gemma3_text", num_hidden_layers=2, layer_types=["sliding_attention"] * 2)
+    before = logits(model, tokens())
+    hf_prope.patch_model(model, "p-rope", p=0.25)
+    theta = 10_000.0  # the sliding layers' base in the tiny config
+    expected = torch.tensor([theta ** (-2 * i / HEAD_DIM) if i < 2 else 0.0 for i in range(HEAD_DIM // 2)])
+    torch.testing.assert_close(hf_prope.layer_frequencies(model), expected.expand(2, -1))
+    hf_prope.unpatch_model(model)
+    assert torch.equal(logits(model, tokens()), before)

@@ -78,7 +78,7 @@ def test_missing_config_file_suggests_packaged() -> None:
 
 
 def test_registry() -> None:
-    assert set(RECIPES) == {"lora", "eval", "analyze"}
+    assert set(RECIPES) == {"lora", "eval", "analyze", "ablation"}
     # analyze needs no config file: its defaults are the dataclasses' own.
     assert all(cls.default_config in packaged_configs() for cls in RECIPES.values() if cls.default_config)
     assert get_recipe("lora") is LoRARecipe
@@ -95,6 +95,11 @@ def test_packaged_configs_start_with_their_command_and_parse(path) -> None:
     recipe = get_recipe(recipe_name).from_config(path)
     if recipe_name == "lora":
         recipe.patch_args.spec()  # the patch is valid
+        assert recipe.training_args.max_steps > 0
+    if recipe_name == "ablation":
+        from hf_prope.recipes.ablation import parse_variant
+
+        assert all(parse_variant(v, 1e4) for v in recipe.ablation_args.variants)
         assert recipe.training_args.max_steps > 0
     assert path.stem in packaged_configs()
 
