@@ -25,6 +25,7 @@ import math
 import re
 import shutil
 import statistics
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -622,14 +623,15 @@ def plot_results(summary: dict[str, Any], path: Path) -> None:
         ax.bar(xs, means, yerr=sds, capsize=4, color=[colors[i % len(colors)] for i in xs], alpha=0.8)
         for i, e in enumerate(entries):
             ax.plot([i] * len(e[key]["runs"]), e[key]["runs"], "k.", ms=5)
-            ax.annotate(f"{means[i]:.2f}", (i, means[i]), ha="center", va="bottom", xytext=(0, 3 + 10 * (sds[i] > 0)),
-                        textcoords="offset points", fontsize=8)
-        ax.set_xticks(list(xs), [e["label"].replace(" (", "\n(") for e in entries], fontsize=8)
+            top = max([means[i] + sds[i], *e[key]["runs"]])
+            ax.annotate(f"{means[i]:.2f}", (i, top), ha="center", va="bottom", xytext=(0, 3), textcoords="offset points",
+                        fontsize=8)
+        ax.set_xticks(list(xs), [textwrap.fill(e["label"], 14) for e in entries], fontsize=8)
         low, high = min(min(e[key]["runs"]) for e in entries), max(max(e[key]["runs"]) for e in entries)
         if high / low > 3:
             ax.set_yscale("log")
         else:
-            ax.set_ylim(low * 0.97, high * 1.03)
+            ax.set_ylim(low * 0.97, high * 1.05)
         ax.set_ylabel("held-out perplexity (lower is better)")
         ax.set_title(f"evaluated at {context} tokens" + (" (training context)" if context == ctx["train"] else
                      f" ({context // ctx['train']}x the training context)"), fontsize=10)

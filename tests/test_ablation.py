@@ -283,3 +283,30 @@ def test_registered_and_default_config_parses() -> None:
     recipe = recipe_cls.from_config(recipe_cls.default_config)
     assert [v.name for v in map(lambda n: parse_variant(n, 1e4), recipe.ablation_args.variants)] == DEFAULT_VARIANTS
     assert recipe.training_args.max_steps > 0 and recipe.ablation_args.seeds == [0, 1, 2]
+
+
+def test_two_processes_with_torchrun_through_the_cli(text_file, tmp_path) -> None:
+    """DDP on CPU (gloo): both ranks train, evaluation windows are shared out, only rank 0 writes."""
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "out"
+    values = overrides(text_file, out, variants=["rope", "nope"], seeds=[0], max_steps=3, eval_steps=3)
+    args = [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in values.items()]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "hf_prope", "run", "ablation", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("| NoPE | 0/8 |") == 1  # the table is printed once, by rank 0
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["training"]["world_size"] == 2 and summary["training"]["tokens_per_step"] == 2 * 2 * BLOCK
+    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
+    ids = torch.tensor(tokenizer(text_file.read_text(), add_special_tokens=False)["input_ids"])
+    for name in ("rope", "nope"):
+        model = hf_prope.from_pretrained(out / "runs" / name / "seed0" / "model")
+        expected = loss_perplexity(model, ids, LONG, LONG_WINDOWS)  # 4 windows scored 2 + 2 by the ranks
+        assert summary["variants"][name]["perplexity_long"]["mean"] == pytest.approx(expected, rel=1e-5)
