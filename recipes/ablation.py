@@ -237,7 +237,9 @@ def scratch_config(args: ScratchModelArguments, variant: Variant, tokenizer: Any
     )
     rope = config.rope_parameters
     # Per-layer-type models (Gemma 3) keep one dict per layer type: every type gets the variant's base.
-    for params in rope.values() if all(isinstance(v, dict) for v in rope.values()) else [rope]:
+    # (transformers 5.0 also leaves flat rope_type/rope_theta keys beside them, which its Gemma 3 ignores.)
+    nested = [v for v in rope.values() if isinstance(v, dict)]
+    for params in nested or [rope]:
         params["rope_type"] = "default"
         params["rope_theta"] = float(variant.theta)
     return config
