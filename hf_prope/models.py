@@ -100,19 +100,30 @@ def _require_gguf() -> None:
 
 def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer from a local GGUF file (dequantised to ``dtype``)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_gguf_tokenizer(path)
+    path = Path(path)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype, **_gguf_kwargs(path))
+    _forget_gguf_quantization(model)
+    model.eval()
+    return model, tokenizer
+
+
+def _gguf_kwargs(path: Path) -> dict[str, Any]:
+    # local_files_only: a local directory never needs the Hub, and this must not try it when offline.
+    return {"gguf_file": path.name, "local_files_only": True}
+
+
+def load_gguf_tokenizer(path: str | Path) -> Any:
+    """The tokenizer stored in a local GGUF file."""
+    from transformers import AutoTokenizer
 
     _require_gguf()
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No GGUF file at {path}.")
-    # local_files_only: a local directory never needs the Hub, and this must not try it when offline.
-    kwargs: dict[str, Any] = {"gguf_file": path.name, "local_files_only": True}
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype, **kwargs)
-    _forget_gguf_quantization(model)
-    model.eval()
-    return model, tokenizer
+    return AutoTokenizer.from_pretrained(path.parent, **_gguf_kwargs(path))
 
 
 def _forget_gguf_quantization(model: Any) -> None:

@@ -40,9 +40,11 @@ from .base import (
     Recipe,
     barrier,
     check_writable,
+    clear_previous_run,
     has_accelerator,
     is_main_process,
     pyplot,
+    refuse_previous_run,
     save_figure,
     write_atomic,
     write_json,
@@ -53,6 +55,7 @@ TABLE_FILE = "results.md"
 RUNS_DIR = "runs"
 TOKENIZER_DIR = "tokenizer"
 EOS = "<|endoftext|>"
+_OUTPUTS = (RUNS_DIR, TOKENIZER_DIR, RESULTS_FILE, PLOT_FILE, TABLE_FILE)
 DEFAULT_VARIANTS = ["rope", "rope@500k", "nope", "p-rope-0.25", "p-rope-0.75", "p-rope-0.75-lowest"]
 
 
@@ -301,8 +304,7 @@ def load_tokenizer(args: ScratchModelArguments, dataset: Any, text_column: str) 
     if args.tokenizer == "bpe":
         return train_bpe_tokenizer((t for t in dataset[text_column] if isinstance(t, str) and t), args.vocab_size)
     if args.tokenizer in models.EMBEDDED_MODELS:
-        path = models.embedded_gguf_path(args.tokenizer)
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+        return models.load_gguf_tokenizer(models.embedded_gguf_path(args.tokenizer))
     path = Path(args.tokenizer).expanduser()
     if path.is_dir():
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -391,14 +393,17 @@ class AblationRecipe(Recipe):
             self.tokenizer = load_tokenizer(ma, dataset, self.data_args.text_column)
         self.max_positions = aa.long_eval_window
         # One model is built now: a bad architecture or size fails before any training.
-        build_model(ma, self.variants[0], self.tokenizer, seed=aa.seeds[0], max_positions=self.max_positions)
+        probe = build_model(ma, self.variants[0], self.tokenizer, seed=aa.seeds[0], max_positions=self.max_positions)
+        self.parameters = sum(p.numel() for p in probe.parameters())
         ids = tokenize_dataset(dataset, self.tokenizer, text_column=self.data_args.text_column)
         world = max(1, ta.world_size)
         self.split = split_tail(ids, block_size=aa.block_size, heldout_tokens=aa.heldout_tokens,
                                 min_blocks=ta.per_device_train_batch_size * world)
         heldout = self.split.heldout
         self.eval_blocks = heldout[: heldout.numel() // aa.block_size * aa.block_size].reshape(-1, aa.block_size)
-        tokens_per_step = ta.per_device_train_batch_size * ta.gradient_accumulation_steps * world * aa.block_size
+        self.tokens_per_step = tokens_per_step = (
+            ta.per_device_train_batch_size * ta.gradient_accumulation_steps * world * aa.block_size
+        )
         self.say(
             f"Data: {self.split.total_tokens:,} tokens ({len(self.tokenizer):,}-token vocabulary); "
             f"{self.split.train_blocks.shape[0]:,} training blocks of {aa.block_size}, held out the last "
@@ -408,22 +413,12 @@ class AblationRecipe(Recipe):
         self._clear_previous_run()
         barrier()
 
-    def _previous_run(self) -> list[Path]:
-        names = (RUNS_DIR, TOKENIZER_DIR, RESULTS_FILE, PLOT_FILE, TABLE_FILE)
-        return [p for p in (self.out / name for name in names) if p.exists()]
-
     def _check_previous_run(self) -> None:
-        found = self._previous_run()
-        if found and not self.ablation_args.resume and not self.ablation_args.overwrite:
-            raise FileExistsError(
-                f"{self.out} already holds a run ({', '.join(p.name for p in found)}). Pass resume=true to continue "
-                "it, overwrite=true to discard it, or choose another output_dir."
-            )
+        refuse_previous_run(self.out, _OUTPUTS, resume=self.ablation_args.resume, overwrite=self.ablation_args.overwrite)
 
     def _clear_previous_run(self) -> None:
         if self.ablation_args.overwrite and is_main_process():
-            for p in self._previous_run():
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
+            clear_previous_run(self.out, _OUTPUTS)
 
     # -----------------------------------------------------------------------------------------
 
@@ -529,11 +524,11 @@ class AblationRecipe(Recipe):
             entry["train_loss"] = _mean_curve([runs[s]["train_loss"] for s in seeds])
             entry["eval_loss"] = _mean_curve([runs[s]["eval_loss"] for s in seeds])
             variants[variant.name] = entry
-        tokens_per_step = ta.per_device_train_batch_size * ta.gradient_accumulation_steps * world * aa.block_size
+        tokens_per_step = self.tokens_per_step
         self.summary = {
             "model": {"model_type": ma.model_type, "hidden_size": ma.hidden_size, "num_hidden_layers": ma.num_hidden_layers,
                       "num_attention_heads": ma.num_attention_heads, "head_dim": ma.head_dim,
-                      "parameters": self._parameter_count(), "tokenizer": ma.tokenizer,
+                      "parameters": self.parameters, "tokenizer": ma.tokenizer,
                       "vocab_size": len(self.tokenizer)},
             "reference": aa.reference,
             "contexts": {"train": aa.block_size, "long": aa.long_eval_window},
@@ -550,10 +545,6 @@ class AblationRecipe(Recipe):
             write_atomic(self.out / TABLE_FILE, table + "\n")
             self.write_results(self.out, self.summary, table, PLOT_FILE)
         return self.summary
-
-    def _parameter_count(self) -> int:
-        model = build_model(self.model_args, self.variants[0], self.tokenizer, seed=0, max_positions=self.max_positions)
-        return sum(p.numel() for p in model.parameters())
 
     def run(self) -> dict[str, Any]:
         self.setup()

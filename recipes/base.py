@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 import uuid
@@ -152,6 +153,27 @@ def write_atomic(path: Path, data: str | bytes) -> None:
 
 def write_json(path: Path, value: Any) -> None:
     write_atomic(path, json.dumps(value, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def previous_run(out: Path, names: Sequence[str]) -> list[Path]:
+    """What a recipe's earlier run left in ``out`` (among the outputs ``names``)."""
+    return [p for p in (out / name for name in names) if p.exists()]
+
+
+def refuse_previous_run(out: Path, names: Sequence[str], *, resume: bool, overwrite: bool) -> None:
+    """An existing run is never mixed with or overwritten by a new one unless the user says which."""
+    found = previous_run(out, names)
+    if found and not resume and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds a run ({', '.join(p.name for p in found)}). Pass resume=true to continue "
+            "it, overwrite=true to discard it, or choose another output_dir."
+        )
+
+
+def clear_previous_run(out: Path, names: Sequence[str]) -> None:
+    """Delete an earlier run's outputs (call only once every check of the new run has passed)."""
+    for p in previous_run(out, names):
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def is_main_process() -> bool:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import textwrap
 import time
 from dataclasses import dataclass, field
@@ -36,15 +35,18 @@ from .base import (
     barrier,
     check_patch_fits,
     check_writable,
+    clear_previous_run,
     has_accelerator,
     is_main_process,
     load_model,
     pyplot,
+    refuse_previous_run,
     save_figure,
     write_json,
 )
 
 STAGES = ("control", "patched")  # the control trains first so the patched model is the one left to save
+_OUTPUTS = (*STAGES, RESULTS_FILE)
 PLOT_FILE = "results.png"
 _MLP_MODULES = ["gate_proj", "up_proj", "down_proj"]
 
@@ -194,22 +196,13 @@ class LoRARecipe(Recipe):
         self._clear_previous_run()
         barrier()  # no process starts training before rank 0 has cleared a previous run
 
-    def _previous_run(self) -> list[Path]:
-        return [p for p in (self.out / name for name in (*STAGES, RESULTS_FILE)) if p.exists()]
-
     def _check_previous_run(self) -> None:
-        found = self._previous_run()
-        if found and not self.recipe_args.resume and not self.recipe_args.overwrite:
-            raise FileExistsError(
-                f"{self.out} already holds a run ({', '.join(p.name for p in found)}). Pass resume=true to continue "
-                "it, overwrite=true to discard it, or choose another output_dir."
-            )
+        refuse_previous_run(self.out, _OUTPUTS, resume=self.recipe_args.resume, overwrite=self.recipe_args.overwrite)
 
     def _clear_previous_run(self) -> None:
         """With overwrite=true, once every check has passed: a failed setup leaves the old run alone."""
         if self.recipe_args.overwrite and is_main_process():
-            for p in self._previous_run():
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
+            clear_previous_run(self.out, _OUTPUTS)
 
     def _check_hub(self) -> None:
         from huggingface_hub import HfApi
