@@ -5,6 +5,7 @@ The public API is what ``__all__`` lists::
     import hf_prope
     hf_prope.patch_model(model, "p-rope", p=0.25)   # rotate only the highest 25% of frequencies
     hf_prope.get_patch(model)                       # -> PatchSpec or None
+    hf_prope.patch_state(model)                     # spec, rope parameters now and before, layer types, base
     hf_prope.unpatch_model(model)                   # back to the original, bit for bit
     hf_prope.apply_p_rope_to_llama(p=0.25)          # class level: models built afterwards are patched
 
@@ -13,7 +14,10 @@ The public API is what ``__all__`` lists::
 
 Importing it registers hf-prope's rope types with transformers (``ROPE_INIT_FUNCTIONS``)
 so checkpoints saved with them load, and makes ``PeftModel.from_pretrained`` warn when an
-adapter's recorded patch is not on the base model; it patches no model class by itself.
+adapter's recorded patch is not on the base model. That check reads only local files (the
+adapter folder or the Hugging Face cache), never the network, and changes nothing PEFT
+returns; ``HF_PROPE_PEFT_CHECK=0`` turns it off (:func:`hf_prope.hub.install_peft_load_check`).
+Importing patches no model class and makes no network request.
 """
 
 from ._version import __version__
@@ -38,30 +42,28 @@ from .patches.qwen import (  # noqa: E402
     apply_patch_to_qwen2,
     apply_patch_to_qwen3,
 )
+from .class_patching import ClassPatch, apply_patch_to_class, class_patches, revert_class_patches  # noqa: E402
 from .patching import (  # noqa: E402
-    ClassPatch,
     PositionMaskHook,
-    apply_patch_to_class,
-    class_patches,
-    get_patch,
+    check_patch,
+    layer_frequencies,
     patch_info,
     patch_model,
     restore_patch,
-    revert_class_patches,
     unpatch_model,
 )
+from .state import PatchState, get_patch, patch_state  # noqa: E402
 from .registry import (  # noqa: E402
     NoRotaryEmbeddingError,
     UnsupportedModelError,
     supported_model_types,
 )
 from .spec import PatchSpec, rotated_pairs  # noqa: E402
-from .hub import PatchMismatchError, from_pretrained, push_to_hub, save_pretrained  # noqa: E402
-from .hub import _install_peft_load_check  # noqa: E402
+from .hub import from_pretrained, install_peft_load_check, push_to_hub, save_pretrained  # noqa: E402
+from .patch_record import PatchMismatchError  # noqa: E402
 from . import analysis, rotation  # noqa: E402
-from .patching import layer_frequencies  # noqa: E402
 
-_install_peft_load_check()
+install_peft_load_check()
 
 __all__ = [
     "__version__",
@@ -70,6 +72,9 @@ __all__ = [
     "patch_model",
     "unpatch_model",
     "get_patch",
+    "check_patch",
+    "patch_state",
+    "PatchState",
     "restore_patch",
     "save_pretrained",
     "push_to_hub",

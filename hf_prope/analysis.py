@@ -26,17 +26,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .evaluation import _windows, zero_shot_table
-from .patching import (
-    _find_parts,
-    _layer_types,
-    check_layer_indices,
-    get_patch,
-    layer_frequencies,
-    patch_model,
-    unpatch_model,
-)
+from .data import token_windows
+from .evaluation import zero_shot_table
+from .patching import layer_frequencies, patch_model, unpatch_model
 from .spec import PatchSpec, rotated_pairs
+from .state import ModelParts, check_layer_indices, check_layer_types, get_patch, model_parts
 
 Which = Literal["query", "key"]
 
@@ -57,37 +51,6 @@ DEFAULT_INTERVENTION = PatchSpec("p-rope", p=0.75, rotate="lowest")
 # Input
 
 
-def token_windows(
-    tokenizer: Any, texts: str | Sequence[str] | torch.Tensor, *, window: int, n_windows: int
-) -> torch.Tensor:
-    """The last ``n_windows * window`` tokens of ``texts`` as ``(n_windows, window)`` ids.
-
-    Texts are tokenised without special tokens and joined by the EOS token (as the
-    recipes' data is), so ``texts=python_docs_text()`` gives the zero-shot protocol's
-    windows. A 1-D tensor is taken as token ids already.
-    """
-    if isinstance(texts, torch.Tensor):
-        if texts.dim() != 1 or texts.numel() == 0:
-            raise ValueError(f"Token ids must be a non-empty 1-D tensor, got shape {tuple(texts.shape)}.")
-        return _windows(texts.long(), window, n_windows)
-    if isinstance(texts, str):
-        texts = [texts]
-    texts = list(texts)
-    bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
-    if bad:
-        raise TypeError(f"texts must be a string or a list of strings; got an item of type {bad[0]}.")
-    texts = [t for t in texts if t.strip()]
-    if not texts:
-        raise ValueError("texts is empty (no text, or only whitespace): give the text to measure the model on.")
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    for text in texts:
-        if ids and eos is not None:
-            ids.append(int(eos))
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return _windows(torch.tensor(ids, dtype=torch.long), window, n_windows)
-
-
 def _check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
     if layers is None:
         return list(range(n_layers))
@@ -96,16 +59,6 @@ def _check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
     if not chosen:
         raise ValueError("layers is empty; leave it out to measure every layer.")
     return sorted(set(chosen))
-
-
-def _attention_span(config: Any, types: list[str] | None, layer: int) -> int | None:
-    """How far back layer ``layer`` can attend (its sliding window), or ``None`` for no limit."""
-    window = getattr(config, "sliding_window", None)
-    if not window:
-        return None
-    if types is not None:
-        return int(window) if types[layer] == "sliding_attention" else None
-    return int(window) if getattr(config, "model_type", None) == "mistral" else None
 
 
 def _run(model: nn.Module, windows: torch.Tensor, desc: str, progress: bool) -> None:
@@ -296,9 +249,8 @@ def frequency_usage(
     Raises ``ValueError`` for empty or too-short texts and out-of-range layers (before
     running anything) and ``UnsupportedModelError`` for a model hf-prope does not support.
     """
-    parts = _find_parts(model)
-    n_layers = int(parts.config.num_hidden_layers)
-    chosen = _check_layers(layers, n_layers)
+    parts = model_parts(model)
+    chosen = _check_layers(layers, parts.num_layers)
     windows = token_windows(tokenizer, texts, window=window, n_windows=n_windows)
     current = layer_frequencies(model)
     original = layer_frequencies(model, original=True)
@@ -321,7 +273,7 @@ def frequency_usage(
         for handle in handles:
             handle.remove()
     spec = get_patch(model)
-    types = _layer_types(parts)
+    types = parts.layer_types
     return FrequencyUsage(
         model_type=arch.model_type,
         layers=chosen,
@@ -330,7 +282,7 @@ def frequency_usage(
         key=torch.stack([recorders[i][1].mean() for i in chosen]),
         frequencies=current[chosen],
         original_frequencies=original[chosen],
-        attention_span=[_attention_span(parts.config, types, i) for i in chosen],
+        attention_span=[parts.attention_span(i) for i in chosen],
         tokens=int(windows.numel()),
         window=int(window),
         patch=spec.to_dict() if spec is not None else None,
@@ -442,7 +394,7 @@ class PositionalHeads:
         )
 
 
-def _attention_shares(parts: Any, windows: torch.Tensor, layers: list[int], progress: bool, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_shares(parts: ModelParts, windows: torch.Tensor, layers: list[int], progress: bool, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
     recorders = {i: _PositionShares() for i in layers}
     handles = [parts.attentions[i].register_forward_hook(recorders[i]) for i in layers]
     try:
@@ -479,8 +431,8 @@ def positional_heads(
     """
     if not 0.0 < float(threshold) < 1.0:
         raise ValueError(f"threshold must be between 0 and 1 (a share of attention), got {threshold!r}.")
-    parts = _find_parts(model)
-    chosen = _check_layers(layers, int(parts.config.num_hidden_layers))
+    parts = model_parts(model)
+    chosen = _check_layers(layers, parts.num_layers)
     if intervention is not None and not isinstance(intervention, (PatchSpec, dict)):
         raise TypeError(f"intervention must be a PatchSpec, a spec dict or None, got {type(intervention).__name__}.")
     spec = PatchSpec.from_dict(intervention) if isinstance(intervention, dict) else intervention
@@ -494,7 +446,7 @@ def positional_heads(
         before = _attention_shares(parts, windows, chosen, progress, "positional heads")
         if spec is not None:
             patch_model(model, spec)
-            after = _attention_shares(_find_parts(model), windows, chosen, progress, "after intervention")
+            after = _attention_shares(model_parts(model), windows, chosen, progress, "after intervention")
     finally:
         if spec is not None:
             if own_patch is None:
@@ -682,15 +634,8 @@ def suggest_p(
 def _select_layers(usage: FrequencyUsage, layer_types: Sequence[str] | None) -> list[int]:
     if layer_types is None:
         return list(range(len(usage.layers)))
-    if not usage.layer_types:
-        raise ValueError(
-            f"This {usage.model_type} model has no layer types (config.layer_types is not set), so "
-            "layer_types= cannot select layers."
-        )
-    known = sorted(set(usage.layer_types))
-    unknown = [t for t in layer_types if t not in known]
-    if unknown:
-        raise ValueError(f"Unknown layer type {unknown[0]!r}; this model's layer types are {', '.join(known)}.")
+    check_layer_types(layer_types, usage.layer_types, usage.model_type)
+    assert usage.layer_types is not None
     return [i for i, t in enumerate(usage.layer_types) if t in layer_types]
 
 

@@ -17,7 +17,6 @@ correctness).
 from __future__ import annotations
 
 import copy
-import json
 import platform
 import statistics
 import sys
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+
+from .files import check_writable, write_json
 
 BENCHMARKS = ("rotary", "train", "decode", "patch", "recipe")
 ROTARY_PS = (1.0, 0.75, 0.5, 0.25)
@@ -334,7 +335,7 @@ def bench_recipe(device: torch.device, repeats: int, quick: bool, profile: bool 
 
     import hf_prope
     from hf_prope.recipes import LoRARecipe
-    from hf_prope.recipes.lora import _BlockDataset
+    from hf_prope.recipes.training import BlockDataset
 
     steps = 3 if quick else 10
     runtimes: dict[str, list[float]] = {"recipe": [], "plain script": []}
@@ -353,7 +354,7 @@ def bench_recipe(device: torch.device, repeats: int, quick: bool, profile: bool 
             recipe.out = Path(tmp) / f"recipe{rep}"
             model = copy.deepcopy(base)
             hf_prope.patch_model(model, recipe.spec)
-            recipe._train_stage("patched", model)
+            recipe.train_stage("patched", model)
             return _runtime(recipe.histories["patched"])
 
         def run_plain(rep: int) -> float:
@@ -366,7 +367,7 @@ def bench_recipe(device: torch.device, repeats: int, quick: bool, profile: bool 
                 r=la.lora_r, lora_alpha=la.lora_alpha, lora_dropout=la.lora_dropout,
                 target_modules=la.target_modules(), task_type="CAUSAL_LM"))
             args = dataclasses.replace(args0, output_dir=f"{tmp}/plain{rep}")
-            trainer = Trainer(model=peft_model, args=args, train_dataset=_BlockDataset(blocks),
+            trainer = Trainer(model=peft_model, args=args, train_dataset=BlockDataset(blocks),
                               data_collator=default_data_collator)
             trainer.train()
             return _runtime(trainer.state.log_history)
@@ -469,7 +470,7 @@ def run(only: Sequence[str] = BENCHMARKS, *, device: str = "cpu", repeats: int =
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}.")
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        check_writable(Path(out).expanduser().resolve().parent)
     info = machine()
     info["steady_allocator"] = steady_allocator()
     print(f"hf-prope bench on {info.get('gpu', info['cpu'])} ({info['threads']} threads), torch {info['torch']}, "
@@ -486,8 +487,6 @@ def run(only: Sequence[str] = BENCHMARKS, *, device: str = "cpu", repeats: int =
     if out:
         data = {"machine": info, "device": device, "repeats": repeats, "quick": quick,
                 "rows": [{**row.__dict__, "ratio": row.ratio} for row in rows]}
-        tmp = Path(out).with_name(f".{Path(out).name}.tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        tmp.replace(out)
+        write_json(out, data)
         print(f"Wrote {out}")
     return rows

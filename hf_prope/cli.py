@@ -18,7 +18,6 @@ prints perplexity before and after training, against a control. Other commands:
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -80,11 +79,14 @@ def _format_table(rows: list[dict[str, Any]], refs: dict[str, str]) -> str:
 def _zero_shot(args: argparse.Namespace) -> int:
     from .data import python_docs_text
     from .evaluation import zero_shot_table
+    from .files import check_writable, write_json
     from .models import load_model
 
     started = time.perf_counter()
+    out = check_writable(Path(args.out).parent) / Path(args.out).name if args.out else None
     print(f"Loading {args.model} ...", file=sys.stderr, flush=True)
     model, tokenizer = load_model(args.model)
+    # zero_shot_table checks every variant against the model before its first forward pass.
     rows = zero_shot_table(
         model, tokenizer, _variants(args.layer_types), window=args.window, n_windows=args.n_windows,
         text=python_docs_text(), batch_size=args.batch_size,
@@ -100,7 +102,7 @@ def _zero_shot(args: argparse.Namespace) -> int:
         print("reference: the project's measurement (BRIEF section 4, Python 3.11), same protocol.")
     seconds = time.perf_counter() - started
     print(f"({seconds:.0f} s)")
-    if args.out:
+    if out is not None:
         result = {
             "model": args.model,
             "window": args.window,
@@ -111,8 +113,8 @@ def _zero_shot(args: argparse.Namespace) -> int:
             "seconds": round(seconds, 1),
             "rows": [{**row, "reference": _float_or_none(refs.get(row["variant"]))} for row in rows],
         }
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"Wrote {args.out}")
+        write_json(out, result)
+        print(f"Wrote {out}")
     return 0
 
 
@@ -162,8 +164,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     zs.add_argument(
         "--model", default="smollm2-135m",
-        help="smollm2-135m or gemma-3-270m (shipped in PyPI packages), a local .gguf file or a local model "
-        "directory (default: %(default)s)",
+        help="smollm2-135m or gemma-3-270m (shipped in PyPI packages), a local .gguf file, a local model "
+        "directory or a Hub model id (default: %(default)s)",
     )
     zs.add_argument("--window", type=_at_least(2), default=512, help="tokens per window (default: %(default)s)")
     zs.add_argument("--n-windows", type=_at_least(1), default=16, help="number of windows, from the end of the text (default: %(default)s)")
@@ -240,7 +242,7 @@ def _run_recipe(argv: list[str]) -> int:
     if "-h" in rest or "--help" in rest:
         from transformers import HfArgumentParser
 
-        help_parser = HfArgumentParser(list(recipe_cls.arguments), prog=f"hf-prope run {recipe_cls.name}")
+        help_parser = HfArgumentParser(recipe_cls.settings_types(), prog=f"hf-prope run {recipe_cls.name}")
         print(help_parser.format_help())
         return 0
     config, rest = _pop_config(rest)

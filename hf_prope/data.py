@@ -1,17 +1,20 @@
 """Text for training and evaluation: CPython's own documentation, or any ``datasets`` source.
 
-Every source ends as one stream of token ids (documents joined by the tokenizer's EOS token),
-split into a held-out *tail* for evaluation and fixed-length training blocks cut from what
-comes before it, so the two never share a token.
+Every source ends as one stream of token ids (documents joined by the tokenizer's EOS token,
+no BOS), split into a held-out *tail* for evaluation and fixed-length training blocks cut from
+what comes before it, so the two never share a token; evaluation and analysis read the tail
+as the last ``n_windows`` windows of ``window`` tokens (:func:`last_windows`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
+
+from .files import local_path
 
 PYTHON_DOCS = "python-docs"
 # datasets builder for each file extension a local source may have.
@@ -35,7 +38,9 @@ def python_docs_text() -> str:
 
 def _local_files(source: str) -> list[Path] | None:
     """The files a local source names, or ``None`` when ``source`` is not a local path."""
-    path = Path(source).expanduser()
+    path = local_path(source, file_suffixes=tuple(_BUILDERS))
+    if path is None:
+        return None  # a Hub dataset name
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _BUILDERS)
         if not files:
@@ -45,11 +50,7 @@ def _local_files(source: str) -> list[Path] | None:
         return files
     if path.is_file():
         return [path]
-    # A Hub dataset is "name" or "namespace/name": anything else that names no file is a missing local path.
-    looks_local = path.suffix.lower() in _BUILDERS or source.startswith((".", "/", "~")) or source.count("/") > 1
-    if looks_local:
-        raise FileNotFoundError(f"The data file {source!r} does not exist (current folder: {Path.cwd()}).")
-    return None
+    raise FileNotFoundError(f"The data file {source!r} does not exist (current folder: {Path.cwd()}).")
 
 
 def load_text_dataset(
@@ -94,10 +95,15 @@ def load_text_dataset(
     return ds
 
 
+def tokenize_text(tokenizer: Any, text: str) -> torch.Tensor:
+    """The whole text as one 1-D tensor of ids, without BOS/EOS (the reference protocol)."""
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
 def tokenize_dataset(dataset: Any, tokenizer: Any, *, text_column: str = "text", num_proc: int | None = None) -> torch.Tensor:
     """All documents as one 1-D tensor of ids, without BOS, joined by the EOS token.
 
-    A single document tokenises exactly as :func:`hf_prope.evaluation.tokenize_text` does, so
+    A single document tokenises exactly as :func:`tokenize_text` does, so
     perplexities on ``python-docs`` are those of the zero-shot protocol.
     """
 
@@ -157,3 +163,53 @@ def split_tail(ids: torch.Tensor, *, block_size: int, heldout_tokens: int, min_b
         )
     train = ids[: total - heldout_tokens][: n_blocks * block_size].reshape(n_blocks, block_size)
     return TokenSplit(train_blocks=train.clone(), heldout=ids[total - heldout_tokens :].clone(), total_tokens=total)
+
+
+def last_windows(input_ids: torch.Tensor, window: int, n_windows: int) -> torch.Tensor:
+    """The last ``n_windows * window`` ids of a 1-D stream as ``(n_windows, window)``.
+
+    The *last* tokens, so the windows are the same whatever is prepended to the corpus.
+    Raises ``ValueError`` for a stream too short for the windows asked.
+    """
+    if input_ids.dim() != 1:
+        raise ValueError(f"input_ids must be a 1-D tensor of token ids, got shape {tuple(input_ids.shape)}.")
+    if window < 2 or n_windows < 1:
+        raise ValueError(f"Need window >= 2 and n_windows >= 1, got window={window}, n_windows={n_windows}.")
+    needed = window * n_windows
+    if input_ids.numel() < needed:
+        raise ValueError(
+            f"The text has {input_ids.numel()} tokens but {n_windows} windows of {window} tokens need {needed}; "
+            "use fewer or shorter windows, or a longer text."
+        )
+    return input_ids[-needed:].reshape(n_windows, window)
+
+
+def token_windows(
+    tokenizer: Any, texts: str | Sequence[str] | torch.Tensor, *, window: int, n_windows: int
+) -> torch.Tensor:
+    """The last ``n_windows * window`` tokens of ``texts`` as ``(n_windows, window)`` ids.
+
+    Texts are tokenised without special tokens and joined by the EOS token (as the
+    recipes' data is), so ``texts=python_docs_text()`` gives the zero-shot protocol's
+    windows. A 1-D tensor is taken as token ids already.
+    """
+    if isinstance(texts, torch.Tensor):
+        if texts.dim() != 1 or texts.numel() == 0:
+            raise ValueError(f"Token ids must be a non-empty 1-D tensor, got shape {tuple(texts.shape)}.")
+        return last_windows(texts.long(), window, n_windows)
+    if isinstance(texts, str):
+        texts = [texts]
+    texts = list(texts)
+    bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"texts must be a string or a list of strings; got an item of type {bad[0]}.")
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise ValueError("texts is empty (no text, or only whitespace): give the text to measure the model on.")
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for text in texts:
+        if ids and eos is not None:
+            ids.append(int(eos))
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return last_windows(torch.tensor(ids, dtype=torch.long), window, n_windows)

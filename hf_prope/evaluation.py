@@ -15,26 +15,15 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .patching import get_patch, patch_model, unpatch_model
+from .data import last_windows, python_docs_text, tokenize_text
+from .patching import check_patch, patch_model, unpatch_model
 from .spec import PatchSpec
+from .state import get_patch
 
 # (label, spec): spec None = the unpatched model; a dict is read with PatchSpec.from_dict.
-Variant = tuple[str, "PatchSpec | dict[str, Any] | None"]
+LabelledSpec = tuple[str, "PatchSpec | dict[str, Any] | None"]
 
-
-def _windows(input_ids: torch.Tensor, window: int, n_windows: int) -> torch.Tensor:
-    if input_ids.dim() != 1:
-        raise ValueError(f"input_ids must be a 1-D tensor of token ids, got shape {tuple(input_ids.shape)}.")
-    if window < 2 or n_windows < 1:
-        raise ValueError(f"Need window >= 2 and n_windows >= 1, got window={window}, n_windows={n_windows}.")
-    needed = window * n_windows
-    if input_ids.numel() < needed:
-        raise ValueError(
-            f"The text has {input_ids.numel()} tokens but {n_windows} windows of {window} tokens need {needed}; "
-            "use fewer or shorter windows, or a longer text."
-        )
-    # The last tokens, so the windows are the same whatever is prepended to the corpus.
-    return input_ids[-needed:].reshape(n_windows, window)
+__all__ = ["perplexity", "zero_shot_table", "rank_and_world", "tokenize_text", "LabelledSpec"]
 
 
 def _nll_sum(model: Any, windows: torch.Tensor, batch_size: int, bar: Any) -> tuple[float, int]:
@@ -78,7 +67,7 @@ def perplexity(
     pass (same result, more memory).
     Raises ``ValueError`` when ``input_ids`` is too short for the windows asked.
     """
-    windows = _windows(input_ids, window, n_windows)
+    windows = last_windows(input_ids, window, n_windows)
     rank, world = rank_and_world()
     # Under torchrun each process scores its share of the windows; the sums are then added up.
     mine = windows[rank::world]
@@ -100,15 +89,10 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def tokenize_text(tokenizer: Any, text: str) -> torch.Tensor:
-    """The whole text as one 1-D tensor of ids, without BOS/EOS (the reference protocol)."""
-    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-
-
 def zero_shot_table(
     model: Any,
     tokenizer: Any,
-    variants: Sequence[Variant],
+    variants: Sequence[LabelledSpec],
     *,
     window: int = 512,
     n_windows: int = 16,
@@ -121,30 +105,31 @@ def zero_shot_table(
 
     ``variants`` are ``(label, spec)`` pairs; ``spec=None`` means the unpatched model.
     ``text`` defaults to :func:`hf_prope.data.python_docs_text`; ``input_ids`` (1-D) replaces
-    it with text already tokenised. The model is left
-    unpatched afterwards (even on error). Rows: ``variant``, ``spec`` (dict or None),
+    it with text already tokenised. Every variant is checked against the model before the
+    first forward pass. The model is left unpatched afterwards (even on error). Rows: ``variant``, ``spec`` (dict or None),
     ``perplexity``, ``ratio_to_rope`` (to the first unpatched variant; None if there is none).
     """
     if input_ids is not None:
         ids = input_ids
     else:
         if text is None:
-            from .data import python_docs_text
-
             text = python_docs_text()
         ids = tokenize_text(tokenizer, text)
-    windows = _windows(ids, window, n_windows)  # fails on a short text before any model work
+    windows = last_windows(ids, window, n_windows)  # fails on a short text before any model work
     current = get_patch(model)
     if current is not None:
         raise ValueError(
             f"The model already carries a patch ({current}); unpatch it first so the variants are "
             "measured against its original RoPE."
         )
+    specs = [PatchSpec.from_dict(given) if isinstance(given, dict) else given for _, given in variants]
+    for spec in specs:  # every variant must fit the model before the first forward pass
+        if spec is not None:
+            check_patch(model, spec)
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(variants) * n_windows, desc="zero-shot perplexity", unit="window", disable=not progress)
     try:
-        for label, given in variants:
-            spec = PatchSpec.from_dict(given) if isinstance(given, dict) else given
+        for (label, _), spec in zip(variants, specs):
             if spec is None:
                 unpatch_model(model)
             else:

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .files import local_path
 from .spec import closest
 
 EMBEDDED_MODELS: dict[str, str] = {
@@ -149,21 +150,64 @@ def load_embedded(name: str, *, dtype: torch.dtype = torch.float32) -> tuple[Any
     return load_gguf(embedded_gguf_path(name), dtype=dtype)
 
 
-def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """An embedded name, a local ``.gguf`` file, or a local model directory (never the Hub)."""
-    if name_or_path in EMBEDDED_MODELS:
-        return load_embedded(name_or_path, dtype=dtype)
-    path = Path(name_or_path)
-    if path.is_file() and path.suffix == ".gguf":
-        return load_gguf(path, dtype=dtype)
-    if path.is_dir():
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+def is_embedded_source(name: str) -> bool:
+    """Whether ``name`` is an embedded model or a GGUF file: sources that exist on no Hub."""
+    return name in EMBEDDED_MODELS or str(name).endswith(".gguf")
 
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-        model.eval()
+
+def _check_supported(config: Any) -> None:
+    from .registry import get_architecture
+
+    get_architecture(config.model_type)
+
+
+def load_model(
+    name_or_path: str, *, dtype: torch.dtype = torch.float32, revision: str | None = None, hub: bool = True
+) -> tuple[Any, Any]:
+    """A supported model and its tokenizer, in eval mode, from wherever ``name_or_path`` points.
+
+    An embedded name (:data:`EMBEDDED_MODELS`), a local ``.gguf`` file, a local model folder,
+    or (with ``hub=True``) a Hub model id at ``revision``. For a folder or Hub id the config is
+    read first, so an unsupported model type fails before any weights are read or fetched.
+    Raises ``FileNotFoundError`` for a local path that does not exist, ``ValueError`` for an
+    unsupported architecture, and ``OSError`` naming every place looked at when a name is neither
+    embedded nor local and could not be fetched from the Hub.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if name_or_path in EMBEDDED_MODELS:
+        model, tokenizer = load_embedded(name_or_path, dtype=dtype)
+        _check_supported(model.config)
         return model, tokenizer
-    raise ValueError(
-        f"{name_or_path!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}), a .gguf file, nor a "
-        "local model directory." + closest(name_or_path, list(EMBEDDED_MODELS))
-    )
+    path = local_path(name_or_path, file_suffixes=(".gguf",))
+    if path is not None:
+        if path.is_file() and path.suffix == ".gguf":
+            model, tokenizer = load_gguf(path, dtype=dtype)
+            _check_supported(model.config)
+            return model, tokenizer
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"No model file or folder at {name_or_path!r} (a model is an embedded name "
+                f"({', '.join(EMBEDDED_MODELS)}), a .gguf file, a model folder or a Hub id)."
+            )
+        source, kwargs = str(path), {"local_files_only": True}
+    else:
+        where = (
+            f"{name_or_path!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}) nor a local .gguf file or "
+            "model folder"
+        )
+        hint = closest(name_or_path, list(EMBEDDED_MODELS))
+        if not hub:
+            raise ValueError(where + "." + hint)
+        source, kwargs = name_or_path, {"revision": revision}
+        try:
+            config = AutoConfig.from_pretrained(source, **kwargs)
+        except OSError as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise OSError(f"{where}, and as a Hub model id it could not be fetched ({reason}).{hint}") from None
+        _check_supported(config)
+    if path is not None:
+        _check_supported(AutoConfig.from_pretrained(source, **kwargs))
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    return model.eval(), tokenizer

@@ -23,85 +23,24 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from . import rope_types, rotation
-from .registry import Architecture, NoRotaryEmbeddingError, get_architecture
 from .spec import PatchSpec, make_spec
+from .state import (
+    CONFIG_KEY,
+    ModelParts,
+    check_layer_indices,
+    check_layer_types,
+    get_patch,
+    model_parts,
+    original_rope_parameters,
+)
 
-CONFIG_KEY = "hf_prope"
 _HOOKS_ATTR = "_hf_prope_hook_handles"
-
-
-# ---------------------------------------------------------------------------------------------
-# Finding the parts of a model
-
-
-@dataclass
-class _Parts:
-    arch: Architecture
-    root: nn.Module  # what the user passed (may be a PeftModel)
-    model: nn.Module  # the transformers PreTrainedModel
-    config: Any
-    rotaries: list[nn.Module]
-    attentions: dict[int, nn.Module]
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    get_base = getattr(model, "get_base_model", None)  # PEFT
-    return get_base() if callable(get_base) else model
-
-
-def _find_parts(model: nn.Module) -> _Parts:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"Expected a transformers model (torch.nn.Module), got {type(model).__name__}.")
-    inner = _unwrap(model)
-    config = getattr(inner, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if config is None or model_type is None:
-        raise TypeError(f"{type(inner).__name__} has no transformers config; pass a transformers model.")
-    has_rotary = any("RotaryEmbedding" in type(m).__name__ for m in inner.modules())
-    arch = get_architecture(model_type, has_rotary=has_rotary)
-    rotary_cls, attention_cls = arch.rotary_class, arch.attention_class
-    rotaries = [m for m in inner.modules() if isinstance(m, rotary_cls)]
-    if not rotaries or getattr(config, "rope_parameters", None) is None:
-        raise NoRotaryEmbeddingError(
-            f"This {model_type} model has no {arch.rotary_class_name} module or no rope_parameters in its "
-            "config, so there are no RoPE frequencies to patch."
-        )
-    attentions = {int(m.layer_idx): m for m in inner.modules() if isinstance(m, attention_cls)}
-    return _Parts(arch, model, inner, config, rotaries, attentions)
-
-
-def _rope_keys(parts: _Parts) -> list[str | None]:
-    """``[None]`` for one flat rope_parameters dict, else the layer types it is nested by."""
-    if parts.arch.rope_per_layer_type:
-        # The rotary module builds frequencies only for layer types the model has (a 2-layer
-        # Gemma 3 is all sliding), although rope_parameters names every type.
-        present = set(_layer_types(parts) or parts.config.rope_parameters)
-        return sorted(k for k, v in parts.config.rope_parameters.items() if v is not None and k in present)
-    return [None]
-
-
-def _layer_types(parts: _Parts) -> list[str] | None:
-    lt = getattr(parts.config, "layer_types", None)
-    return list(lt) if lt else None
-
-
-def check_layer_indices(layers: Sequence[int], n_layers: int) -> None:
-    """Raise a clear error for decoder-layer indices outside ``0..n_layers-1``."""
-    bad = [i for i in layers if not 0 <= i < n_layers]
-    if bad:
-        raise ValueError(
-            f"layers {bad} out of range: this model has {n_layers} decoder layers (indices 0..{n_layers - 1})."
-        )
-
-
-def _rope_key_of_layer(parts: _Parts, layer: int) -> str | None:
-    return _layer_types(parts)[layer] if parts.arch.rope_per_layer_type else None  # type: ignore[index]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,7 +63,7 @@ def _with_rope(config: Any, rope_parameters: dict[str, Any]) -> Any:
     return cfg
 
 
-def _build_rotary(parts: _Parts, config: Any) -> nn.Module:
+def _build_rotary(parts: ModelParts, config: Any) -> nn.Module:
     # Built on the CPU whatever the ambient default device: it is only a source of values.
     with torch.device("cpu"), rope_types.silence_selective_warning():
         return parts.arch.rotary_class(config)
@@ -134,43 +73,24 @@ def _inv_freq(rotary: nn.Module, key: str | None) -> torch.Tensor:
     return getattr(rotary, "inv_freq" if key is None else f"{key}_inv_freq")
 
 
-def _original_rope(config: Any) -> dict[str, Any]:
-    state = getattr(config, CONFIG_KEY, None)
-    if isinstance(state, dict) and "original_rope_parameters" in state:
-        return copy.deepcopy(state["original_rope_parameters"])
-    return copy.deepcopy(config.rope_parameters)
-
-
-def _plan(parts: _Parts, spec: PatchSpec) -> _Plan:
-    original = _original_rope(parts.config)
+def _plan(parts: ModelParts, spec: PatchSpec) -> _Plan:
+    original = original_rope_parameters(parts.config)
     base_rotary = _build_rotary(parts, _with_rope(parts.config, original))
-    keys = _rope_keys(parts)
+    keys = parts.rope_keys()
     base_freqs = {k: _inv_freq(base_rotary, k).detach().float().cpu().tolist() for k in keys}
     head_dim = 2 * len(next(iter(base_freqs.values())))
-    n_layers = int(parts.config.num_hidden_layers)
-    layer_types = _layer_types(parts)
+    n_layers = parts.num_layers
+    layer_types = parts.layer_types
 
     model_wide: dict[str | None, list[bool]] = {}
     hook_masks: dict[int, list[bool]] = {}
     if spec.layers is not None:
         check_layer_indices(spec.layers, n_layers)
         for i in spec.layers:
-            hook_masks[i] = spec.keep_mask(base_freqs[_rope_key_of_layer(parts, i)])
+            hook_masks[i] = spec.keep_mask(base_freqs[parts.rope_key_of_layer(i)])
     elif spec.layer_types is not None:
-        if not layer_types:
-            raise ValueError(
-                f"This {parts.arch.model_type} model has no layer types (config.layer_types is not set), so "
-                "layer_types= cannot select layers; use layers=[...] with layer indices instead."
-            )
-        known = sorted(set(layer_types))
-        unknown = [t for t in spec.layer_types if t not in known]
-        if unknown:
-            from .spec import closest
-
-            raise ValueError(
-                f"Unknown layer type {unknown[0]!r}; this model's layer types are {', '.join(known)}."
-                + closest(unknown[0], known)
-            )
+        check_layer_types(spec.layer_types, layer_types, parts.arch.model_type)
+        assert layer_types is not None
         if parts.arch.rope_per_layer_type:
             for k in spec.layer_types:
                 model_wide[k] = spec.keep_mask(base_freqs[k])
@@ -317,9 +237,9 @@ def _prefixes(rotary: nn.Module, keys: list[str | None]) -> dict[str | None, int
     return out
 
 
-def _commit(parts: _Parts, new_config: Any, hook_masks: dict[int, list[bool]]) -> None:
+def _commit(parts: ModelParts, new_config: Any, hook_masks: dict[int, list[bool]]) -> None:
     fresh = _build_rotary(parts, new_config)
-    keys = _rope_keys(parts)
+    keys = parts.rope_keys()
     _remove_hooks(parts.model)
     for rotary in parts.rotaries:
         _copy_rotary_state(rotary, fresh)
@@ -334,18 +254,18 @@ def _commit(parts: _Parts, new_config: Any, hook_masks: dict[int, list[bool]]) -
         tagger = rotation.PrefixTagHook(prefixes)
         handles += [r.register_forward_hook(tagger, with_kwargs=True) for r in parts.rotaries]
     for layer, keep in sorted(hook_masks.items()):
-        key = _rope_key_of_layer(parts, layer)
+        key = parts.rope_key_of_layer(layer)
         hook = PositionMaskHook(keep, _attention_scaling(parts.rotaries[0], key))
         handles.append(parts.attentions[layer].register_forward_pre_hook(hook, with_kwargs=True))
     if handles:
         setattr(parts.model, _HOOKS_ATTR, handles)
 
 
-def _install(parts: _Parts, plan: _Plan | None, *, isolate_config: bool) -> None:
+def _install(parts: ModelParts, plan: _Plan | None, *, isolate_config: bool) -> None:
     old = parts.config
     new = copy.deepcopy(old) if isolate_config else old
     if plan is None:
-        new.rope_parameters = copy.deepcopy(_original_rope(old))
+        new.rope_parameters = copy.deepcopy(original_rope_parameters(old))
         if hasattr(new, CONFIG_KEY):
             delattr(new, CONFIG_KEY)
         hook_masks: dict[int, list[bool]] = {}
@@ -384,30 +304,43 @@ def patch_model(model: nn.Module, spec: PatchSpec | str = "p-rope", /, **params:
     models sharing the config object are not affected. Works on PEFT-wrapped models.
     """
     spec_obj = make_spec(spec, **params)
-    parts = _find_parts(model)
+    parts = model_parts(model)
     plan = _plan(parts, spec_obj)
     _install(parts, plan, isolate_config=True)
     return model
 
 
+def check_patch(model: nn.Module, spec: PatchSpec | str = "p-rope", /, **params: Any) -> PatchSpec:
+    """Validate a patch against a model without applying it; returns the spec.
+
+    Raises exactly what :func:`patch_model` would (layers out of range, an unknown layer
+    type, a head too small for ``p``...), so an entry point can check all of its input before
+    any work. The model is not touched.
+    """
+    spec_obj = make_spec(spec, **params)
+    _plan(model_parts(model), spec_obj)
+    return spec_obj
+
+
 def unpatch_model(model: nn.Module) -> nn.Module:
     """Remove any hf-prope patch: the original rope parameters, frequencies and no hooks."""
-    parts = _find_parts(model)
+    parts = model_parts(model)
     if getattr(parts.config, CONFIG_KEY, None) is None and not getattr(parts.model, _HOOKS_ATTR, None):
         return model
     _install(parts, None, isolate_config=True)
     return model
 
 
-def get_patch(model: nn.Module) -> PatchSpec | None:
-    """The patch a model carries (read from its config), or ``None``."""
-    inner = _unwrap(model)
-    state = getattr(getattr(inner, "config", None), CONFIG_KEY, None)
-    if not state:
-        return None
-    if not isinstance(state, dict) or "spec" not in state:
-        raise ValueError(f"config.{CONFIG_KEY} is malformed: expected an object with a 'spec' field, got {state!r}.")
-    return PatchSpec.from_dict(state["spec"])
+def patch_while_building(model: nn.Module, spec: PatchSpec) -> nn.Module:
+    """Patch a model from inside its own construction, writing into the config it is being built with.
+
+    :func:`patch_model` gives the model its own copy of its config; a model still being built
+    (class-level patching, :mod:`hf_prope.class_patching`) shares its config with the
+    enclosing model, which must see the patch too.
+    """
+    parts = model_parts(model)
+    _install(parts, _plan(parts, spec), isolate_config=False)
+    return model
 
 
 def restore_patch(model: nn.Module) -> nn.Module:
@@ -418,15 +351,15 @@ def restore_patch(model: nn.Module) -> nn.Module:
     """
     spec = get_patch(model)
     if spec is not None:
-        parts = _find_parts(model)
+        parts = model_parts(model)
         _install(parts, _plan(parts, spec), isolate_config=False)
     return model
 
 
 def patch_info(model: nn.Module) -> dict[str, Any]:
     """What the patch does to this model, per rope entry and per hooked layer (for reports and tests)."""
-    parts = _find_parts(model)
-    keys = _rope_keys(parts)
+    parts = model_parts(model)
+    keys = parts.rope_keys()
     info: dict[str, Any] = {"model_type": parts.arch.model_type, "spec": get_patch(model), "frequencies": {}}
     for k in keys:
         info["frequencies"][k or "all"] = _inv_freq(parts.rotaries[0], k).detach().float().cpu()
@@ -446,15 +379,15 @@ def layer_frequencies(model: nn.Module, *, original: bool = False) -> torch.Tens
     included (0 for a pair that does not rotate, whether by its frequency or by a layer
     hook); with ``original=True``, the model's own frequencies before any patch.
     """
-    parts = _find_parts(model)
-    n_layers = int(parts.config.num_hidden_layers)
+    parts = model_parts(model)
+    n_layers = parts.num_layers
     if original:
-        rotary = _build_rotary(parts, _with_rope(parts.config, _original_rope(parts.config)))
+        rotary = _build_rotary(parts, _with_rope(parts.config, original_rope_parameters(parts.config)))
     else:
         rotary = parts.rotaries[0]
     rows = []
     for layer in range(n_layers):
-        freq = _inv_freq(rotary, _rope_key_of_layer(parts, layer)).detach().float().cpu().clone()
+        freq = _inv_freq(rotary, parts.rope_key_of_layer(layer)).detach().float().cpu().clone()
         attention = parts.attentions.get(layer)
         if not original and attention is not None:
             for hook in attention._forward_pre_hooks.values():
@@ -462,105 +395,3 @@ def layer_frequencies(model: nn.Module, *, original: bool = False) -> torch.Tens
                     freq = freq * hook.channel_keep[: freq.numel()].to(freq.dtype)
         rows.append(freq)
     return torch.stack(rows)
-
-
-# ---------------------------------------------------------------------------------------------
-# Class level: models built afterwards are patched
-
-
-@dataclass
-class ClassPatch:
-    """A class-level patch in force; ``revert()`` restores the class (built models keep theirs)."""
-
-    model_type: str
-    spec: PatchSpec
-    cls: type
-    original_init: Callable[..., None]
-
-    def revert(self) -> None:
-        if _CLASS_PATCHES.get(self.model_type) is self:
-            self.cls.__init__ = self.original_init  # type: ignore[method-assign]
-            del _CLASS_PATCHES[self.model_type]
-
-
-_CLASS_PATCHES: dict[str, ClassPatch] = {}
-
-
-def apply_patch_to_class(model_type: str, spec: PatchSpec | str, /, **params: Any) -> ClassPatch:
-    """Patch every ``model_type`` model built from now on (e.g. by ``from_pretrained``).
-
-    Replaces any earlier class-level patch of that type. Undo with ``.revert()`` or
-    :func:`revert_class_patches`.
-    """
-    spec_obj = make_spec(spec, **params)
-    arch = get_architecture(model_type)
-    cls = arch.base_model_class
-    previous = _CLASS_PATCHES.get(model_type)
-    if previous is not None:
-        previous.revert()
-    original_init = cls.__init__
-
-    def __init__(self: nn.Module, config: Any, *args: Any, **kwargs: Any) -> None:
-        original_init(self, config, *args, **kwargs)
-        parts = _find_parts(self)
-        # The config is the one being built with (shared with the enclosing model): patch it in place.
-        _install(parts, _plan(parts, spec_obj), isolate_config=False)
-
-    __init__.__wrapped__ = original_init  # type: ignore[attr-defined]
-    cls.__init__ = __init__  # type: ignore[method-assign]
-    patch = ClassPatch(model_type, spec_obj, cls, original_init)
-    _CLASS_PATCHES[model_type] = patch
-    return patch
-
-
-def revert_class_patches(model_type: str | None = None) -> None:
-    """Undo class-level patches (all, or one model type's)."""
-    for mt in [model_type] if model_type else list(_CLASS_PATCHES):
-        if mt in _CLASS_PATCHES:
-            _CLASS_PATCHES[mt].revert()
-
-
-def class_patches() -> dict[str, PatchSpec]:
-    """Model types with a class-level patch in force, and their specs."""
-    return {mt: cp.spec for mt, cp in _CLASS_PATCHES.items()}
-
-
-def make_arch_functions(model_type: str, name: str | None = None) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """``apply_patch_to_<name>`` and ``apply_p_rope_to_<name>`` for one architecture (Liger-style)."""
-    name = name or model_type
-
-    def apply_patch(spec: PatchSpec | str = "p-rope", /, *, model: nn.Module | None = None, **params: Any) -> Any:
-        if model is not None:
-            mt = getattr(getattr(_unwrap(model), "config", None), "model_type", None)
-            if mt != model_type:
-                raise ValueError(f"This function patches {model_type} models; the model given is {mt!r}.")
-            return patch_model(model, spec, **params)
-        return apply_patch_to_class(model_type, spec, **params)
-
-    def apply_p_rope(
-        p: float,
-        *,
-        rotate: str = "highest",
-        layers: list[int] | None = None,
-        layer_types: list[str] | None = None,
-        model: nn.Module | None = None,
-    ) -> Any:
-        extra: dict[str, Any] = {"p": p, "rotate": rotate}
-        if layers is not None:
-            extra["layers"] = layers
-        if layer_types is not None:
-            extra["layer_types"] = layer_types
-        return apply_patch("p-rope", model=model, **extra)
-
-    apply_patch.__name__ = f"apply_patch_to_{name}"
-    apply_patch.__doc__ = (
-        f"Patch {model_type} models. With ``model=``, patch that already-built model (see ``patch_model``); "
-        f"without, patch the class so {model_type} models built afterwards are patched; returns a ClassPatch "
-        "whose ``revert()`` undoes it."
-    )
-    apply_p_rope.__name__ = f"apply_p_rope_to_{name}"
-    apply_p_rope.__doc__ = (
-        f"p-RoPE for {model_type}: rotate only the highest fraction ``p`` of frequencies (``rotate='lowest'`` "
-        "for the paper's control). With ``model=``, patch that model; without, patch the class."
-    )
-    return apply_patch, apply_p_rope

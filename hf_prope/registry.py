@@ -1,7 +1,9 @@
 """The one registry of supported architectures (model type -> where its RoPE lives).
 
-Each architecture family in :mod:`hf_prope.patches` registers its entries here;
-everything else (patching, class-level patching, the custom rope type) looks
+Each architecture family in :mod:`hf_prope.patches` registers its entries here, and with
+them every fact hf-prope needs about the architecture (class names, how its rotary
+module is laid out, its per-head norms, its sliding window, a hint for look-alike model
+types). Everything else (patching, analysis, the recipes, the tests' tiny models) looks
 architectures up in :data:`ARCHITECTURES` and nowhere else.
 """
 
@@ -32,6 +34,9 @@ class Architecture:
     ``query_norm`` / ``key_norm`` name the attention's per-head norm applied to the
     ``q_proj`` / ``k_proj`` output before rotation, where the model has one;
     :mod:`hf_prope.analysis` reads the projections with forward hooks and applies it.
+    ``sliding_window_on_every_layer`` is true when, without ``config.layer_types``, the
+    config's ``sliding_window`` limits every layer (Mistral); with layer types, only the
+    ``sliding_attention`` layers are limited.
     """
 
     model_type: str
@@ -40,9 +45,12 @@ class Architecture:
     rotary_class_name: str
     attention_class_name: str
     base_model_class_name: str
+    config_class_name: str
+    causal_lm_class_name: str
     rope_per_layer_type: bool = False
     query_norm: str | None = None
     key_norm: str | None = None
+    sliding_window_on_every_layer: bool = False
 
     def _cls(self, name: str) -> Any:
         return getattr(importlib.import_module(self.modeling_module), name)
@@ -59,8 +67,29 @@ class Architecture:
     def base_model_class(self) -> type[nn.Module]:
         return self._cls(self.base_model_class_name)
 
+    @property
+    def causal_lm_class(self) -> type[nn.Module]:
+        return self._cls(self.causal_lm_class_name)
+
+    @property
+    def config_class(self) -> type:
+        configuration = self.modeling_module.replace(".modeling_", ".configuration_")
+        return getattr(importlib.import_module(configuration), self.config_class_name)
+
+    def attention_span(self, config: Any, layer: int) -> int | None:
+        """How far back decoder layer ``layer`` of a model with ``config`` can attend, or ``None`` for no limit."""
+        window = getattr(config, "sliding_window", None)
+        if not window:
+            return None
+        types = getattr(config, "layer_types", None)
+        if types:
+            return int(window) if types[layer] == "sliding_attention" else None
+        return int(window) if self.sliding_window_on_every_layer else None
+
 
 ARCHITECTURES: dict[str, Architecture] = {}
+# Model types hf-prope does not patch but users reach for, with what to do instead.
+HINTS: dict[str, str] = {}
 
 
 def register_architecture(arch: Architecture) -> Architecture:
@@ -69,6 +98,11 @@ def register_architecture(arch: Architecture) -> Architecture:
         raise ValueError(f"Architecture {arch.model_type!r} is already registered.")
     ARCHITECTURES[arch.model_type] = arch
     return arch
+
+
+def register_hint(model_type: str, hint: str) -> None:
+    """What to tell a user who passes a ``model_type`` model that is close to a supported one."""
+    HINTS[model_type] = hint
 
 
 def supported_model_types() -> list[str]:
@@ -85,9 +119,7 @@ def get_architecture(model_type: str, *, has_rotary: bool | None = None) -> Arch
             "so there are no RoPE frequencies to patch. hf-prope patches RoPE models: "
             f"{', '.join(supported_model_types())}."
         )
-    hint = ""
-    if model_type == "gemma3":
-        hint = " For a multimodal Gemma 3, load its text model (Gemma3ForCausalLM) or patch model.language_model."
+    hint = f" {HINTS[model_type]}" if model_type in HINTS else ""
     raise UnsupportedModelError(
         f"Model type {model_type!r} is not supported by hf-prope. Supported model types: "
         f"{', '.join(supported_model_types())}.{hint}"

@@ -6,8 +6,8 @@ layers theta 1e6) and its rotary module keeps frequencies per type, so a
 transformers). Gemma 2 has layer types but one shared rotary: hooks.
 """
 
-from hf_prope.patching import make_arch_functions
-from hf_prope.registry import Architecture, register_architecture
+from hf_prope.class_patching import make_arch_functions
+from hf_prope.registry import Architecture, register_architecture, register_hint
 
 register_architecture(
     Architecture(
@@ -17,6 +17,8 @@ register_architecture(
         rotary_class_name="GemmaRotaryEmbedding",
         attention_class_name="GemmaAttention",
         base_model_class_name="GemmaModel",
+        config_class_name="GemmaConfig",
+        causal_lm_class_name="GemmaForCausalLM",
     )
 )
 register_architecture(
@@ -27,6 +29,8 @@ register_architecture(
         rotary_class_name="Gemma2RotaryEmbedding",
         attention_class_name="Gemma2Attention",
         base_model_class_name="Gemma2Model",
+        config_class_name="Gemma2Config",
+        causal_lm_class_name="Gemma2ForCausalLM",
     )
 )
 register_architecture(
@@ -37,10 +41,16 @@ register_architecture(
         rotary_class_name="Gemma3RotaryEmbedding",
         attention_class_name="Gemma3Attention",
         base_model_class_name="Gemma3TextModel",
+        config_class_name="Gemma3TextConfig",
+        causal_lm_class_name="Gemma3ForCausalLM",
         rope_per_layer_type=True,
         query_norm="q_norm",  # Gemma 3 normalises each query/key head before rotating it
         key_norm="k_norm",
     )
+)
+
+register_hint(
+    "gemma3", "For a multimodal Gemma 3, load its text model (Gemma3ForCausalLM) or patch model.language_model."
 )
 
 apply_patch_to_gemma, apply_p_rope_to_gemma = make_arch_functions("gemma")

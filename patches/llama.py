@@ -1,6 +1,6 @@
 """Llama (also the architecture of SmolLM2)."""
 
-from hf_prope.patching import make_arch_functions
+from hf_prope.class_patching import make_arch_functions
 from hf_prope.registry import Architecture, register_architecture
 
 register_architecture(
@@ -11,6 +11,8 @@ register_architecture(
         rotary_class_name="LlamaRotaryEmbedding",
         attention_class_name="LlamaAttention",
         base_model_class_name="LlamaModel",
+        config_class_name="LlamaConfig",
+        causal_lm_class_name="LlamaForCausalLM",
     )
 )
 

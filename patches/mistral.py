@@ -1,6 +1,6 @@
 """Mistral."""
 
-from hf_prope.patching import make_arch_functions
+from hf_prope.class_patching import make_arch_functions
 from hf_prope.registry import Architecture, register_architecture
 
 register_architecture(
@@ -11,6 +11,9 @@ register_architecture(
         rotary_class_name="MistralRotaryEmbedding",
         attention_class_name="MistralAttention",
         base_model_class_name="MistralModel",
+        config_class_name="MistralConfig",
+        causal_lm_class_name="MistralForCausalLM",
+        sliding_window_on_every_layer=True,  # config.sliding_window limits every layer
     )
 )
 

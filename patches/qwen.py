@@ -1,7 +1,7 @@
 """Qwen 2 and Qwen 3. Both have ``config.layer_types`` (sliding / full attention) but one
 rotary module for all layers, so ``layer_types=`` patches use per-layer hooks."""
 
-from hf_prope.patching import make_arch_functions
+from hf_prope.class_patching import make_arch_functions
 from hf_prope.registry import Architecture, register_architecture
 
 for _version in ("2", "3"):
@@ -13,6 +13,8 @@ for _version in ("2", "3"):
             rotary_class_name=f"Qwen{_version}RotaryEmbedding",
             attention_class_name=f"Qwen{_version}Attention",
             base_model_class_name=f"Qwen{_version}Model",
+            config_class_name=f"Qwen{_version}Config",
+            causal_lm_class_name=f"Qwen{_version}ForCausalLM",
             # Qwen 3 normalises each query/key head before rotating it.
             query_norm="q_norm" if _version == "3" else None,
             key_norm="k_norm" if _version == "3" else None,

@@ -6,7 +6,7 @@ Each recipe is a class with ``setup`` / ``run`` (and, for training, ``train`` / 
     hf-prope run lora --config smollm2_135m_p_rope_lora p=0.25 max_steps=200
     torchrun --nproc_per_node 8 -m hf_prope run lora --config ...
 
-or from Python::
+or from Python (a recipe is built from named settings objects; ``from_config`` makes them)::
 
     from hf_prope.recipes import get_recipe
     recipe = get_recipe("lora").from_config("smollm2_135m_p_rope_lora", {"max_steps": 20})
@@ -23,6 +23,7 @@ from .base import Recipe
 from .config import config_path, packaged_configs, parse_config
 from .context_eval import ContextEvalRecipe
 from .lora import LoRARecipe
+from .training import TrainingRecipe
 
 RECIPES: dict[str, type[Recipe]] = {recipe.name: recipe for recipe in (LoRARecipe, ContextEvalRecipe, AnalyzeRecipe, AblationRecipe)}
 
@@ -34,5 +35,5 @@ def get_recipe(name: str) -> type[Recipe]:
     return RECIPES[name]
 
 
-__all__ = ["RECIPES", "Recipe", "LoRARecipe", "ContextEvalRecipe", "AnalyzeRecipe", "AblationRecipe", "get_recipe", "parse_config", "config_path",
+__all__ = ["RECIPES", "Recipe", "TrainingRecipe", "LoRARecipe", "ContextEvalRecipe", "AnalyzeRecipe", "AblationRecipe", "get_recipe", "parse_config", "config_path",
            "packaged_configs"]

@@ -31,24 +31,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
 from transformers import TrainingArguments
 
 from .base import (
     RESULTS_FILE,
     DataArguments,
-    Recipe,
     barrier,
     check_writable,
-    clear_previous_run,
-    has_accelerator,
     is_main_process,
     pyplot,
-    refuse_previous_run,
     save_figure,
     write_atomic,
     write_json,
 )
+from .training import TrainingRecipe, loss_curve
 
 PLOT_FILE = "results.png"
 TABLE_FILE = "results.md"
@@ -64,7 +60,7 @@ DEFAULT_VARIANTS = ["rope", "rope@500k", "nope", "p-rope-0.25", "p-rope-0.75", "
 
 
 @dataclass(frozen=True)
-class Variant:
+class AblationVariant:
     """One positional encoding of the ablation: a RoPE base and the hf-prope patch on top (or none)."""
 
     name: str
@@ -98,7 +94,7 @@ def _parse_theta(text: str) -> float:
     return float(text[:-1] if scale != 1.0 else text) * scale
 
 
-def parse_variant(name: str, default_theta: float) -> Variant:
+def parse_variant(name: str, default_theta: float) -> AblationVariant:
     """``rope``, ``nope``, ``p-rope-<p>`` or ``p-rope-<p>-lowest``, each optionally ``@<theta>`` (``rope@500k``).
 
     ``p-rope-0.75-lowest`` keeps the *lowest* 75% of the frequencies rotating: the paper's control,
@@ -126,7 +122,7 @@ def parse_variant(name: str, default_theta: float) -> Variant:
         except ValueError:
             raise ValueError(f"Variant {name!r}: {match['p']!r} is not a number.") from None
         spec = PatchSpec("p-rope", p=p, rotate="lowest" if match["lowest"] else "highest")
-    return Variant(name=name.strip(), theta=theta, spec=spec)
+    return AblationVariant(name=name.strip(), theta=theta, spec=spec)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,7 +133,8 @@ def parse_variant(name: str, default_theta: float) -> Variant:
 class ScratchModelArguments:
     """The model trained from scratch (a transformers config built in code) and its tokenizer."""
 
-    model_type: str = field(default="llama", metadata={"help": "Architecture: llama, mistral, gemma, gemma2, gemma3_text, qwen2, qwen3."})
+    model_type: str = field(default="llama", metadata={"help": "Architecture: any model type hf-prope supports "
+                            "(hf_prope.supported_model_types(): llama, mistral, gemma, gemma2, gemma3_text, qwen2, qwen3)."})
     hidden_size: int = field(default=192, metadata={"help": "Width of the residual stream."})
     num_hidden_layers: int = field(default=4, metadata={"help": "Decoder layers."})
     num_attention_heads: int = field(default=3, metadata={"help": "Query heads."})
@@ -216,7 +213,7 @@ class AblationArguments:
 # Building a variant's model
 
 
-def scratch_config(args: ScratchModelArguments, variant: Variant, tokenizer: Any, max_positions: int) -> Any:
+def scratch_config(args: ScratchModelArguments, variant: AblationVariant, tokenizer: Any, max_positions: int) -> Any:
     """The transformers config of ``variant``'s model: the architecture's own config class, RoPE base set."""
     from transformers import AutoConfig
 
@@ -251,7 +248,7 @@ def scratch_config(args: ScratchModelArguments, variant: Variant, tokenizer: Any
 @contextlib.contextmanager
 def _class_patch(model_type: str, spec: Any | None) -> Iterator[None]:
     """Patch the architecture's class while the block builds models; any earlier class patch comes back after."""
-    from hf_prope.patching import apply_patch_to_class, class_patches, revert_class_patches
+    from hf_prope.class_patching import apply_patch_to_class, class_patches, revert_class_patches
 
     if spec is None:
         yield
@@ -268,7 +265,7 @@ def _class_patch(model_type: str, spec: Any | None) -> Iterator[None]:
             revert_class_patches(model_type)
 
 
-def build_model(args: ScratchModelArguments, variant: Variant, tokenizer: Any, *, seed: int, max_positions: int) -> Any:
+def build_model(args: ScratchModelArguments, variant: AblationVariant, tokenizer: Any, *, seed: int, max_positions: int) -> Any:
     """``variant``'s freshly initialised model; the same ``seed`` gives the same weights in every variant."""
     from transformers import AutoModelForCausalLM, set_seed
 
@@ -300,25 +297,22 @@ def load_tokenizer(args: ScratchModelArguments, dataset: Any, text_column: str) 
     from transformers import AutoTokenizer
 
     from hf_prope import models
+    from hf_prope.files import local_path
 
     if args.tokenizer == "bpe":
         return train_bpe_tokenizer((t for t in dataset[text_column] if isinstance(t, str) and t), args.vocab_size)
     if args.tokenizer in models.EMBEDDED_MODELS:
         return models.load_gguf_tokenizer(models.embedded_gguf_path(args.tokenizer))
-    path = Path(args.tokenizer).expanduser()
-    if path.is_dir():
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if args.tokenizer.startswith((".", "/", "~")):
+    path = local_path(args.tokenizer)
+    if path is None:
+        return AutoTokenizer.from_pretrained(args.tokenizer)
+    if not path.is_dir():
         raise FileNotFoundError(f"No tokenizer folder at {args.tokenizer!r}.")
-    return AutoTokenizer.from_pretrained(args.tokenizer)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 # ---------------------------------------------------------------------------------------------
 # The recipe
-
-
-def _curve(log_history: list[dict[str, Any]], key: str) -> list[list[float]]:
-    return [[entry["step"], entry[key]] for entry in log_history if key in entry and "step" in entry]
 
 
 def _spread(values: list[float]) -> dict[str, float | None]:
@@ -330,7 +324,7 @@ def _spread(values: list[float]) -> dict[str, float | None]:
     }
 
 
-class AblationRecipe(Recipe):
+class AblationRecipe(TrainingRecipe):
     """``hf-prope run ablation``: every positional-encoding variant trained from scratch, several seeds each.
 
     ``run()`` = ``setup()`` (every check, the tokenizer and the data split), ``train()`` (one
@@ -340,15 +334,20 @@ class AblationRecipe(Recipe):
     name = "ablation"
     description = "Train one small model from scratch per positional encoding (RoPE, NoPE, p-RoPE), several seeds"
     default_config = "ablation_python_docs"
-    arguments = (ScratchModelArguments, DataArguments, AblationArguments, TrainingArguments)
+    arguments = {
+        "model_args": ScratchModelArguments, "data_args": DataArguments, "ablation_args": AblationArguments,
+        "training_args": TrainingArguments,
+    }
+    outputs = _OUTPUTS
+    run_settings = "ablation_args"
 
-    @classmethod
-    def machine_defaults(cls) -> dict[str, Any]:
-        return {} if has_accelerator() else {"use_cpu": True}
+    model_args: ScratchModelArguments
+    data_args: DataArguments
+    ablation_args: AblationArguments
+    training_args: TrainingArguments
 
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        self.model_args, self.data_args, self.ablation_args, self.training_args = args
+    def __init__(self, *positional: Any, **settings: Any) -> None:
+        super().__init__(*positional, **settings)
         self.runs: dict[str, dict[int, dict[str, Any]]] = {}
 
     # -----------------------------------------------------------------------------------------
@@ -380,7 +379,7 @@ class AblationRecipe(Recipe):
         self.out = Path(ta.output_dir).expanduser().resolve()
         if is_main_process():
             check_writable(self.out)
-            self._check_previous_run()
+            self.check_previous_run()
         dataset = self.data_args.load()
         saved = self.out / TOKENIZER_DIR
         if aa.resume and saved.is_dir():
@@ -401,38 +400,29 @@ class AblationRecipe(Recipe):
                                 min_blocks=ta.per_device_train_batch_size * world)
         heldout = self.split.heldout
         self.eval_blocks = heldout[: heldout.numel() // aa.block_size * aa.block_size].reshape(-1, aa.block_size)
-        self.tokens_per_step = tokens_per_step = (
-            ta.per_device_train_batch_size * ta.gradient_accumulation_steps * world * aa.block_size
-        )
+        self.step_tokens = tokens_per_step = self.tokens_per_step(aa.block_size)
         self.say(
             f"Data: {self.split.total_tokens:,} tokens ({len(self.tokenizer):,}-token vocabulary); "
             f"{self.split.train_blocks.shape[0]:,} training blocks of {aa.block_size}, held out the last "
             f"{heldout.numel():,}. {len(self.variants)} variants x {len(aa.seeds)} seeds, {ta.max_steps} steps of "
             f"{tokens_per_step:,} tokens each ({ta.max_steps * tokens_per_step / self.split.train_tokens:.1f} epochs)."
         )
-        self._clear_previous_run()
+        self.clear_previous_run()
         barrier()
-
-    def _check_previous_run(self) -> None:
-        refuse_previous_run(self.out, _OUTPUTS, resume=self.ablation_args.resume, overwrite=self.ablation_args.overwrite)
-
-    def _clear_previous_run(self) -> None:
-        if self.ablation_args.overwrite and is_main_process():
-            clear_previous_run(self.out, _OUTPUTS)
 
     # -----------------------------------------------------------------------------------------
 
-    def run_dir(self, variant: Variant, seed: int) -> Path:
+    def run_dir(self, variant: AblationVariant, seed: int) -> Path:
         return self.out / RUNS_DIR / variant.name / f"seed{seed}"
 
     def train(self) -> None:
         """One training run per variant and seed, seeds outermost so a partial run already holds paired results."""
         aa = self.ablation_args
         if is_main_process() and not (self.out / TOKENIZER_DIR).is_dir():
-            tmp = self.out / f".{TOKENIZER_DIR}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.tokenizer.save_pretrained(tmp)
-            tmp.replace(self.out / TOKENIZER_DIR)
+            from hf_prope.files import atomic_path
+
+            with atomic_path(self.out / TOKENIZER_DIR, folder=True) as tmp:
+                self.tokenizer.save_pretrained(tmp)
         jobs = [(seed, variant) for seed in aa.seeds for variant in self.variants]
         for n, (seed, variant) in enumerate(jobs, 1):
             started = time.perf_counter()
@@ -444,14 +434,11 @@ class AblationRecipe(Recipe):
                          f"{aa.block_size}, {result['perplexity_long']:.3f} at {aa.long_eval_window} ({spent:.0f} s; "
                          f"about {spent * (len(jobs) - n) / 60:.0f} min left)")
 
-    def _train_one(self, variant: Variant, seed: int, tag: str) -> dict[str, Any]:
-        from transformers import Trainer, default_data_collator
+    def _train_one(self, variant: AblationVariant, seed: int, tag: str) -> dict[str, Any]:
         from transformers.trainer_utils import get_last_checkpoint
 
         import hf_prope
         from hf_prope.evaluation import perplexity
-
-        from .lora import _BlockDataset, _PatchRecordCallback
 
         aa = self.ablation_args
         started = time.perf_counter()
@@ -466,10 +453,8 @@ class AblationRecipe(Recipe):
             eval_strategy="steps" if self.training_args.eval_steps else "no",
             per_device_eval_batch_size=aa.eval_batch_size,
         )
-        trainer = Trainer(
-            model=model, args=args, train_dataset=_BlockDataset(self.split.train_blocks),
-            eval_dataset=_BlockDataset(self.eval_blocks) if args.eval_strategy != "no" else None,
-            data_collator=default_data_collator, callbacks=[_PatchRecordCallback()],
+        trainer = self.make_trainer(
+            model, args, self.split.train_blocks, eval_blocks=self.eval_blocks if args.eval_strategy != "no" else None
         )
         last = get_last_checkpoint(str(folder)) if aa.resume and folder.is_dir() else None
         self.say(f"{tag} {variant.name} seed {seed}: {variant.label}, {args.max_steps} steps"
@@ -483,8 +468,8 @@ class AblationRecipe(Recipe):
                                      n_windows=aa.heldout_tokens // aa.block_size, batch_size=aa.eval_batch_size),
             "perplexity_long": perplexity(model, self.split.heldout, window=aa.long_eval_window,
                                           n_windows=aa.long_eval_windows, batch_size=aa.eval_batch_size),
-            "train_loss": _curve(trainer.state.log_history, "loss"),
-            "eval_loss": _curve(trainer.state.log_history, "eval_loss"),
+            "train_loss": loss_curve(trainer.state.log_history, "loss"),
+            "eval_loss": loss_curve(trainer.state.log_history, "eval_loss"),
             "frequencies": hf_prope.layer_frequencies(model)[0].tolist(),
             "seconds": round(time.perf_counter() - started, 1),
             "train_seconds": round(float(trainer.state.log_history[-1].get("train_runtime", 0.0)), 1),
@@ -524,7 +509,7 @@ class AblationRecipe(Recipe):
             entry["train_loss"] = _mean_curve([runs[s]["train_loss"] for s in seeds])
             entry["eval_loss"] = _mean_curve([runs[s]["eval_loss"] for s in seeds])
             variants[variant.name] = entry
-        tokens_per_step = self.tokens_per_step
+        tokens_per_step = self.step_tokens
         self.summary = {
             "model": {"model_type": ma.model_type, "hidden_size": ma.hidden_size, "num_hidden_layers": ma.num_hidden_layers,
                       "num_attention_heads": ma.num_attention_heads, "head_dim": ma.head_dim,
@@ -656,5 +641,5 @@ def load_results(folder: str | Path) -> dict[str, Any]:
     return json.loads((Path(folder) / RESULTS_FILE).read_text())
 
 
-__all__ = ["AblationRecipe", "ScratchModelArguments", "AblationArguments", "Variant", "parse_variant", "build_model",
+__all__ = ["AblationRecipe", "ScratchModelArguments", "AblationArguments", "AblationVariant", "parse_variant", "build_model",
            "scratch_config", "train_bpe_tokenizer", "format_table", "plot_results", "load_results"]

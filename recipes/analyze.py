@@ -34,7 +34,6 @@ from .base import (
     ModelArguments,
     Recipe,
     check_writable,
-    load_model,
     pyplot,
     save_figure,
     write_atomic,
@@ -102,28 +101,27 @@ class AnalyzeRecipe(Recipe):
     name = "analyze"
     description = "which frequencies a model uses, its positional heads and a checked suggestion of p (report)"
     default_config = None
-    arguments = (ModelArguments, DataArguments, AnalysisArguments)
+    arguments = {"model_args": ModelArguments, "data_args": DataArguments, "analysis_args": AnalysisArguments}
 
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        self.model_args, self.data_args, self.analysis_args = args
+    model_args: ModelArguments
+    data_args: DataArguments
+    analysis_args: AnalysisArguments
 
     @property
     def context(self) -> int:
         return self.analysis_args.context_length or self.analysis_args.window
 
     def setup(self) -> None:
-        """Every check (folder, data, model, layer, text length) before any measurement."""
-        from hf_prope.analysis import token_windows
-        from hf_prope.data import tokenize_dataset
-        from hf_prope.patching import get_patch
+        """Every check (folder, data, model, layer, text length) before any measurement; creates nothing."""
+        from hf_prope.data import token_windows, tokenize_dataset
+        from hf_prope.state import get_patch
 
         aa = self.analysis_args
         self.started = time.perf_counter()
         self.out = check_writable(aa.output_dir)
         dataset = self.data_args.load()
         self.say(f"Loading {self.model_args.model} ...")
-        self.model, self.tokenizer = load_model(self.model_args)
+        self.model, self.tokenizer = self.model_args.load()
         n_layers = int(self.model.config.num_hidden_layers)
         if aa.layer is not None and not 0 <= aa.layer < n_layers:
             raise ValueError(

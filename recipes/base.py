@@ -1,18 +1,26 @@
-"""What every recipe shares: the class shape, model loading, the output folder, rank-0 writes."""
+"""What every recipe shares: the class shape, the model/data/patch settings, rank-0 output, plots.
+
+A recipe is a class built with named settings objects (``LoRARecipe(model_args=...,
+data_args=..., ...)``, or :meth:`Recipe.from_config` from a YAML file and overrides);
+``setup()`` checks everything, creating nothing, and ``run()`` works. The training layer
+two recipes share is in :mod:`hf_prope.recipes.training`.
+"""
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import sys
-import tempfile
-import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Sequence
 
 import torch
+
+from hf_prope.evaluation import rank_and_world
+from hf_prope.files import atomic_path, check_writable, write_atomic, write_json
+
+__all__ = ["ModelArguments", "DataArguments", "PatchArguments", "Recipe", "SECRET_KEYS", "RESULTS_FILE",
+           "is_main_process", "barrier", "pyplot", "save_figure", "check_writable", "write_atomic", "write_json"]
 
 
 @dataclass
@@ -28,6 +36,12 @@ class ModelArguments:
     dtype: Literal["float32", "bfloat16", "float16"] = field(
         default="float32", metadata={"help": "Dtype of the loaded weights (use bf16=true for mixed precision)."}
     )
+
+    def load(self) -> tuple[Any, Any]:
+        """Model (eval mode) and tokenizer, through :func:`hf_prope.models.load_model`."""
+        from hf_prope.models import load_model
+
+        return load_model(self.model, dtype=getattr(torch, self.dtype), revision=self.model_revision)
 
 
 @dataclass
@@ -78,113 +92,11 @@ class PatchArguments:
         return make_spec(self.patch, **{k: v for k, v in params.items() if v is not None})
 
 
-def load_model(args: ModelArguments) -> tuple[Any, Any]:
-    """Model and tokenizer from an embedded name, a GGUF file, a local folder or the Hub; eval mode.
-
-    For a folder or Hub id the config is read first, so an unsupported model type fails
-    before any weights are fetched.
-    """
-    from hf_prope import models
-    from hf_prope.registry import get_architecture
-
-    dtype = getattr(torch, args.dtype)
-    path = Path(args.model).expanduser()
-    if args.model in models.EMBEDDED_MODELS or (path.is_file() and path.suffix == ".gguf"):
-        model, tokenizer = models.load_model(str(path) if path.is_file() else args.model, dtype=dtype)
-        get_architecture(model.config.model_type)
-        return model, tokenizer
-    if not path.is_dir() and (path.suffix == ".gguf" or args.model.startswith((".", "/", "~"))):
-        raise FileNotFoundError(f"No model file or folder at {args.model!r}.")
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    kwargs: dict[str, Any] = {"local_files_only": True} if path.is_dir() else {"revision": args.model_revision}
-    source = str(path) if path.is_dir() else args.model
-    get_architecture(AutoConfig.from_pretrained(source, **kwargs).model_type)
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-    return model.eval(), tokenizer
-
-
-def check_patch_fits(model: Any, spec: Any) -> None:
-    """Apply ``spec`` and take it off again: raises (layers, layer types, head size) before any real work."""
-    from hf_prope.patching import patch_model, unpatch_model
-
-    patch_model(model, spec)
-    unpatch_model(model)
-
-
-def has_accelerator() -> bool:
-    """Whether torch sees a GPU (or another accelerator) on this machine."""
-    accelerator = getattr(torch, "accelerator", None)
-    if accelerator is not None and hasattr(accelerator, "is_available"):
-        return bool(accelerator.is_available())
-    return torch.cuda.is_available()
-
-
-def check_writable(folder: str | os.PathLike[str]) -> Path:
-    """Create ``folder`` if needed and prove it can be written, before any work is done."""
-    path = Path(folder).expanduser().resolve()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".hf-prope-write-test-{uuid.uuid4().hex[:8]}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise PermissionError(f"The output folder {path} cannot be written ({err.strerror}); choose another output_dir.") from None
-    return path
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write a file through a temporary name in the same folder, so readers never see half of it."""
-    mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            f.write(data)
-        # mkstemp makes the file private (0600); give it the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, value: Any) -> None:
-    write_atomic(path, json.dumps(value, indent=2, sort_keys=False, default=str) + "\n")
-
-
-def previous_run(out: Path, names: Sequence[str]) -> list[Path]:
-    """What a recipe's earlier run left in ``out`` (among the outputs ``names``)."""
-    return [p for p in (out / name for name in names) if p.exists()]
-
-
-def refuse_previous_run(out: Path, names: Sequence[str], *, resume: bool, overwrite: bool) -> None:
-    """An existing run is never mixed with or overwritten by a new one unless the user says which."""
-    found = previous_run(out, names)
-    if found and not resume and not overwrite:
-        raise FileExistsError(
-            f"{out} already holds a run ({', '.join(p.name for p in found)}). Pass resume=true to continue "
-            "it, overwrite=true to discard it, or choose another output_dir."
-        )
-
-
-def clear_previous_run(out: Path, names: Sequence[str]) -> None:
-    """Delete an earlier run's outputs (call only once every check of the new run has passed)."""
-    for p in previous_run(out, names):
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-
-
 def is_main_process() -> bool:
-    from hf_prope.evaluation import rank_and_world
-
     return rank_and_world()[0] == 0
 
 
 def barrier() -> None:
-    from hf_prope.evaluation import rank_and_world
-
     if rank_and_world()[1] > 1:
         torch.distributed.barrier()
 
@@ -200,38 +112,62 @@ def pyplot() -> Any:
 
 
 def save_figure(fig: Any, path: Path) -> None:
-    """Save a figure as PNG through a temporary name, then close it."""
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    pyplot().close(fig)
-    tmp.replace(path)
+    """Save a figure as PNG (atomically), then close it."""
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        pyplot().close(fig)
 
 
 RESULTS_FILE = "results.json"
+# Settings that hold credentials: never written to results.json (matched by name, exactly).
+SECRET_KEYS = frozenset({"hub_token", "token", "hf_token", "push_to_hub_token", "api_key"})
 
 
 class Recipe:
-    """A recipe is configured by dataclasses, then ``setup()`` checks everything and ``run()`` works.
+    """A recipe is configured by named settings dataclasses, then ``setup()`` checks everything and ``run()`` works.
 
-    Subclasses set :attr:`name` and :attr:`arguments` and implement ``setup`` and ``run``;
-    ``from_config`` builds one from a YAML file and overrides.
+    Subclasses set :attr:`name` and :attr:`arguments` (attribute name -> settings dataclass,
+    e.g. ``{"model_args": ModelArguments, ...}``) and implement ``setup`` and ``run``; each
+    settings object becomes the attribute of that name. ``from_config`` builds one from a YAML
+    file and overrides; extra keyword arguments (``callbacks=`` for training recipes) go to the
+    constructor.
     """
 
     name: ClassVar[str]
-    arguments: ClassVar[tuple[type, ...]]
+    arguments: ClassVar[dict[str, type]]
     description: ClassVar[str] = ""
     default_config: ClassVar[str | None] = None  # what `hf-prope run NAME` uses without --config
 
-    def __init__(self, *args: Any) -> None:
-        if len(args) != len(self.arguments) or not all(isinstance(a, t) for a, t in zip(args, self.arguments)):
-            raise TypeError(f"{type(self).__name__} takes {', '.join(t.__name__ for t in self.arguments)}.")
-        self.args = args
+    def __init__(self, *positional: Any, **settings: Any) -> None:
+        expected = self.arguments
+        missing = [k for k in expected if k not in settings]
+        unknown = [k for k in settings if k not in expected]
+        wrong = [k for k, t in expected.items() if k in settings and not isinstance(settings[k], t)]
+        if positional or missing or unknown or wrong:
+            want = ", ".join(f"{k}={t.__name__}(...)" for k, t in expected.items())
+            raise TypeError(f"{type(self).__name__} takes the named settings {want}.")
+        self.args: dict[str, Any] = {k: settings[k] for k in expected}
+        for key, value in self.args.items():
+            setattr(self, key, value)
 
     @classmethod
-    def from_config(cls, config: str | os.PathLike[str] | None = None, overrides: Sequence[str] | dict[str, Any] = ()) -> "Recipe":
+    def settings_types(cls) -> list[type]:
+        """The settings dataclasses, in the order the command line's help lists them."""
+        return list(cls.arguments.values())
+
+    @classmethod
+    def from_config(
+        cls,
+        config: str | os.PathLike[str] | None = None,
+        overrides: Sequence[str] | dict[str, Any] = (),
+        **extra: Any,
+    ) -> "Recipe":
         from .config import parse_config
 
-        return cls(*parse_config(cls.arguments, config, overrides, defaults=cls.machine_defaults()))
+        values = parse_config(cls.settings_types(), config, overrides, defaults=cls.machine_defaults())
+        return cls(**dict(zip(cls.arguments, values)), **extra)
 
     @classmethod
     def machine_defaults(cls) -> dict[str, Any]:
@@ -239,11 +175,11 @@ class Recipe:
         return {}
 
     def settings(self) -> dict[str, Any]:
-        """Every setting of the recipe as plain JSON values (tokens removed)."""
+        """Every setting of the recipe as plain JSON values, credentials (:data:`SECRET_KEYS`) left out."""
         out: dict[str, Any] = {}
-        for arg in self.args:
+        for arg in self.args.values():
             values = arg.to_dict() if hasattr(arg, "to_dict") else asdict(arg)
-            out.update({k: v for k, v in values.items() if "token" not in k})
+            out.update({k: v for k, v in values.items() if k not in SECRET_KEYS})
         return out
 
     def say(self, text: str) -> None:

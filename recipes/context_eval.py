@@ -22,10 +22,8 @@ from .base import (
     DataArguments,
     ModelArguments,
     Recipe,
-    check_patch_fits,
     check_writable,
     is_main_process,
-    load_model,
     pyplot,
     save_figure,
 )
@@ -84,14 +82,17 @@ class ContextEvalRecipe(Recipe):
     name = "eval"
     description = "perplexity by context length of a model, unchanged and under p-RoPE, with a plot"
     default_config = "smollm2_135m_eval"
-    arguments = (ModelArguments, DataArguments, ContextEvalArguments)
+    arguments = {"model_args": ModelArguments, "data_args": DataArguments, "eval_args": ContextEvalArguments}
 
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        self.model_args, self.data_args, self.eval_args = args
+    model_args: ModelArguments
+    data_args: DataArguments
+    eval_args: ContextEvalArguments
 
     def setup(self) -> None:
+        """Every check (folder, trained saves, data, model, every variant, text length) before any forward pass."""
         from hf_prope.data import tokenize_dataset
+        from hf_prope.files import local_path
+        from hf_prope.patching import check_patch
         from hf_prope.spec import PatchSpec
 
         ea = self.eval_args
@@ -102,20 +103,43 @@ class ContextEvalRecipe(Recipe):
         where: dict[str, Any] = {"layer_types": tuple(ea.layer_types)} if ea.layer_types else {}
         self.variants = [(_label(p), None if p == 1.0 else PatchSpec("p-rope", p=p, **where)) for p in ea.p]
         for path in ea.trained or []:
-            if not Path(path).exists() and ("/" not in path or path.startswith((".", "/", "~"))):
+            found = local_path(path)
+            if found is not None and not found.is_dir():
                 raise FileNotFoundError(f"trained: no folder {path!r} (expected a save of the lora recipe).")
         dataset = self.data_args.load()
         self.say(f"Loading {self.model_args.model} ...")
-        self.model, self.tokenizer = load_model(self.model_args)
+        self.model, self.tokenizer = self.model_args.load()
         for _, spec in self.variants:
             if spec is not None:
-                check_patch_fits(self.model, spec)
+                check_patch(self.model, spec)
+        self.trained = [(path, self._fetch_trained(path)) for path in ea.trained or []]
         ids = tokenize_dataset(dataset, self.tokenizer, text_column=self.data_args.text_column)
         if ids.numel() < ea.eval_tokens:
             raise ValueError(
                 f"The data has {ids.numel()} tokens but eval_tokens={ea.eval_tokens}; use more text or lower eval_tokens."
             )
         self.ids = ids[-ea.eval_tokens:]
+
+    def _fetch_trained(self, path: str) -> Path:
+        """A trained save as a local folder (a Hub id is downloaded now), checked against this recipe's model."""
+        from hf_prope.files import local_path
+        from hf_prope.patch_record import check_base_matches, read_patch_record
+        from hf_prope.state import patch_state
+
+        folder = local_path(path)
+        if folder is None:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(path))
+        if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
+            raise FileNotFoundError(
+                f"trained: {path!r} holds neither a model (config.json) nor an adapter (adapter_config.json); "
+                "expected a save of the lora recipe or of hf_prope.save_pretrained."
+            )
+        record = read_patch_record(folder)
+        if record is not None and (folder / "adapter_config.json").is_file():
+            check_base_matches(record, patch_state(self.model))
+        return folder
 
     def _scores(self, model: Any, label: str) -> dict[int, float]:
         from hf_prope.evaluation import perplexity
@@ -132,6 +156,7 @@ class ContextEvalRecipe(Recipe):
     def run(self) -> dict[str, Any]:
         import hf_prope
         from hf_prope.patching import patch_model, unpatch_model
+        from hf_prope.state import get_patch
 
         self.setup()
         rows = []
@@ -142,9 +167,9 @@ class ContextEvalRecipe(Recipe):
                 patch_model(self.model, spec)
             rows.append({"variant": label, "spec": spec.to_dict() if spec else None, "perplexity": self._scores(self.model, label)})
         unpatch_model(self.model)
-        for path in self.eval_args.trained or []:
-            trained = hf_prope.from_pretrained(path, base_model=copy.deepcopy(self.model)).eval()
-            spec = hf_prope.get_patch(trained)
+        for path, folder in self.trained:
+            trained = hf_prope.from_pretrained(folder, base_model=copy.deepcopy(self.model)).eval()
+            spec = get_patch(trained)
             name = Path(path).parent.name if Path(path).name in ("adapter", "merged") else Path(path).name
             label = f"trained: {name}"
             rows.append({"variant": label, "spec": spec.to_dict() if spec else None, "perplexity": self._scores(trained, label)})

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from .base import (
@@ -31,19 +30,14 @@ from .base import (
     DataArguments,
     ModelArguments,
     PatchArguments,
-    Recipe,
     barrier,
-    check_patch_fits,
     check_writable,
-    clear_previous_run,
-    has_accelerator,
     is_main_process,
-    load_model,
     pyplot,
-    refuse_previous_run,
     save_figure,
     write_json,
 )
+from .training import TrainingRecipe, loss_curve
 
 STAGES = ("control", "patched")  # the control trains first so the patched model is the one left to save
 _OUTPUTS = (*STAGES, RESULTS_FILE)
@@ -96,57 +90,34 @@ class LoraRecipeArguments:
             raise ValueError("resume=true and overwrite=true contradict each other; choose one.")
 
 
-class _BlockDataset(torch.utils.data.Dataset):
-    """Fixed-length token blocks as causal-LM examples (labels = inputs; the model shifts them)."""
-
-    def __init__(self, blocks: torch.Tensor) -> None:
-        self.blocks = blocks
-
-    def __len__(self) -> int:
-        return int(self.blocks.shape[0])
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.blocks[i], "labels": self.blocks[i]}
-
-
-class _PatchRecordCallback(TrainerCallback):
-    """Put the patch record in every checkpoint, so a checkpoint folder alone is never mistaken for plain RoPE."""
-
-    def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        from hf_prope.hub import PATCH_FILE, patch_record
-
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if state.is_world_process_zero and model is not None and folder.is_dir():
-            write_json(folder / PATCH_FILE, patch_record(model))
-
-
-def _losses(log_history: list[dict[str, Any]]) -> list[list[float]]:
-    return [[entry["step"], entry["loss"]] for entry in log_history if "loss" in entry and "step" in entry]
-
-
-class LoRARecipe(Recipe):
+class LoRARecipe(TrainingRecipe):
     """``hf-prope run lora``: patch a pretrained model, LoRA-train it back, and measure against a control.
 
     ``run()`` = ``setup()``, ``train()`` (control, then the patched model), ``evaluate()``,
     ``save()``, ``push()``. Extra ``transformers.TrainerCallback`` objects may be passed as
-    ``callbacks=``.
+    ``callbacks=`` (to the constructor or to ``from_config``). :meth:`train_stage` trains one
+    LoRA stage on its own (the benchmark times it).
     """
 
     name = "lora"
     description = "LoRA-adapt a patched model, evaluate it against an unpatched control, save and push it"
     default_config = "smollm2_135m_p_rope_lora"
-    arguments = (ModelArguments, DataArguments, PatchArguments, LoraArguments, LoraRecipeArguments, TrainingArguments)
+    arguments = {
+        "model_args": ModelArguments, "data_args": DataArguments, "patch_args": PatchArguments,
+        "lora_args": LoraArguments, "recipe_args": LoraRecipeArguments, "training_args": TrainingArguments,
+    }
+    outputs = _OUTPUTS
+    run_settings = "recipe_args"
 
-    @classmethod
-    def machine_defaults(cls) -> dict[str, Any]:
-        # Without a GPU, TrainingArguments refuses bf16 and accelerate forms no CPU (gloo) process
-        # group under torchrun unless use_cpu is set.
-        return {} if has_accelerator() else {"use_cpu": True}
+    model_args: ModelArguments
+    data_args: DataArguments
+    patch_args: PatchArguments
+    lora_args: LoraArguments
+    recipe_args: LoraRecipeArguments
+    training_args: TrainingArguments
 
-    def __init__(self, *args: Any, callbacks: Sequence[TrainerCallback] = ()) -> None:
-        super().__init__(*args)
-        (self.model_args, self.data_args, self.patch_args, self.lora_args, self.recipe_args,
-         self.training_args) = args
+    def __init__(self, *positional: Any, callbacks: Sequence[TrainerCallback] = (), **settings: Any) -> None:
+        super().__init__(*positional, **settings)
         self.callbacks = list(callbacks)
         self.results: dict[str, Any] = {}
         self.histories: dict[str, list[dict[str, Any]]] = {}
@@ -155,7 +126,9 @@ class LoRARecipe(Recipe):
     # setup: every check before any training
 
     def setup(self) -> None:
+        """Every check, in order of cost, before anything is written or trained."""
         from hf_prope.data import split_tail, tokenize_dataset
+        from hf_prope.patching import check_patch
 
         self.started = time.perf_counter()
         ta, ra = self.training_args, self.recipe_args
@@ -168,12 +141,12 @@ class LoRARecipe(Recipe):
         self.out = Path(ta.output_dir).expanduser().resolve()
         if is_main_process():
             check_writable(self.out)
-            self._check_previous_run()
+            self.check_previous_run()
         dataset = self.data_args.load()
         if ta.hub_model_id:
             self._check_hub()
         self.say(f"Loading {self.model_args.model} ...")
-        self.model, self.tokenizer = load_model(self.model_args)
+        self.model, self.tokenizer = self.model_args.load()
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if limit is not None and ra.block_size > limit:
             raise ValueError(
@@ -181,38 +154,32 @@ class LoRARecipe(Recipe):
                 f"(max_position_embeddings={limit}); use block_size <= {limit}."
             )
         self._check_targets()
-        check_patch_fits(self.model, self.spec)
+        check_patch(self.model, self.spec)
         ids = tokenize_dataset(dataset, self.tokenizer, text_column=self.data_args.text_column)
         world = max(1, ta.world_size)
         self.split = split_tail(
             ids, block_size=ra.block_size, heldout_tokens=ra.eval_window * ra.eval_windows,
             min_blocks=ta.per_device_train_batch_size * world,
         )
-        self.train_dataset = _BlockDataset(self.split.train_blocks)
         self.say(
-            f"Data: {self.split.total_tokens:,} tokens; training on {len(self.train_dataset):,} blocks of "
+            f"Data: {self.split.total_tokens:,} tokens; training on {self.split.train_blocks.shape[0]:,} blocks of "
             f"{ra.block_size}, held out the last {self.split.heldout.numel():,} ({ra.eval_windows} x {ra.eval_window})."
         )
-        self._clear_previous_run()
+        self.clear_previous_run()  # only now: a failed setup leaves an earlier run alone
+        if ta.hub_model_id and is_main_process():
+            # Last of the checks, and the first thing created: the token may write to this repo.
+            from huggingface_hub import HfApi
+
+            HfApi(token=ta.hub_token).create_repo(ta.hub_model_id, private=ta.hub_private_repo, exist_ok=True)
         barrier()  # no process starts training before rank 0 has cleared a previous run
 
-    def _check_previous_run(self) -> None:
-        refuse_previous_run(self.out, _OUTPUTS, resume=self.recipe_args.resume, overwrite=self.recipe_args.overwrite)
-
-    def _clear_previous_run(self) -> None:
-        """With overwrite=true, once every check has passed: a failed setup leaves the old run alone."""
-        if self.recipe_args.overwrite and is_main_process():
-            clear_previous_run(self.out, _OUTPUTS)
-
     def _check_hub(self) -> None:
+        """The Hub token is accepted (the repo is created at the end of setup, once every check has passed)."""
         from huggingface_hub import HfApi
 
-        from hf_prope.hub import _check_token
+        from hf_prope.hub import check_token
 
-        api = HfApi(token=self.training_args.hub_token)
-        _check_token(api)
-        if is_main_process():
-            api.create_repo(self.training_args.hub_model_id, private=self.training_args.hub_private_repo, exist_ok=True)
+        check_token(HfApi(token=self.training_args.hub_token))
 
     def _check_targets(self) -> None:
         from hf_prope.spec import closest
@@ -235,11 +202,11 @@ class LoRARecipe(Recipe):
         self.results["patched_before"] = self.evaluate("(b) patched, before training")
         if self.recipe_args.control:
             unpatch_model(self.model)
-            control = self._train_stage("control", self.model)
+            control = self.train_stage("control", self.model)
             self.results["control"] = self.evaluate("(d) control after training", control)
             self.model = control.unload()  # the base again, without LoRA layers
             patch_model(self.model, self.spec)
-        self.peft_model = self._train_stage("patched", self.model)
+        self.peft_model = self.train_stage("patched", self.model)
 
     def _lora(self, model: Any) -> Any:
         from peft import LoraConfig, get_peft_model
@@ -260,15 +227,19 @@ class LoRARecipe(Recipe):
         loader can rebuild the base from. Set after training: checkpoints keep the folder, so
         PEFT's save-time vocabulary check stays local instead of asking the Hub for that name.
         """
-        from hf_prope.hub import _is_packaged_model
+        from hf_prope.models import is_embedded_source
 
-        if _is_packaged_model(self.model_args.model):
+        if is_embedded_source(self.model_args.model):
             peft_model.peft_config["default"].base_model_name_or_path = self.model_args.model
 
-    def _train_stage(self, stage: str, model: Any) -> Any:
+    def train_stage(self, stage: str, model: Any) -> Any:
+        """Put this recipe's LoRA on ``model`` and train it as ``stage`` (``control`` or ``patched``) in ``out/stage``.
+
+        Returns the PEFT model. With ``resume=true`` a finished stage is loaded, an unfinished one
+        resumes from its last checkpoint.
+        """
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
-        from transformers import Trainer, default_data_collator
         from transformers.trainer_utils import get_last_checkpoint
 
         import hf_prope
@@ -284,10 +255,7 @@ class LoRARecipe(Recipe):
             self.histories[stage] = json.loads(record.read_text())["log_history"]
             return peft_model
         args = dataclasses.replace(self.training_args, output_dir=str(stage_dir), push_to_hub=False)
-        trainer = Trainer(
-            model=peft_model, args=args, train_dataset=self.train_dataset, data_collator=default_data_collator,
-            callbacks=[_PatchRecordCallback(), *self.callbacks],
-        )
+        trainer = self.make_trainer(peft_model, args, self.split.train_blocks, callbacks=self.callbacks)
         last = get_last_checkpoint(str(stage_dir)) if self.recipe_args.resume and stage_dir.is_dir() else None
         what = "control: unpatched model + LoRA" if stage == "control" else f"patched: {self.spec.describe()} + LoRA"
         self.say(f"[{stage}] {what}, {args.max_steps} steps" + (f", resuming from {last}" if last else ""))
@@ -318,7 +286,6 @@ class LoRARecipe(Recipe):
         self.results["patched_after"] = self.evaluate("(c) patched after training", self.peft_model)
         r = self.results
         ta = self.training_args
-        world = max(1, ta.world_size)
         gap = r["patched_after"] / r["control"] if "control" in r else None
         self.summary = {
             "model": self.model_args.model,
@@ -334,12 +301,11 @@ class LoRARecipe(Recipe):
             "heldout": {"dataset": self.data_args.dataset, "window": self.recipe_args.eval_window,
                         "n_windows": self.recipe_args.eval_windows, "tokens": int(self.split.heldout.numel())},
             "training": {
-                "max_steps": ta.max_steps, "world_size": world,
-                "tokens_per_step": ta.per_device_train_batch_size * ta.gradient_accumulation_steps * world
-                * self.recipe_args.block_size,
-                "train_blocks": len(self.train_dataset),
+                "max_steps": ta.max_steps, "world_size": max(1, ta.world_size),
+                "tokens_per_step": self.tokens_per_step(self.recipe_args.block_size),
+                "train_blocks": int(self.split.train_blocks.shape[0]),
             },
-            "loss_curves": {stage: _losses(history) for stage, history in self.histories.items()},
+            "loss_curves": {stage: loss_curve(history) for stage, history in self.histories.items()},
             "seconds": round(time.perf_counter() - self.started, 1),
             "settings": self.settings(),
         }

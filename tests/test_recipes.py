@@ -165,7 +165,7 @@ class KillAfterSave(TrainerCallback):
         if args.output_dir.endswith("patched") and state.global_step == 4:
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no atexit: a real crash
 
-recipe = LoRARecipe(*LoRARecipe.from_config(None, json.loads(sys.argv[1])).args, callbacks=[KillAfterSave()])
+recipe = LoRARecipe.from_config(None, json.loads(sys.argv[1]), callbacks=[KillAfterSave()])
 recipe.run()
 """
 
@@ -220,7 +220,7 @@ class RecordBatches(TrainerCallback):
         stage = Path(args.output_dir).name
         (record_dir / f"{stage}-rank{os.environ['RANK']}.json").write_text(json.dumps(self.seen))
 
-recipe = LoRARecipe(*LoRARecipe.from_config(None, json.loads(sys.argv[2])).args, callbacks=[RecordBatches()])
+recipe = LoRARecipe.from_config(None, json.loads(sys.argv[2]), callbacks=[RecordBatches()])
 recipe.run()
 """
 

@@ -1,4 +1,9 @@
-"""Tiny, seeded models of every supported architecture, built in code (no downloads)."""
+"""Tiny, seeded models of every supported architecture, built in code (no downloads).
+
+:data:`ARCHS` holds one tiny config per model type; the config and model classes come from
+hf-prope's registry, and ``tests/test_layout.py`` fails when a registered architecture has no
+tiny config here (or a tiny config names no registered architecture).
+"""
 
 from __future__ import annotations
 
@@ -6,22 +11,8 @@ import copy
 from typing import Any
 
 import torch
-from transformers import (
-    Gemma2Config,
-    Gemma2ForCausalLM,
-    Gemma3ForCausalLM,
-    Gemma3TextConfig,
-    GemmaConfig,
-    GemmaForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
+
+from hf_prope.registry import get_architecture
 
 HEAD_DIM = 16  # 8 frequency pairs: p=0.25 -> 2 rotate, 0.5 -> 4, 0.75 -> 6
 N_LAYERS = 6
@@ -40,39 +31,35 @@ _COMMON: dict[str, Any] = dict(
     pad_token_id=0,
 )
 
-ARCHS: dict[str, tuple[Any, Any, dict[str, Any]]] = {
-    "llama": (LlamaConfig, LlamaForCausalLM, {}),
-    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"layer_types": MIXED, "sliding_window": 8, "use_sliding_window": True}),
-    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"layer_types": MIXED, "sliding_window": 8, "use_sliding_window": True}),
-    "gemma": (GemmaConfig, GemmaForCausalLM, {}),
-    "gemma2": (Gemma2Config, Gemma2ForCausalLM, {"layer_types": MIXED, "sliding_window": 8}),
-    "gemma3_text": (
-        Gemma3TextConfig,
-        Gemma3ForCausalLM,
-        {
-            "layer_types": ["sliding_attention"] * 2 + ["full_attention"] + ["sliding_attention"] * 2 + ["full_attention"],
-            "sliding_window": 8,
-            "rope_parameters": {
-                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-                "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
-            },
+# model type -> what its tiny config sets beyond _COMMON (one entry per registered architecture).
+ARCHS: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "mistral": {"sliding_window": None},
+    "qwen2": {"layer_types": MIXED, "sliding_window": 8, "use_sliding_window": True},
+    "qwen3": {"layer_types": MIXED, "sliding_window": 8, "use_sliding_window": True},
+    "gemma": {},
+    "gemma2": {"layer_types": MIXED, "sliding_window": 8},
+    "gemma3_text": {
+        "layer_types": ["sliding_attention"] * 2 + ["full_attention"] + ["sliding_attention"] * 2 + ["full_attention"],
+        "sliding_window": 8,
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
         },
-    ),
+    },
 }
 MODEL_TYPES = list(ARCHS)
 
 
 def tiny_config(model_type: str, **overrides: Any) -> Any:
-    config_cls, _, extra = ARCHS[model_type]
-    kwargs = {**_COMMON, **copy.deepcopy(extra), **overrides}
-    return config_cls(**kwargs)
+    kwargs = {**_COMMON, **copy.deepcopy(ARCHS[model_type]), **overrides}
+    return get_architecture(model_type).config_class(**kwargs)
 
 
 def tiny_model(model_type: str, *, seed: int = 0, attn: str = "sdpa", **overrides: Any) -> Any:
     """A randomly initialised model (weights fixed by ``seed``) in eval mode."""
     config = tiny_config(model_type, **overrides)
-    _, model_cls, _ = ARCHS[model_type]
+    model_cls = get_architecture(model_type).causal_lm_class
     torch.manual_seed(seed)
     model = model_cls(config)
     if attn == "sdpa" and not model._supports_sdpa:

@@ -1,0 +1,117 @@
+"""Class-level patching: every model of a type built from now on carries a patch.
+
+``apply_patch_to_class("llama", "p-rope", p=0.25)`` wraps the architecture's base model
+class's ``__init__`` (the class named in :mod:`hf_prope.registry`), so ``from_pretrained``,
+``from_config`` and direct construction all build patched models; ``revert()`` restores the
+class. And the per-architecture facade (``apply_patch_to_llama``, ``apply_p_rope_to_llama``...),
+made here once for every architecture by :func:`make_arch_functions`, Liger-Kernel style: with
+``model=`` it patches that built model, without it patches the class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import nn
+
+from .patching import patch_model, patch_while_building
+from .registry import get_architecture
+from .spec import PatchSpec, make_spec
+from .state import unwrap
+
+
+@dataclass
+class ClassPatch:
+    """A class-level patch in force; ``revert()`` restores the class (built models keep theirs)."""
+
+    model_type: str
+    spec: PatchSpec
+    cls: type
+    original_init: Callable[..., None]
+
+    def revert(self) -> None:
+        if _CLASS_PATCHES.get(self.model_type) is self:
+            self.cls.__init__ = self.original_init  # type: ignore[method-assign]
+            del _CLASS_PATCHES[self.model_type]
+
+
+_CLASS_PATCHES: dict[str, ClassPatch] = {}
+
+
+def apply_patch_to_class(model_type: str, spec: PatchSpec | str, /, **params: Any) -> ClassPatch:
+    """Patch every ``model_type`` model built from now on (e.g. by ``from_pretrained``).
+
+    Replaces any earlier class-level patch of that type. Undo with ``.revert()`` or
+    :func:`revert_class_patches`.
+    """
+    spec_obj = make_spec(spec, **params)
+    arch = get_architecture(model_type)
+    cls = arch.base_model_class
+    previous = _CLASS_PATCHES.get(model_type)
+    if previous is not None:
+        previous.revert()
+    original_init = cls.__init__
+
+    def __init__(self: nn.Module, config: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, config, *args, **kwargs)
+        patch_while_building(self, spec_obj)
+
+    __init__.__wrapped__ = original_init  # type: ignore[attr-defined]
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    patch = ClassPatch(model_type, spec_obj, cls, original_init)
+    _CLASS_PATCHES[model_type] = patch
+    return patch
+
+
+def revert_class_patches(model_type: str | None = None) -> None:
+    """Undo class-level patches (all, or one model type's)."""
+    for mt in [model_type] if model_type else list(_CLASS_PATCHES):
+        if mt in _CLASS_PATCHES:
+            _CLASS_PATCHES[mt].revert()
+
+
+def class_patches() -> dict[str, PatchSpec]:
+    """Model types with a class-level patch in force, and their specs."""
+    return {mt: cp.spec for mt, cp in _CLASS_PATCHES.items()}
+
+
+def make_arch_functions(model_type: str, name: str | None = None) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """``apply_patch_to_<name>`` and ``apply_p_rope_to_<name>`` for one architecture (Liger-style)."""
+    name = name or model_type
+
+    def apply_patch(spec: PatchSpec | str = "p-rope", /, *, model: nn.Module | None = None, **params: Any) -> Any:
+        if model is not None:
+            mt = getattr(getattr(unwrap(model), "config", None), "model_type", None)
+            if mt != model_type:
+                raise ValueError(f"This function patches {model_type} models; the model given is {mt!r}.")
+            return patch_model(model, spec, **params)
+        return apply_patch_to_class(model_type, spec, **params)
+
+    def apply_p_rope(
+        p: float,
+        *,
+        rotate: str = "highest",
+        layers: list[int] | None = None,
+        layer_types: list[str] | None = None,
+        model: nn.Module | None = None,
+    ) -> Any:
+        extra: dict[str, Any] = {"p": p, "rotate": rotate}
+        if layers is not None:
+            extra["layers"] = layers
+        if layer_types is not None:
+            extra["layer_types"] = layer_types
+        return apply_patch("p-rope", model=model, **extra)
+
+    apply_patch.__name__ = f"apply_patch_to_{name}"
+    apply_patch.__doc__ = (
+        f"Patch {model_type} models. With ``model=``, patch that already-built model (see ``patch_model``); "
+        f"without, patch the class so {model_type} models built afterwards are patched; returns a ClassPatch "
+        "whose ``revert()`` undoes it."
+    )
+    apply_p_rope.__name__ = f"apply_p_rope_to_{name}"
+    apply_p_rope.__doc__ = (
+        f"p-RoPE for {model_type}: rotate only the highest fraction ``p`` of frequencies (``rotate='lowest'`` "
+        "for the paper's control). With ``model=``, patch that model; without, patch the class."
+    )
+    return apply_patch, apply_p_rope

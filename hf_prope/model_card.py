@@ -1,0 +1,137 @@
+"""The model card of a patched model: what the patch is, its rope parameters, how to load it, results.
+
+Written by :mod:`hf_prope.hub` into every save and push. It says how to load the model with
+hf-prope and, where the patch is native (``"proportional"``), without it; and it warns
+that PEFT alone would load an adapter on a plain-RoPE base.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .files import local_path
+from .models import is_embedded_source
+from .patch_record import PATCH_FILE
+from .state import PatchState
+
+
+def _license_of(path: str | None) -> str | None:
+    if path and Path(path, "README.md").is_file():
+        from huggingface_hub import ModelCard
+
+        try:
+            return ModelCard.load(Path(path, "README.md")).data.license
+        except Exception:  # noqa: BLE001 - a malformed base card must not block saving
+            return None
+    return None
+
+
+def model_card(
+    state: PatchState,
+    *,
+    save_method: str,
+    repo_id: str | None = None,
+    base_model: str | None = None,
+    license: str | None = None,
+    eval_results: dict[str, float] | None = None,
+) -> Any:
+    """A ``huggingface_hub.ModelCard`` describing the patch, how to load it, and results if given.
+
+    ``state`` is the model's :func:`hf_prope.state.patch_state`; ``base_model`` is left out of
+    the card's metadata when it is a local path or a model packaged with hf-prope (it would
+    mean nothing on the Hub).
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    spec = state.spec
+    config = state.parts.config
+    base_model = base_model or getattr(config, "_name_or_path", None) or None
+    if base_model and (local_path(base_model) is not None or is_embedded_source(base_model)):
+        base_model = None
+    license = license or _license_of(getattr(config, "_name_or_path", None))
+    tags = ["p-rope", "hf-prope", "rope", config.model_type]
+    if save_method == "adapter":
+        tags += ["lora", "peft"]
+    data = ModelCardData(
+        base_model=base_model,
+        library_name="peft" if save_method == "adapter" else "transformers",
+        tags=tags,
+        pipeline_tag="text-generation",
+        license=license,
+    )
+    name = repo_id or "this model"
+    words = spec.describe() if spec is not None else "no hf-prope patch (plain RoPE)"
+    rope = json.dumps(state.rope_parameters, indent=2, sort_keys=True)
+    native = "proportional" in rope
+    lines = [
+        "---",
+        data.to_yaml(),
+        "---",
+        "",
+        f"# {name}",
+        "",
+        f"A {config.model_type} model whose rotary position embeddings are patched with "
+        "[hf-prope](https://pypi.org/project/hf-prope/) (p-RoPE, Barbero et al., ICLR 2025: *Round and Round "
+        "We Go! What makes Rotary Positional Encodings useful?*).",
+        "",
+        f"**Patch:** {words}.",
+        "",
+        "```json",
+        json.dumps(spec.to_dict() if spec else None, indent=2, sort_keys=True),
+        "```",
+        "",
+        "`rope_parameters` of the patched model:",
+        "",
+        "```json",
+        rope,
+        "```",
+        "",
+        "## Load it",
+        "",
+        "With hf-prope (restores the patch, and the adapter on its base):",
+        "",
+        "```python",
+        "import hf_prope",
+        f'model = hf_prope.from_pretrained("{name}")',
+        "```",
+        "",
+        "Without hf-prope:",
+        "",
+    ]
+    if save_method == "adapter" and native:
+        lines += [
+            "```python",
+            "import json",
+            "from huggingface_hub import hf_hub_download",
+            "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM",
+            f'record = json.load(open(hf_hub_download("{name}", "{PATCH_FILE}")))',
+            f'base = AutoModelForCausalLM.from_pretrained("{base_model or "<base model>"}", '
+            'rope_parameters=record["rope_parameters"])',
+            f'model = PeftModel.from_pretrained(base, "{name}")',
+            "```",
+            "",
+            "Do **not** use `AutoPeftModelForCausalLM.from_pretrained` alone: it rebuilds the base with plain RoPE "
+            "(same shapes, no error, a different model).",
+        ]
+    elif save_method == "adapter":
+        lines += [
+            "This patch uses hf-prope's own rope type, which plain transformers cannot build; install hf-prope. "
+            "Loading the adapter with PEFT alone (`AutoPeftModelForCausalLM.from_pretrained`) silently gives a "
+            "plain-RoPE model.",
+        ]
+    elif native:
+        lines += [
+            "```python",
+            "from transformers import AutoModelForCausalLM",
+            f'model = AutoModelForCausalLM.from_pretrained("{name}")   # native "proportional" rope type',
+            "```",
+        ]
+    else:
+        lines += ["This patch uses hf-prope's own rope type: `pip install hf-prope` and `import hf_prope` first."]
+    if eval_results:
+        lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in eval_results.items()]
+    return ModelCard("\n".join(lines) + "\n")

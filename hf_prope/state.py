@@ -1,0 +1,212 @@
+"""What a model is made of and what patch it carries: the read surface every other module uses.
+
+* :func:`model_parts` finds, once, the pieces of a supported model that hf-prope works on:
+  its architecture record, the transformers model inside any PEFT wrapper, its config, its
+  rotary modules and its attention modules by layer.
+* :func:`patch_state` reads what the model carries: the patch spec, the current and the
+  original ``rope_parameters``, its layer types and the fingerprint of its base (what an
+  adapter must be loaded on). The Hub code, the analysis and the recipes read these instead of
+  reaching into the patching engine.
+* One rule for each check of a layer selection: :func:`check_layer_indices`,
+  :func:`check_layer_types`.
+
+Nothing here changes a model.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from torch import nn
+
+from .registry import Architecture, NoRotaryEmbeddingError, get_architecture
+from .spec import PatchSpec, closest
+
+#: The config attribute (and ``config.json`` key) holding the patch and the original rope parameters.
+CONFIG_KEY = "hf_prope"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (the model itself otherwise)."""
+    get_base = getattr(model, "get_base_model", None)  # PEFT
+    return get_base() if callable(get_base) else model
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a PEFT model (adapters on a base model)."""
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+@dataclass
+class ModelParts:
+    """The pieces of a supported model hf-prope patches and reads."""
+
+    arch: Architecture
+    root: nn.Module  # what the user passed (may be a PeftModel)
+    model: nn.Module  # the transformers PreTrainedModel
+    config: Any
+    rotaries: list[nn.Module]
+    attentions: dict[int, nn.Module]
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    @property
+    def layer_types(self) -> list[str] | None:
+        """``config.layer_types`` (e.g. sliding / full attention per layer), or ``None``."""
+        lt = getattr(self.config, "layer_types", None)
+        return list(lt) if lt else None
+
+    @property
+    def n_pairs(self) -> int:
+        """Frequency pairs per head (half the rotated head size)."""
+        inv_freq = next(b for n, b in self.rotaries[0].named_buffers() if n.endswith("inv_freq"))
+        return int(inv_freq.shape[-1])
+
+    def rope_keys(self) -> list[str | None]:
+        """``[None]`` for one flat ``rope_parameters`` dict, else the layer types it is nested by."""
+        if self.arch.rope_per_layer_type:
+            # The rotary module builds frequencies only for layer types the model has (a 2-layer
+            # Gemma 3 is all sliding), although rope_parameters names every type.
+            present = set(self.layer_types or self.config.rope_parameters)
+            return sorted(k for k, v in self.config.rope_parameters.items() if v is not None and k in present)
+        return [None]
+
+    def rope_key_of_layer(self, layer: int) -> str | None:
+        """The ``rope_parameters`` entry that decoder layer ``layer`` uses (``None``: the flat dict)."""
+        return self.layer_types[layer] if self.arch.rope_per_layer_type else None  # type: ignore[index]
+
+    def attention_span(self, layer: int) -> int | None:
+        """How far back decoder layer ``layer`` can attend (its sliding window), or ``None`` for no limit."""
+        return self.arch.attention_span(self.config, layer)
+
+
+def model_parts(model: nn.Module) -> ModelParts:
+    """The parts of a supported model (PEFT-wrapped or not).
+
+    Raises ``TypeError`` for something that is not a transformers model,
+    :class:`~hf_prope.registry.UnsupportedModelError` for an architecture hf-prope does not
+    patch and :class:`~hf_prope.registry.NoRotaryEmbeddingError` for one without RoPE.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Expected a transformers model (torch.nn.Module), got {type(model).__name__}.")
+    inner = unwrap(model)
+    config = getattr(inner, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if config is None or model_type is None:
+        raise TypeError(f"{type(inner).__name__} has no transformers config; pass a transformers model.")
+    has_rotary = any("RotaryEmbedding" in type(m).__name__ for m in inner.modules())
+    arch = get_architecture(model_type, has_rotary=has_rotary)
+    rotary_cls, attention_cls = arch.rotary_class, arch.attention_class
+    rotaries = [m for m in inner.modules() if isinstance(m, rotary_cls)]
+    if not rotaries or getattr(config, "rope_parameters", None) is None:
+        raise NoRotaryEmbeddingError(
+            f"This {model_type} model has no {arch.rotary_class_name} module or no rope_parameters in its "
+            "config, so there are no RoPE frequencies to patch."
+        )
+    attentions = {int(m.layer_idx): m for m in inner.modules() if isinstance(m, attention_cls)}
+    return ModelParts(arch, model, inner, config, rotaries, attentions)
+
+
+def get_patch(model: nn.Module) -> PatchSpec | None:
+    """The patch a model carries (read from its config), or ``None``."""
+    inner = unwrap(model)
+    state = getattr(getattr(inner, "config", None), CONFIG_KEY, None)
+    if not state:
+        return None
+    if not isinstance(state, dict) or "spec" not in state:
+        raise ValueError(f"config.{CONFIG_KEY} is malformed: expected an object with a 'spec' field, got {state!r}.")
+    return PatchSpec.from_dict(state["spec"])
+
+
+def original_rope_parameters(config: Any) -> dict[str, Any]:
+    """The model's own ``rope_parameters`` before any hf-prope patch (a copy)."""
+    state = getattr(config, CONFIG_KEY, None)
+    if isinstance(state, dict) and "original_rope_parameters" in state:
+        return copy.deepcopy(state["original_rope_parameters"])
+    return copy.deepcopy(config.rope_parameters)
+
+
+@dataclass(frozen=True)
+class PatchState:
+    """A model's patch state, read once: see :func:`patch_state`."""
+
+    model_type: str
+    spec: PatchSpec | None
+    rope_parameters: dict[str, Any]
+    original_rope_parameters: dict[str, Any]
+    layer_types: tuple[str, ...] | None
+    base: dict[str, Any]  # the base model's fingerprint: what an adapter must be loaded on
+    parts: ModelParts = field(repr=False, compare=False)
+
+    @property
+    def patched(self) -> bool:
+        return self.spec is not None
+
+    @property
+    def native(self) -> bool:
+        """Whether plain transformers builds these rope parameters (no hf-prope rope type in them)."""
+        from .rope_types import CUSTOM_TYPES
+
+        def types(value: Any) -> list[str]:
+            if isinstance(value, dict):
+                own = [value["rope_type"]] if isinstance(value.get("rope_type"), str) else []
+                return own + [t for v in value.values() for t in types(v)]
+            return []
+
+        return not any(t in CUSTOM_TYPES for t in types(self.rope_parameters))
+
+
+def base_fingerprint(parts: ModelParts) -> dict[str, Any]:
+    """What identifies the base a patch or adapter was made for: type, classes, head size, depth, width."""
+    config = parts.config
+    return {
+        "model_type": config.model_type,
+        "architectures": list(getattr(config, "architectures", None) or [type(parts.model).__name__]),
+        "head_dim": 2 * parts.n_pairs,
+        "num_hidden_layers": int(config.num_hidden_layers),
+        "hidden_size": int(config.hidden_size),
+    }
+
+
+def patch_state(model: nn.Module) -> PatchState:
+    """The patch a model carries, its current and original rope parameters, layer types and base fingerprint."""
+    parts = model_parts(model)
+    layer_types = parts.layer_types
+    return PatchState(
+        model_type=parts.arch.model_type,
+        spec=get_patch(model),
+        rope_parameters=copy.deepcopy(parts.config.rope_parameters),
+        original_rope_parameters=original_rope_parameters(parts.config),
+        layer_types=tuple(layer_types) if layer_types else None,
+        base=base_fingerprint(parts),
+        parts=parts,
+    )
+
+
+def check_layer_indices(layers: Sequence[int], n_layers: int) -> None:
+    """Raise a clear error for decoder-layer indices outside ``0..n_layers-1``."""
+    bad = [i for i in layers if not 0 <= i < n_layers]
+    if bad:
+        raise ValueError(
+            f"layers {bad} out of range: this model has {n_layers} decoder layers (indices 0..{n_layers - 1})."
+        )
+
+
+def check_layer_types(requested: Sequence[str], layer_types: Sequence[str] | None, model_type: str) -> None:
+    """Raise a clear error when ``requested`` names a layer type the model does not have (or it has none)."""
+    if not layer_types:
+        raise ValueError(
+            f"This {model_type} model has no layer types (config.layer_types is not set), so "
+            "layer_types= cannot select layers; use layers=[...] with layer indices instead."
+        )
+    known = sorted(set(layer_types))
+    unknown = [t for t in requested if t not in known]
+    if unknown:
+        raise ValueError(
+            f"Unknown layer type {unknown[0]!r}; this model's layer types are {', '.join(known)}."
+            + closest(unknown[0], known)
+        )
