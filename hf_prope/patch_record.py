@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
+from .files import atomic_path
 from .spec import PatchSpec
 from .state import PatchState
 
@@ -102,9 +103,9 @@ def embed_in_safetensors(path: str | os.PathLike[str], state: PatchState) -> Non
     with safe_open(path, "pt") as f:
         metadata = dict(f.metadata() or {})
     metadata[SAFETENSORS_KEY] = json.dumps(patch_record(state), sort_keys=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(load_file(path), tmp, metadata=metadata)
-    os.replace(tmp, path)
+    tensors = load_file(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
 
 
 def record_from_safetensors(path: str | os.PathLike[str]) -> dict[str, Any] | None:

@@ -221,7 +221,9 @@ def test_outputs_table_and_plot(ablation) -> None:
     rope = summary["variants"]["rope"]["perplexity"]
     assert f"| RoPE θ=10k | 8/8 | {rope['mean']:.2f} ± {rope['sd']:.2f} | 1.000 ± 0.000 |" in table
     assert not list((out / "runs").glob("*/*/checkpoint-*")), "finished runs keep no checkpoints"
-    assert json.loads((out / "results.json").read_text())["variants"].keys() == summary["variants"].keys()
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["variants"].keys() == summary["variants"].keys()
+    assert on_disk["settings"]["tokenizer"] == "bpe"  # a key with "token" in its name is a setting like any other
 
 
 def test_resume_keeps_finished_runs_and_retrains_the_rest_identically(ablation, text_file, tmp_path) -> None:

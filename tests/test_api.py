@@ -217,3 +217,43 @@ def test_gemma3_with_one_layer_type_only() -> None:
     torch.testing.assert_close(hf_prope.layer_frequencies(model), expected.expand(2, -1))
     hf_prope.unpatch_model(model)
     assert torch.equal(logits(model, tokens()), before)
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,error,match",
+    [
+        (("nope",), {"layers": [6]}, ValueError, "6 decoder layers"),
+        (("nope",), {"layer_types": ["full_atention"]}, ValueError, "Did you mean 'full_attention'"),
+        (("freq-mask",), {"keep": [0, 8]}, ValueError, "8 frequency pairs"),
+    ],
+)
+def test_check_patch_raises_what_patch_model_would_and_touches_nothing(args, kwargs, error, match) -> None:
+    model = tiny_model("qwen2")
+    before = rotary_state(model)
+    with pytest.raises(error, match=match):
+        hf_prope.check_patch(model, *args, **kwargs)
+    with pytest.raises(error, match=match):
+        hf_prope.patch_model(model, *args, **kwargs)
+    assert same_state(before, rotary_state(model))
+    assert hf_prope.check_patch(model, "p-rope", p=0.5, layer_types=["full_attention"]) == PatchSpec(
+        "p-rope", p=0.5, layer_types=("full_attention",)
+    )
+    assert same_state(before, rotary_state(model))  # a valid check changes nothing either
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_patch_state_reads_what_the_model_carries(model_type: str) -> None:
+    model = tiny_model(model_type)
+    original = copy.deepcopy(model.config.rope_parameters)
+    plain = hf_prope.patch_state(model)
+    assert plain.spec is None and not plain.patched and plain.native
+    assert plain.rope_parameters == original == plain.original_rope_parameters
+    assert plain.base == {"model_type": model_type, "architectures": [type(model).__name__], "head_dim": 16,
+                          "num_hidden_layers": 6, "hidden_size": 64}
+    assert plain.layer_types == (tuple(model.config.layer_types) if getattr(model.config, "layer_types", None) else None)
+    hf_prope.patch_model(model, "freq-mask", keep=[0, 2])  # not a prefix: hf-prope's own rope type
+    state = hf_prope.patch_state(model)
+    assert state.spec == PatchSpec("freq-mask", keep=(0, 2)) and state.patched and not state.native
+    assert state.original_rope_parameters == original
+    assert state.rope_parameters == model.config.rope_parameters != original
+    assert state.base == plain.base

@@ -363,7 +363,9 @@ def test_eval_recipe_by_context_against_independent_measurements(source, trained
     assert rows["p=0.5"][16] == pytest.approx(loss_perplexity(base, ids, 16, 8), rel=1e-5)
     adapter = hf_prope.from_pretrained(trained["out"] / "adapter")
     assert rows["trained: out"][64] == pytest.approx(loss_perplexity(adapter, ids, 64, 2), rel=1e-5)
-    assert json.loads((out / "results.json").read_text())["rows"][0]["perplexity"]["16"] == rows["RoPE"][16]
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["rows"][0]["perplexity"]["16"] == rows["RoPE"][16]
+    assert on_disk["settings"]["eval_tokens"] == 128
     assert (out / "perplexity_by_context.png").read_bytes()[:4] == b"\x89PNG"
     assert summary["training_length"] == 256
 
