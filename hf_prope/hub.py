@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-from .files import atomic_path, check_writable, recover
+from .files import atomic_path, check_writable, local_path, recover
 from .model_card import model_card
 from .models import is_embedded_source
 from .patch_record import (
@@ -235,9 +235,12 @@ def push_to_hub(
 
 
 def _local_folder(path_or_repo: str | os.PathLike[str], revision: str | None, token: str | None) -> Path:
-    if Path(path_or_repo).is_dir():
-        recover(Path(path_or_repo))
-        return Path(path_or_repo)
+    folder = local_path(path_or_repo)
+    if folder is not None:
+        recover(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"No saved model or adapter folder at {os.fspath(path_or_repo)!r}.")
+        return folder
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(str(path_or_repo), revision=revision, token=token))

@@ -271,3 +271,12 @@ def test_plain_peft_load_from_the_hub_warns_without_a_request_of_its_own(local_h
         PeftModel.from_pretrained(plain, "user/a", cache_dir=str(fresh_cache))
     paths = [path for _, path in local_hub.requests]
     assert paths and not any("hf_prope_patch.json" in p for p in paths), paths
+
+
+def test_loading_a_missing_local_save_names_the_path_and_asks_no_hub(local_hub, tmp_path) -> None:
+    import hf_prope
+
+    local_hub.clear_requests()
+    with pytest.raises(FileNotFoundError, match="No saved model or adapter folder at"):
+        hf_prope.from_pretrained(str(tmp_path / "out" / "adapter"))
+    assert local_hub.requests == []
