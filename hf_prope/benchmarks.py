@@ -30,7 +30,7 @@ import torch
 
 from .files import check_writable, write_json
 
-BENCHMARKS = ("rotary", "train", "decode", "patch", "recipe")
+BENCHMARKS = ("rotary", "train", "decode", "patch", "recipe", "distill")
 ROTARY_PS = (1.0, 0.75, 0.5, 0.25)
 
 
@@ -388,6 +388,91 @@ def bench_recipe(device: torch.device, repeats: int, quick: bool, profile: bool 
                 extra={"runtimes_s": runtimes})]
 
 
+_DISTILL_STEP = """
+import json, re, sys, torch
+from hf_prope.benchmarks import distill_step
+objective, device, quick = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+step = distill_step(objective, torch.device(device), quick)
+
+def status(key):
+    return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+
+if device.startswith("cuda"):
+    step()  # warm-up: the caching allocator's pools
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
+    step(); torch.cuda.synchronize(); peak = torch.cuda.max_memory_allocated() - base
+else:
+    # Linux: writing 5 to clear_refs resets the peak resident set (VmHWM) to the current one. No
+    # warm-up here: glibc keeps some freed memory resident, which would hide a second step's peak.
+    open("/proc/self/clear_refs", "w").write("5")
+    base = status("VmRSS")
+    step(); peak = status("VmHWM") - base
+print(json.dumps({"peak_bytes": peak}))
+"""
+
+
+def distill_step(objective: str, device: torch.device, quick: bool) -> Callable[[], None]:
+    """One LoRA training step of a patched SmolLM2-shaped model with the ``lm`` or ``distill`` objective."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    import hf_prope
+    from hf_prope.distillation import DEFAULT_CHUNK_TOKENS, distillation_loss, output_layer, teacher_hidden_states
+
+    torch.manual_seed(0)
+    layers = 2 if quick else 30
+    model = LlamaForCausalLM(_shape(quick, layers)).to(device)
+    hf_prope.patch_model(model, "p-rope", p=0.75)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    model.train()
+    batch, tokens = (1, 128) if quick else ((1, 2048) if device.type == "cpu" else (4, 4096))
+    ids = torch.randint(0, model.config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(1)).to(device)
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        if objective == "lm":
+            loss = model(input_ids=ids, labels=ids).loss
+        else:
+            hidden = teacher_hidden_states(model, ids)
+            loss, _ = distillation_loss(model(input_ids=ids).logits, hidden, output_layer(model),
+                                        chunk_tokens=DEFAULT_CHUNK_TOKENS)
+        loss.backward()
+
+    return step
+
+
+def bench_distill(device: torch.device, repeats: int, quick: bool, profile: bool = False) -> list[Row]:
+    """Self-distillation against the LM objective: time of a training step and its peak memory.
+
+    The same patched SmolLM2-shaped model with LoRA, same tokens. Time: interleaved, in this
+    process. Memory: each objective in a fresh process, the peak of one step beyond what was
+    allocated before it (CUDA: ``max_memory_allocated``; CPU: the peak resident set during the
+    step, reset just before it, less the resident set then; Linux only).
+    """
+    import json
+    import subprocess
+
+    fns = {objective: distill_step(objective, device, quick) for objective in ("lm", "distill")}
+    times = interleaved(fns, repeats=repeats, inner=1, device=device)
+    if profile:
+        _profile("distill vs lm", fns, device)
+    peaks = {}
+    for objective in ("lm", "distill"):
+        out = subprocess.run([sys.executable, "-c", _DISTILL_STEP, objective, str(device), "1" if quick else "0"],
+                             capture_output=True, text=True, timeout=1800)
+        if out.returncode != 0:
+            raise RuntimeError(f"The {objective} memory probe failed:\n{out.stderr[-2000:]}")
+        peaks[objective] = float(json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"])
+    shape = "1 x 128, 2 layers" if quick else ("1 x 2048" if device.type == "cpu" else "4 x 4096") + ", 30 layers"
+    note = f"SmolLM2-shaped, p=0.75, LoRA r=16 q/k/v/o, {shape}, fp32; teacher = the model itself"
+    return [
+        Row("training step, objective", "distill (KL to the unpatched model)", times["distill"] * 1e3, "ms",
+            "lm (cross-entropy)", times["lm"] * 1e3, "lower", note=note),
+        Row("peak memory of a training step", "distill", peaks["distill"] / 2**20, "MiB", "lm", peaks["lm"] / 2**20,
+            "lower", target="<= 1.25x", met=peaks["distill"] <= 1.25 * peaks["lm"], note=note),
+    ]
+
+
 def _runtime(log_history: list[dict[str, Any]]) -> float:
     for entry in reversed(log_history):
         if "train_runtime" in entry:
@@ -397,6 +482,7 @@ def _runtime(log_history: list[dict[str, Any]]) -> float:
 
 RUNNERS: dict[str, Callable[..., list[Row]]] = {
     "rotary": bench_rotary, "train": bench_train, "decode": bench_decode, "patch": bench_patch, "recipe": bench_recipe,
+    "distill": bench_distill,
 }
 
 

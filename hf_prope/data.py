@@ -100,12 +100,10 @@ def tokenize_text(tokenizer: Any, text: str) -> torch.Tensor:
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
-def tokenize_dataset(dataset: Any, tokenizer: Any, *, text_column: str = "text", num_proc: int | None = None) -> torch.Tensor:
-    """All documents as one 1-D tensor of ids, without BOS, joined by the EOS token.
-
-    A single document tokenises exactly as :func:`tokenize_text` does, so
-    perplexities on ``python-docs`` are those of the zero-shot protocol.
-    """
+def tokenize_documents(
+    dataset: Any, tokenizer: Any, *, text_column: str = "text", num_proc: int | None = None
+) -> list[torch.Tensor]:
+    """Every non-empty document as its own 1-D tensor of ids, without special tokens."""
 
     def encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
         texts = [t for t in batch[text_column] if isinstance(t, str) and t]
@@ -115,17 +113,31 @@ def tokenize_dataset(dataset: Any, tokenizer: Any, *, text_column: str = "text",
     encoded = dataset.map(
         encode, batched=True, remove_columns=dataset.column_names, num_proc=num_proc, desc="tokenising"
     )
-    eos = tokenizer.eos_token_id
-    pieces: list[torch.Tensor] = []
     rows = encoded["ids"] if "ids" in encoded.column_names else []  # no column when every document was empty
-    for row in rows:
+    docs = [torch.tensor(row, dtype=torch.long) for row in rows if len(row)]
+    if not docs:
+        raise ValueError("The dataset holds no text: every document is empty.")
+    return docs
+
+
+def join_documents(docs: Sequence[torch.Tensor], eos: int | None) -> torch.Tensor:
+    """Documents as one stream, joined by the EOS token (no BOS)."""
+    pieces: list[torch.Tensor] = []
+    for doc in docs:
         if pieces and eos is not None:
             pieces.append(torch.tensor([eos], dtype=torch.long))
-        pieces.append(torch.tensor(row, dtype=torch.long))
-    ids = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
-    if ids.numel() == 0:
-        raise ValueError("The dataset holds no text: every document is empty.")
-    return ids
+        pieces.append(doc)
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+
+
+def tokenize_dataset(dataset: Any, tokenizer: Any, *, text_column: str = "text", num_proc: int | None = None) -> torch.Tensor:
+    """All documents as one 1-D tensor of ids, without BOS, joined by the EOS token.
+
+    A single document tokenises exactly as :func:`tokenize_text` does, so
+    perplexities on ``python-docs`` are those of the zero-shot protocol.
+    """
+    docs = tokenize_documents(dataset, tokenizer, text_column=text_column, num_proc=num_proc)
+    return join_documents(docs, tokenizer.eos_token_id)
 
 
 @dataclass(frozen=True)
@@ -133,8 +145,9 @@ class TokenSplit:
     """Training blocks and the held-out tail of one token stream (disjoint by construction)."""
 
     train_blocks: torch.Tensor  # (n_blocks, block_size)
-    heldout: torch.Tensor  # 1-D: the last heldout_tokens ids of the stream
+    heldout: torch.Tensor  # 1-D: the last heldout_tokens ids of the stream, or pieces of long documents
     total_tokens: int
+    heldout_documents: int | None = None  # how many whole documents were held out (split_long_documents)
 
     @property
     def train_tokens(self) -> int:
@@ -213,3 +226,55 @@ def token_windows(
             ids.append(int(eos))
         ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
     return last_windows(torch.tensor(ids, dtype=torch.long), window, n_windows)
+
+
+def split_long_documents(
+    docs: Sequence[torch.Tensor],
+    eos: int | None,
+    *,
+    block_size: int,
+    heldout_tokens: int,
+    window: int,
+    min_blocks: int = 1,
+) -> TokenSplit:
+    """Hold out whole documents at least ``window`` tokens long, and train on all the others.
+
+    From the end of the data backwards, each document of ``window`` tokens or more gives its
+    first ``k * window`` tokens to the held-out split until ``heldout_tokens`` (a multiple of
+    ``window``) are reached, and is then left out of training entirely. So every evaluation
+    window of ``window`` tokens, or of any length dividing it, lies inside one document, and no
+    held-out document is trained on. The other documents are joined by EOS and cut into blocks.
+    Raises ``ValueError`` when the long documents are too few, or too little remains to train on.
+    """
+    if window < 2 or heldout_tokens % window:
+        raise ValueError(f"The held-out tokens ({heldout_tokens}) must be a multiple of the window ({window}).")
+    held: list[torch.Tensor] = []
+    used: set[int] = set()
+    remaining = heldout_tokens
+    for i in range(len(docs) - 1, -1, -1):
+        if remaining == 0:
+            break
+        k = min(len(docs[i]) // window, remaining // window)
+        if k:
+            held.append(docs[i][: k * window])
+            used.add(i)
+            remaining -= k * window
+    if remaining:
+        long_tokens = sum(len(d) // window * window for d in docs)
+        raise ValueError(
+            f"Only {long_tokens} tokens lie in whole windows of {window} inside documents at least that long, but "
+            f"{heldout_tokens} are to be held out; use a corpus with more long documents, fewer evaluation windows, "
+            "or heldout_documents=tail."
+        )
+    train = join_documents([d for i, d in enumerate(docs) if i not in used], eos)
+    n_blocks = train.numel() // block_size
+    if n_blocks < min_blocks:
+        raise ValueError(
+            f"After holding out {len(used)} long documents, {train.numel()} tokens remain for training: {n_blocks} "
+            f"blocks of {block_size}, but at least {min_blocks} are needed. Use more data or a smaller block_size."
+        )
+    heldout = torch.cat(held[::-1])
+    return TokenSplit(
+        train_blocks=train[: n_blocks * block_size].reshape(n_blocks, block_size).clone(), heldout=heldout.clone(),
+        total_tokens=int(sum(len(d) for d in docs)), heldout_documents=len(used),
+    )

@@ -21,9 +21,10 @@ How a patch is carried (why, in short):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -148,8 +149,11 @@ class PositionMaskHook:
         self.attention_scaling = float(attention_scaling)
         # A stopped pair is passed through only when unscaled; then a prefix can skip the rest.
         self.prefix = rotation.prefix_length(keep) if self.attention_scaling == 1.0 else None
+        self.active = True  # off while original_rope() runs the unpatched model
 
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+        if not getattr(self, "active", True):
+            return None
         pe = kwargs.get("position_embeddings")
         if pe is None:
             raise RuntimeError(
@@ -354,6 +358,70 @@ def restore_patch(model: nn.Module) -> nn.Module:
         parts = model_parts(model)
         _install(parts, _plan(parts, spec), isolate_config=False)
     return model
+
+
+def _snapshot(rotary: nn.Module) -> dict[str, Any]:
+    """Everything of a rotary module that a patch sets: buffers, plain attributes, cached tensors, config."""
+    return {
+        "buffers": {name: buf.detach().clone() for name, buf in rotary.named_buffers(recurse=False)},
+        "attrs": {
+            k: (v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v))
+            for k, v in rotary.__dict__.items()
+            if not k.startswith("_") and k not in ("training",)
+            and (isinstance(v, (int, float, str, dict, list, tuple, torch.Tensor)) or v is None)
+        },
+        "config": rotary.config,
+    }
+
+
+def _restore(rotary: nn.Module, snap: dict[str, Any]) -> None:
+    with torch.no_grad():
+        for name, buf in snap["buffers"].items():
+            current = rotary._buffers.get(name)
+            if current is not None and current.shape == buf.shape:
+                current.copy_(buf)
+            else:
+                rotary.register_buffer(name, buf, persistent=False)
+    for name in [k for k, v in rotary.__dict__.items() if isinstance(v, torch.Tensor) and k not in snap["attrs"]]:
+        delattr(rotary, name)  # caches the original RoPE created (longrope's long frequencies)
+    for name, value in snap["attrs"].items():
+        setattr(rotary, name, value)
+    rotary.config = snap["config"]
+
+
+@contextlib.contextmanager
+def original_rope(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` with its original RoPE inside the block; its patch is back, bit for bit, after it.
+
+    No copy of the model is made: the rotary modules' frequencies (and the config they read)
+    are swapped for the original ones and the patch's layer hooks and prefix tags are switched
+    off, then everything is put back, even on error. This is how a patched model serves as
+    its own unpatched teacher (self-distillation); with PEFT, combine it with
+    ``peft_model.disable_adapter()`` for the base model itself. A no-op on an unpatched model.
+    """
+    parts = model_parts(model)
+    if get_patch(model) is None:
+        yield model
+        return
+    original_config = _with_rope(parts.config, original_rope_parameters(parts.config))
+    reference = _build_rotary(parts, original_config)
+    hooks = [h for r in parts.rotaries for h in r._forward_hooks.values() if isinstance(h, rotation.PrefixTagHook)]
+    hooks += [
+        h for a in parts.attentions.values() for h in a._forward_pre_hooks.values() if isinstance(h, PositionMaskHook)
+    ]
+    snapshots = [_snapshot(r) for r in parts.rotaries]
+    try:
+        for rotary in parts.rotaries:
+            _copy_rotary_state(rotary, reference)
+            rotary.config = original_config
+        for hook in hooks:
+            hook.active = False
+        yield model
+    finally:
+        for hook in hooks:
+            hook.active = True
+        for rotary, snap in zip(parts.rotaries, snapshots):
+            _restore(rotary, snap)
 
 
 def patch_info(model: nn.Module) -> dict[str, Any]:

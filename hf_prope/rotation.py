@@ -197,8 +197,11 @@ class PrefixTagHook:
 
     def __init__(self, rotated: dict[str | None, int]) -> None:
         self.rotated = dict(rotated)
+        self.active = True  # off while hf_prope.patching.original_rope() runs the unpatched model
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        if not getattr(self, "active", True):
+            return output
         key = None
         if None not in self.rotated:
             key = kwargs.get("layer_type", args[2] if len(args) > 2 else None)

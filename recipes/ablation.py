@@ -44,7 +44,7 @@ from .base import (
     write_atomic,
     write_json,
 )
-from .training import TrainingRecipe, loss_curve
+from .training import TrainingRecipe, loss_curve, quiet_library_warnings
 
 PLOT_FILE = "results.png"
 TABLE_FILE = "results.md"
@@ -532,9 +532,10 @@ class AblationRecipe(TrainingRecipe):
         return self.summary
 
     def run(self) -> dict[str, Any]:
-        self.setup()
-        self.train()
-        summary = self.report()
+        with quiet_library_warnings():
+            self.setup()
+            self.train()
+            summary = self.report()
         barrier()
         return summary
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from .base import (
@@ -37,7 +38,7 @@ from .base import (
     save_figure,
     write_json,
 )
-from .training import TrainingRecipe, loss_curve
+from .training import TrainingRecipe, loss_curve, quiet_library_warnings
 
 STAGES = ("control", "patched")  # the control trains first so the patched model is the one left to save
 _OUTPUTS = (*STAGES, RESULTS_FILE)
@@ -62,13 +63,41 @@ class LoraArguments:
         return list(dict.fromkeys(self.lora_target_modules + (_MLP_MODULES if self.lora_mlp else [])))
 
 
+OBJECTIVES = ("lm", "distill", "mix")
+
+
 @dataclass
 class LoraRecipeArguments:
-    """Blocks, the held-out split, the control, and how the result is saved."""
+    """The training objective, blocks, the held-out split and its contexts, the control, how the result is saved."""
 
+    objective: Literal["lm", "distill", "mix"] = field(
+        default="lm",
+        metadata={"help": "lm: the language-model loss on the data; distill: match the unpatched model's predictions "
+                  "(self-distillation: KL over the full vocabulary); mix: distill_weight x distill + the rest x lm."},
+    )
+    distill_weight: float = field(default=0.5, metadata={"help": "mix: weight of the distillation term, in [0, 1]."})
+    distill_temperature: float = field(
+        default=1.0, metadata={"help": "distill/mix: softmax temperature of teacher and student (the KL is scaled by T^2)."}
+    )
+    distill_chunk_tokens: int = field(
+        default=1024, metadata={"help": "distill/mix: tokens per chunk of the vocabulary-wide KL (bounds its memory)."}
+    )
     block_size: int = field(default=256, metadata={"help": "Tokens per training block."})
-    eval_window: int = field(default=512, metadata={"help": "Tokens per held-out evaluation window."})
+    eval_window: int = field(
+        default=512, metadata={"help": "Held-out window size: the held-out split is eval_windows x eval_window tokens."}
+    )
     eval_windows: int = field(default=16, metadata={"help": "Held-out windows, taken from the end of the data."})
+    eval_contexts: list[int] | None = field(
+        default=None,
+        metadata={"help": "Context lengths to evaluate at: the held-out tokens cut into windows of each length, each "
+                  "from scratch (default: [eval_window]). Longer than the model's training length is allowed and "
+                  "marked as extrapolation."},
+    )
+    heldout_documents: Literal["tail", "long"] = field(
+        default="tail",
+        metadata={"help": "tail: the held-out split is the last tokens of the data (documents joined); long: whole "
+                  "documents at least as long as the longest eval context, from the end of the data, none trained on."},
+    )
     eval_batch_size: int = field(default=1, metadata={"help": "Windows per evaluation forward pass."})
     control: bool = field(
         default=True, metadata={"help": "Also train the same LoRA on the unpatched model (doubles training time)."}
@@ -83,11 +112,47 @@ class LoraRecipeArguments:
         for name in ("block_size", "eval_window"):
             if getattr(self, name) < 2:
                 raise ValueError(f"{name} must be at least 2 tokens, got {getattr(self, name)}.")
-        for name in ("eval_windows", "eval_batch_size"):
+        for name in ("eval_windows", "eval_batch_size", "distill_chunk_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.resume and self.overwrite:
             raise ValueError("resume=true and overwrite=true contradict each other; choose one.")
+        if not self.distill_temperature > 0:
+            raise ValueError(f"distill_temperature must be positive, got {self.distill_temperature}.")
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight}.")
+        contexts = self.contexts
+        if len(set(contexts)) != len(contexts) or min(contexts) < 2:
+            raise ValueError(f"eval_contexts must be distinct lengths of at least 2 tokens, got {contexts}.")
+        if self.heldout_documents == "long" and self.heldout_tokens % max(contexts):
+            raise ValueError(
+                f"heldout_documents=long cuts the held-out documents into windows of the longest context "
+                f"({max(contexts)}): eval_windows x eval_window ({self.heldout_tokens}) must be a multiple of it."
+            )
+        too_long = [c for c in contexts if c > self.heldout_tokens]
+        if too_long:
+            raise ValueError(
+                f"eval_contexts {too_long} are longer than the held-out tokens (eval_windows x eval_window = "
+                f"{self.heldout_tokens}); raise eval_windows or eval_window, or drop those contexts."
+            )
+
+    @property
+    def heldout_tokens(self) -> int:
+        return self.eval_window * self.eval_windows
+
+    @property
+    def contexts(self) -> list[int]:
+        """The evaluation contexts, shortest first."""
+        return sorted(self.eval_contexts) if self.eval_contexts else [self.eval_window]
+
+    @property
+    def distillation(self) -> dict[str, Any] | None:
+        """The distillation settings of the objective (``None`` for ``lm``)."""
+        if self.objective == "lm":
+            return None
+        weight = 1.0 if self.objective == "distill" else self.distill_weight
+        return {"distill_weight": weight, "temperature": self.distill_temperature,
+                "chunk_tokens": self.distill_chunk_tokens}
 
 
 class LoRARecipe(TrainingRecipe):
@@ -127,7 +192,7 @@ class LoRARecipe(TrainingRecipe):
 
     def setup(self) -> None:
         """Every check, in order of cost, before anything is written or trained."""
-        from hf_prope.data import split_tail, tokenize_dataset
+        from hf_prope.data import join_documents, split_long_documents, split_tail, tokenize_documents
         from hf_prope.patching import check_patch
 
         self.started = time.perf_counter()
@@ -155,16 +220,30 @@ class LoRARecipe(TrainingRecipe):
             )
         self._check_targets()
         check_patch(self.model, self.spec)
-        ids = tokenize_dataset(dataset, self.tokenizer, text_column=self.data_args.text_column)
-        world = max(1, ta.world_size)
-        self.split = split_tail(
-            ids, block_size=ra.block_size, heldout_tokens=ra.eval_window * ra.eval_windows,
-            min_blocks=ta.per_device_train_batch_size * world,
-        )
+        if ra.objective != "lm":
+            self._check_patch_changes_something()
+        self.training_length = limit
+        docs = tokenize_documents(dataset, self.tokenizer, text_column=self.data_args.text_column)
+        min_blocks = ta.per_device_train_batch_size * max(1, ta.world_size)
+        if ra.heldout_documents == "long":
+            self.split = split_long_documents(
+                docs, self.tokenizer.eos_token_id, block_size=ra.block_size, heldout_tokens=ra.heldout_tokens,
+                window=max(ra.contexts), min_blocks=min_blocks,
+            )
+        else:
+            self.split = split_tail(
+                join_documents(docs, self.tokenizer.eos_token_id), block_size=ra.block_size,
+                heldout_tokens=ra.heldout_tokens, min_blocks=min_blocks,
+            )
+        where = (f"from {self.split.heldout_documents} documents of at least {max(ra.contexts):,} tokens"
+                 if self.split.heldout_documents else "at the end of the data")
         self.say(
             f"Data: {self.split.total_tokens:,} tokens; training on {self.split.train_blocks.shape[0]:,} blocks of "
-            f"{ra.block_size}, held out the last {self.split.heldout.numel():,} ({ra.eval_windows} x {ra.eval_window})."
+            f"{ra.block_size}, held out {self.split.heldout.numel():,} {where}; evaluated at "
+            f"{', '.join(str(c) for c in ra.contexts)} tokens."
         )
+        # Every evaluation runs where training runs: the model moves once, before (a).
+        self.model.to(ta.device)
         self.clear_previous_run()  # only now: a failed setup leaves an earlier run alone
         if ta.hub_model_id and is_main_process():
             # Last of the checks, and the first thing created: the token may write to this repo.
@@ -172,6 +251,20 @@ class LoRARecipe(TrainingRecipe):
 
             HfApi(token=ta.hub_token).create_repo(ta.hub_model_id, private=ta.hub_private_repo, exist_ok=True)
         barrier()  # no process starts training before rank 0 has cleared a previous run
+
+    def _check_patch_changes_something(self) -> None:
+        from hf_prope.patching import layer_frequencies, patch_model, unpatch_model
+
+        patch_model(self.model, self.spec)
+        try:
+            same = bool(torch.equal(layer_frequencies(self.model), layer_frequencies(self.model, original=True)))
+        finally:
+            unpatch_model(self.model)
+        if same:
+            raise ValueError(
+                f"objective={self.recipe_args.objective} with a patch that changes nothing ({self.spec.describe()}): the "
+                "student would already equal its teacher. Choose a patch that stops some frequencies (e.g. p=0.75)."
+            )
 
     def _check_hub(self) -> None:
         """The Hub token is accepted (the repo is created at the end of setup, once every check has passed)."""
@@ -200,7 +293,10 @@ class LoRARecipe(TrainingRecipe):
         self.results["base"] = self.evaluate("(a) base")
         patch_model(self.model, self.spec)
         self.results["patched_before"] = self.evaluate("(b) patched, before training")
-        if self.recipe_args.control:
+        if self.recipe_args.control and self.recipe_args.objective == "distill":
+            # The original model is a distillation's control: (a). An unpatched student would copy itself.
+            self.say("[control] skipped: with objective=distill the control is the original model, (a)")
+        elif self.recipe_args.control:
             unpatch_model(self.model)
             control = self.train_stage("control", self.model)
             self.results["control"] = self.evaluate("(d) control after training", control)
@@ -255,9 +351,11 @@ class LoRARecipe(TrainingRecipe):
             self.histories[stage] = json.loads(record.read_text())["log_history"]
             return peft_model
         args = dataclasses.replace(self.training_args, output_dir=str(stage_dir), push_to_hub=False)
-        trainer = self.make_trainer(peft_model, args, self.split.train_blocks, callbacks=self.callbacks)
+        trainer = self.make_trainer(peft_model, args, self.split.train_blocks, callbacks=self.callbacks,
+                                    distillation=self.recipe_args.distillation)
         last = get_last_checkpoint(str(stage_dir)) if self.recipe_args.resume and stage_dir.is_dir() else None
         what = "control: unpatched model + LoRA" if stage == "control" else f"patched: {self.spec.describe()} + LoRA"
+        what += f", objective {self.recipe_args.objective}"
         self.say(f"[{stage}] {what}, {args.max_steps} steps" + (f", resuming from {last}" if last else ""))
         trainer.train(resume_from_checkpoint=last)
         self._record_base(peft_model)
@@ -271,39 +369,60 @@ class LoRARecipe(TrainingRecipe):
     # -----------------------------------------------------------------------------------------
     # evaluate, report, save, push
 
-    def evaluate(self, label: str = "perplexity", model: Any = None) -> float:
-        """Perplexity of ``model`` (default: the current one) on the held-out split."""
+    def evaluate(self, label: str = "perplexity", model: Any = None) -> dict[int, float]:
+        """Perplexity of ``model`` (default: the current one) on the held-out split, at each evaluation context.
+
+        The same held-out tokens are cut into windows of each length (each window from scratch).
+        """
         from hf_prope.evaluation import perplexity
 
         ra = self.recipe_args
-        return perplexity(
-            model if model is not None else getattr(self, "peft_model", self.model), self.split.heldout,
-            window=ra.eval_window, n_windows=ra.eval_windows, batch_size=ra.eval_batch_size, progress=label,
-        )
+        model = model if model is not None else getattr(self, "peft_model", self.model)
+        return {
+            context: perplexity(
+                model, self.split.heldout, window=context, n_windows=ra.heldout_tokens // context,
+                batch_size=ra.eval_batch_size, progress=f"{label} @ {context}",
+            )
+            for context in ra.contexts
+        }
 
     def report(self) -> dict[str, Any]:
         """(c) on the trained model, then ``results.json``, the table and the plot (rank 0 writes)."""
         self.results["patched_after"] = self.evaluate("(c) patched after training", self.peft_model)
         r = self.results
-        ta = self.training_args
-        gap = r["patched_after"] / r["control"] if "control" in r else None
+        ta, ra = self.training_args, self.recipe_args
+        limit = self.training_length
+        per_context: dict[str, Any] = {}
+        for c in ra.contexts:
+            control = r["control"][c] if "control" in r else None
+            after = r["patched_after"][c]
+            per_context[str(c)] = {
+                "base": r["base"][c],
+                "patched_before_training": r["patched_before"][c],
+                "patched_after_training": after,
+                "control_after_training": control,
+                "cost_over_base": after / r["base"][c],
+                "gap_over_control": after / control if control else None,
+                "extrapolation": bool(limit is not None and c > limit),
+            }
+        metric = "gap_over_control" if ra.objective == "lm" and "control" in r else "cost_over_base"
         self.summary = {
             "model": self.model_args.model,
             "patch": self.spec.to_dict(),
             "patch_description": self.spec.describe(),
-            "perplexity": {
-                "base": r["base"],
-                "patched_before_training": r["patched_before"],
-                "patched_after_training": r["patched_after"],
-                "control_after_training": r.get("control"),
-            },
-            "gap_patched_over_control": gap,
-            "heldout": {"dataset": self.data_args.dataset, "window": self.recipe_args.eval_window,
-                        "n_windows": self.recipe_args.eval_windows, "tokens": int(self.split.heldout.numel())},
+            "objective": ra.objective,
+            "distillation": ra.distillation,
+            "contexts": ra.contexts,
+            "training_length": limit,
+            "perplexity": per_context,
+            "headline": {"metric": metric, "by_context": {k: v[metric] for k, v in per_context.items()}},
+            "heldout": {"dataset": self.data_args.dataset, "window": ra.eval_window,
+                        "n_windows": ra.eval_windows, "tokens": int(self.split.heldout.numel()),
+                        "documents": ra.heldout_documents, "long_documents": self.split.heldout_documents},
             "training": {
                 "max_steps": ta.max_steps, "world_size": max(1, ta.world_size),
-                "tokens_per_step": self.tokens_per_step(self.recipe_args.block_size),
-                "train_blocks": int(self.split.train_blocks.shape[0]),
+                "tokens_per_step": self.tokens_per_step(ra.block_size), "block_size": ra.block_size,
+                "train_blocks": int(self.split.train_blocks.shape[0]), "device": str(ta.device),
             },
             "loss_curves": {stage: loss_curve(history) for stage, history in self.histories.items()},
             "seconds": round(time.perf_counter() - self.started, 1),
@@ -313,17 +432,18 @@ class LoRARecipe(TrainingRecipe):
         return self.summary
 
     def card_results(self) -> dict[str, float]:
-        """The figures for the model card: perplexities on the held-out split and the gap."""
-        p = self.summary["perplexity"]
+        """The figures for the model card: held-out perplexities at each context, the cost and the gap."""
         steps = self.summary["training"]["max_steps"]
-        out = {
-            "held-out perplexity, base model (RoPE)": p["base"],
-            "held-out perplexity, patched, before training": p["patched_before_training"],
-            f"held-out perplexity, patched + LoRA ({steps} steps)": p["patched_after_training"],
-        }
-        if p["control_after_training"] is not None:
-            out[f"held-out perplexity, control: RoPE + same LoRA ({steps} steps)"] = p["control_after_training"]
-            out["gap (patched / control)"] = self.summary["gap_patched_over_control"]
+        out: dict[str, float] = {}
+        for context, p in self.summary["perplexity"].items():
+            at = f"@ {context} tokens" + (" (extrapolation)" if p["extrapolation"] else "")
+            out[f"held-out perplexity {at}, base model (RoPE)"] = p["base"]
+            out[f"held-out perplexity {at}, patched, before training"] = p["patched_before_training"]
+            out[f"held-out perplexity {at}, patched + LoRA ({steps} steps)"] = p["patched_after_training"]
+            out[f"cost of the patch {at} (patched + LoRA / base)"] = p["cost_over_base"]
+            if p["control_after_training"] is not None:
+                out[f"held-out perplexity {at}, control: RoPE + same LoRA ({steps} steps)"] = p["control_after_training"]
+                out[f"gap {at} (patched / control)"] = p["gap_over_control"]
         return out
 
     def save(self) -> Path | None:
@@ -353,75 +473,109 @@ class LoRARecipe(TrainingRecipe):
         return info
 
     def run(self) -> dict[str, Any]:
-        self.setup()
-        self.train()
-        summary = self.report()
-        self.save()
-        self.push()
+        with quiet_library_warnings():
+            self.setup()
+            self.train()
+            summary = self.report()
+            self.save()
+            self.push()
         barrier()
         return summary
 
     # -----------------------------------------------------------------------------------------
 
     def plot(self, path: Path) -> None:
-        from matplotlib import ticker
+        plot_results(self.summary, path)
 
-        plt = pyplot()
-        s = self.summary
-        p = s["perplexity"]
-        steps = s["training"]["max_steps"]
-        labels = ["(a) base\nRoPE", "(b) patched\nbefore", "(c) patched\n+ LoRA", "(d) control\nRoPE + LoRA"]
-        values = [p["base"], p["patched_before_training"], p["patched_after_training"], p["control_after_training"]]
-        keep = [(l, v) for l, v in zip(labels, values) if v is not None]
-        fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5.2))
-        bars = left.bar([l for l, _ in keep], [v for _, v in keep], color=["#777", "#d62728", "#1f77b4", "#2ca02c"][: len(keep)])
-        left.set_yscale("log")
-        left.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        left.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
-        left.yaxis.set_minor_formatter(ticker.NullFormatter())
-        left.set_ylabel("held-out perplexity (log scale, lower is better)")
-        left.set_title(textwrap.fill(f"{s['model']}: {s['patch_description']}", 60) + f"\n{steps} LoRA steps; "
-                       f"{s['heldout']['n_windows']} x {s['heldout']['window']} tokens held out", fontsize=10)
-        for bar, (_, v) in zip(bars, keep):
-            left.annotate(f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom")
-        for stage, points in s["loss_curves"].items():
-            if points:
-                right.plot([x for x, _ in points], [y for _, y in points], label=stage, marker=".")
-        right.set_xlabel("optimizer step")
-        right.set_ylabel("training loss (cross-entropy, nats/token)")
-        gap = s["gap_patched_over_control"]
-        right.set_title("training loss" + (f"; gap (c)/(d) = {gap:.3f}" if gap else ""))
-        right.legend()
-        right.grid(alpha=0.3)
-        fig.tight_layout()
-        save_figure(fig, path)
+
+_ROWS = (
+    ("base", "(a) base model, RoPE", "#777"),
+    ("patched_before_training", "(b) patched, before training", "#d62728"),
+    ("patched_after_training", "(c) patched + LoRA", "#1f77b4"),
+    ("control_after_training", "(d) control: RoPE + LoRA", "#2ca02c"),
+)
+
+
+def _context_label(summary: dict[str, Any], context: str) -> str:
+    return f"{context}*" if summary["perplexity"][context]["extrapolation"] else context
+
+
+def plot_results(summary: dict[str, Any], path: Path) -> None:
+    """Perplexity of (a)-(d) at each context (grouped bars, log scale) and the training loss curves."""
+    from matplotlib import ticker
+
+    plt = pyplot()
+    s = summary
+    contexts = list(s["perplexity"])
+    steps = s["training"]["max_steps"]
+    rows = [(key, label, colour) for key, label, colour in _ROWS
+            if any(s["perplexity"][c][key] is not None for c in contexts)]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.4))
+    width = 0.8 / len(rows)
+    for i, (key, label, colour) in enumerate(rows):
+        xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(contexts))]
+        values = [s["perplexity"][c][key] for c in contexts]
+        bars = left.bar(xs, values, width, label=label, color=colour)
+        for bar, v in zip(bars, values):
+            left.annotate(f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=7)
+    left.set_xticks(range(len(contexts)), [_context_label(s, c) for c in contexts])
+    left.set_xlabel("evaluation context (tokens per window; * = beyond the training length)")
+    left.set_yscale("log")
+    left.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    left.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    left.yaxis.set_minor_formatter(ticker.NullFormatter())
+    left.set_ylabel("held-out perplexity (log scale, lower is better)")
+    left.set_title(textwrap.fill(f"{s['model']}: {s['patch_description']}", 70) + f"\nobjective {s['objective']}, "
+                   f"{steps} LoRA steps; {s['heldout']['tokens']:,} tokens held out", fontsize=10)
+    left.legend(fontsize=8)
+    for stage, points in s["loss_curves"].items():
+        if points:
+            right.plot([x for x, _ in points], [y for _, y in points], label=stage, marker=".")
+    right.set_xlabel("optimizer step")
+    loss_name = {"lm": "cross-entropy", "distill": "KL to the unpatched model", "mix": "mixed KL + cross-entropy"}
+    right.set_ylabel(f"training loss ({loss_name[s['objective']]}, nats/token)")
+    metric = s["headline"]["metric"]
+    name = "cost (c)/(a)" if metric == "cost_over_base" else "gap (c)/(d)"
+    right.set_title("training loss; " + name + ": " + ", ".join(
+        f"{v:.3f} @ {c}" for c, v in s["headline"]["by_context"].items()), fontsize=10)
+    right.legend()
+    right.grid(alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def format_table(summary: dict[str, Any]) -> str:
-    """The before/after table of a LoRA run's ``results.json``."""
+    """The before/after table of a LoRA run's ``results.json``: one column per evaluation context."""
     p = summary["perplexity"]
+    contexts = list(p)
     steps = summary["training"]["max_steps"]
-    rows = [
-        ("(a) base model, RoPE", p["base"]),
-        ("(b) patched, before training", p["patched_before_training"]),
-        (f"(c) patched + LoRA, {steps} steps", p["patched_after_training"]),
-        (f"(d) control: RoPE + LoRA, {steps} steps", p["control_after_training"]),
-    ]
-    width = max(len(name) for name, _ in rows) + 2
+    names = {"patched_after_training": f"(c) patched + LoRA, {steps} steps",
+             "control_after_training": f"(d) control: RoPE + LoRA, {steps} steps"}
+    rows = [(key, names.get(key, label)) for key, label, _ in _ROWS]
+    ratio_rows = [("cost_over_base", "(c)/(a) cost of the patch"), ("gap_over_control", "(c)/(d) gap to the control")]
+    width = max(len(name) for _, name in rows + ratio_rows) + 2
     held = summary["heldout"]
     lines = [
-        f"{summary['model']}, patch: {summary['patch_description']}",
-        f"held-out: the last {held['n_windows']} windows of {held['window']} tokens of {held['dataset']}",
+        f"{summary['model']}, patch: {summary['patch_description']}; objective: {summary['objective']}",
+        f"held-out: the last {held['tokens']:,} tokens of {held['dataset']}, cut into windows of each context "
+        "(each window from scratch)",
         "",
-        f"{'perplexity':<{width}}{'value':>10}{'x base':>9}",
-        "-" * (width + 19),
+        f"{'perplexity @ context':<{width}}" + "".join(f"{_context_label(summary, c):>10}" for c in contexts),
+        "-" * (width + 10 * len(contexts)),
     ]
-    for name, value in rows:
-        if value is None:
-            lines.append(f"{name:<{width}}{'(off)':>10}{'-':>9}")
-        else:
-            lines.append(f"{name:<{width}}{value:>10.2f}{value / p['base']:>9.3f}")
-    gap = summary["gap_patched_over_control"]
-    if gap is not None:
-        lines.append(f"gap (c)/(d): {gap:.3f}  (the patched model is {100 * (gap - 1):+.1f}% vs the same LoRA on RoPE)")
+    for key, name in rows:
+        cells = [p[c][key] for c in contexts]
+        lines.append(f"{name:<{width}}" + "".join(f"{'(off)':>10}" if v is None else f"{v:>10.2f}" for v in cells))
+    lines.append("-" * (width + 10 * len(contexts)))
+    for key, name in ratio_rows:
+        cells = [p[c][key] for c in contexts]
+        if all(v is None for v in cells):
+            continue
+        lines.append(f"{name:<{width}}" + "".join(f"{'-':>10}" if v is None else f"{v:>10.3f}" for v in cells))
+    if any(p[c]["extrapolation"] for c in contexts):
+        lines.append(f"* beyond the model's training length ({summary['training_length']} tokens)")
+    metric = summary["headline"]["metric"]
+    by_context = summary["headline"]["by_context"]
+    what = "cost over the original model" if metric == "cost_over_base" else "gap to the same LoRA on RoPE (control)"
+    lines.append(f"headline, {what}: " + ", ".join(f"{100 * (v - 1):+.1f}% @ {c}" for c, v in by_context.items()))
     return "\n".join(lines)

@@ -7,21 +7,25 @@
   transformers' ``Trainer``: this machine's defaults, the previous-run rule (an earlier run in
   ``output_dir`` is never mixed with a new one unless ``resume`` or ``overwrite`` says so),
   building the ``Trainer``, and tokens per optimizer step.
+* :class:`DistillationTrainer`: ``Trainer`` with the self-distillation loss (``objective=distill|mix``).
 * :func:`loss_curve`: a ``[step, value]`` curve out of ``Trainer``'s log history.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import warnings
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 from .base import Recipe, is_main_process
 
-__all__ = ["BlockDataset", "PatchRecordCallback", "TrainingRecipe", "has_accelerator", "loss_curve"]
+__all__ = ["BlockDataset", "PatchRecordCallback", "DistillationTrainer", "TrainingRecipe", "has_accelerator",
+           "loss_curve", "quiet_library_warnings"]
 
 
 class BlockDataset(torch.utils.data.Dataset):
@@ -61,6 +65,26 @@ def has_accelerator() -> bool:
     if accelerator is not None and hasattr(accelerator, "is_available"):
         return bool(accelerator.is_available())
     return torch.cuda.is_available()
+
+
+# Library warnings that a recipe's user can do nothing about, each silenced for a stated reason.
+_NOISE = (
+    # PEFT checks at every checkpoint save whether the base's vocabulary was resized, by reading
+    # config.json beside the base; an embedded (GGUF) base has none there. LoRA here never adapts
+    # the embeddings, so the vocabulary is never resized and the check has nothing to find.
+    (UserWarning, r"Could not find a config file in .* will assume that the vocabulary was not modified"),
+    # PEFT reads transformers' is_gradient_checkpointing, deprecated in transformers 5.x: PEFT's to fix.
+    (FutureWarning, r".*is_gradient_checkpointing.* is deprecated"),
+)
+
+
+@contextlib.contextmanager
+def quiet_library_warnings() -> Iterator[None]:
+    """Silence the known library warnings a recipe's user cannot act on (:data:`_NOISE`); others still show."""
+    with warnings.catch_warnings():
+        for category, message in _NOISE:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        yield
 
 
 class TrainingRecipe(Recipe):
@@ -118,12 +142,64 @@ class TrainingRecipe(Recipe):
         *,
         eval_blocks: torch.Tensor | None = None,
         callbacks: Sequence[TrainerCallback] = (),
+        distillation: dict[str, Any] | None = None,
     ) -> Any:
-        """A ``Trainer`` on token blocks, the patch record written into every checkpoint."""
-        from transformers import Trainer, default_data_collator
+        """A ``Trainer`` on token blocks, the patch record written into every checkpoint.
 
-        return Trainer(
+        ``distillation`` (``distill_weight``, ``temperature``, ``chunk_tokens``) makes it a
+        :class:`DistillationTrainer`.
+        """
+        from transformers import default_data_collator
+
+        trainer_class: Any = Trainer if distillation is None else DistillationTrainer
+        return trainer_class(
             model=model, args=args, train_dataset=BlockDataset(train_blocks),
             eval_dataset=BlockDataset(eval_blocks) if eval_blocks is not None else None,
             data_collator=default_data_collator, callbacks=[PatchRecordCallback(), *callbacks],
+            **(distillation or {}),
         )
+
+
+class DistillationTrainer(Trainer):
+    """A ``Trainer`` whose loss is self-distillation (:mod:`hf_prope.distillation`), optionally mixed with the LM loss.
+
+    The teacher is the model being trained with its patch suspended and its adapter disabled,
+    run under ``no_grad`` before the student's forward pass; only its final hidden states are
+    kept. The student's forward pass goes through the (possibly DDP-wrapped) model as usual,
+    so gradient synchronisation, accumulation, checkpointing and mixed precision are
+    ``Trainer``'s own. Logs ``distill_kl`` and ``lm_loss`` (means since the last log) beside ``loss``.
+    """
+
+    def __init__(self, *args: Any, distill_weight: float, temperature: float, chunk_tokens: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.distill_weight = float(distill_weight)
+        self.temperature = float(temperature)
+        self.chunk_tokens = int(chunk_tokens)
+        # The loss is a mean per batch; let Trainer divide by the accumulation steps (blocks are all full).
+        self.model_accepts_loss_kwargs = False
+        self._parts: dict[str, list[float]] = {"distill_kl": [], "lm_loss": []}
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any) -> Any:
+        from hf_prope.distillation import distillation_loss, output_layer, teacher_hidden_states
+
+        student = self.accelerator.unwrap_model(model)
+        ids = inputs["input_ids"]
+        hidden = teacher_hidden_states(student, ids)
+        outputs = model(input_ids=ids, use_cache=False)
+        loss, parts = distillation_loss(
+            outputs.logits, hidden, output_layer(student), temperature=self.temperature,
+            labels=inputs.get("labels"), distill_weight=self.distill_weight, chunk_tokens=self.chunk_tokens,
+        )
+        if model.training:
+            self._parts["distill_kl"].append(float(parts["kl"]))
+            if self.distill_weight < 1:
+                self._parts["lm_loss"].append(float(parts["lm"]))
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs:
+            for key, values in self._parts.items():
+                if values:
+                    logs[key] = sum(values) / len(values)
+                    values.clear()
+        super().log(logs, *args, **kwargs)

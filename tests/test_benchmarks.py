@@ -50,3 +50,11 @@ def test_profile_prints_the_top_operators_of_each_variant(capsys) -> None:
     err = capsys.readouterr().err
     assert "--- profile: rotary p=0.25, native ---" in err and "--- profile: rotary p=0.25, hf-prope ---" in err
     assert "aten::mul" in err  # transformers' formula multiplies by cos and sin
+
+
+def test_distill_benchmark_measures_time_and_peak_memory_against_lm() -> None:
+    rows = benchmarks.run(["distill"], repeats=1, quick=True)
+    time, memory = rows
+    assert time.baseline == "lm (cross-entropy)" and time.value > 0 and time.baseline_value > 0
+    assert memory.unit == "MiB" and memory.value > 0 and memory.baseline_value > 0
+    assert memory.target == "<= 1.25x" and memory.met == (memory.value <= 1.25 * memory.baseline_value)

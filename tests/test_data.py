@@ -90,3 +90,26 @@ def test_bad_sources(tmp_path) -> None:
     (empty / "e.txt").write_text("")
     with pytest.raises(ValueError, match="holds no text"):
         tokenize_dataset(load_text_dataset(str(empty)), char_tokenizer())
+
+
+def test_long_documents_are_held_out_whole_and_never_trained_on() -> None:
+    from hf_prope.data import split_long_documents
+
+    eos = 0
+    docs = [torch.arange(1, 40) + 100 * i for i in range(6)]  # 39 tokens each, distinct values per document
+    docs[1] = torch.arange(1, 90) + 1000  # 89 tokens: two windows of 32
+    docs[4] = torch.arange(1, 70) + 2000  # 69 tokens: two windows of 32
+    split = split_long_documents(docs, eos, block_size=8, heldout_tokens=96, window=32)
+    # From the end: document 5 (39 tokens -> 1 window), document 4 (2 windows): 96 tokens.
+    assert split.heldout_documents == 2
+    assert torch.equal(split.heldout, torch.cat([docs[4][:64], docs[5][:32]]))
+    train = set(split.train_blocks.flatten().tolist())
+    assert not train & (set(docs[4].tolist()) | set(docs[5].tolist()))  # held-out documents are not trained on
+    assert set(docs[0][:8].tolist()) <= train
+    # Every window of the longest context (and of any length dividing it) lies in one document.
+    for window in split.heldout.reshape(-1, 32):
+        assert len({int(t) // 100 for t in window}) == 1
+    with pytest.raises(ValueError, match="Only .* tokens lie in whole windows of 64"):
+        split_long_documents(docs, eos, block_size=8, heldout_tokens=192, window=64)
+    with pytest.raises(ValueError, match="must be a multiple of the window"):
+        split_long_documents(docs, eos, block_size=8, heldout_tokens=100, window=32)

@@ -78,29 +78,44 @@ def _losses(summary: dict, stage: str = "patched") -> list[float]:
 @pytest.fixture(scope="module")
 def trained(source, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("run") / "out"
-    summary = LoRARecipe.from_config(None, overrides(source, out)).run()
+    summary = LoRARecipe.from_config(None, overrides(source, out, eval_contexts=CONTEXTS)).run()
     return {"out": out, "summary": summary}
+
+
+CONTEXTS = [16, WINDOW, 64]  # the held-out WINDOW x N_WINDOWS = 128 tokens, cut three ways
+
+
+def at(summary: dict, context: int = WINDOW) -> dict:
+    """The figures of one evaluation context."""
+    return summary["perplexity"][str(context)]
 
 
 def test_lora_recipe_against_independent_measurements(source, trained) -> None:
     out, summary = trained["out"], trained["summary"]
     ids = stream(source)
-    p = summary["perplexity"]
     base = AutoModelForCausalLM.from_pretrained(source["model"])
-    assert p["base"] == pytest.approx(loss_perplexity(base, ids), rel=1e-5)
-    hf_prope.patch_model(base, "p-rope", p=0.25)
-    assert p["patched_before_training"] == pytest.approx(loss_perplexity(base, ids), rel=1e-5)
+    patched = hf_prope.patch_model(AutoModelForCausalLM.from_pretrained(source["model"]), "p-rope", p=0.25)
     # (c) and (d) are the saved artefacts themselves, reloaded
     adapter = hf_prope.from_pretrained(out / "adapter")
     assert hf_prope.get_patch(adapter) == hf_prope.PatchSpec("p-rope", p=0.25)
-    assert p["patched_after_training"] == pytest.approx(loss_perplexity(adapter, ids), rel=1e-5)
     control = hf_prope.from_pretrained(out / "control" / "final")
     assert hf_prope.get_patch(control) is None
-    assert p["control_after_training"] == pytest.approx(loss_perplexity(control, ids), rel=1e-5)
-    # training helped both, and the headline is (c)/(d)
+    assert list(summary["perplexity"]) == [str(c) for c in CONTEXTS] and summary["contexts"] == CONTEXTS
+    for context in CONTEXTS:
+        p, n = at(summary, context), WINDOW * N_WINDOWS // context
+        assert p["base"] == pytest.approx(loss_perplexity(base, ids, context, n), rel=1e-5)
+        assert p["patched_before_training"] == pytest.approx(loss_perplexity(patched, ids, context, n), rel=1e-5)
+        assert p["patched_after_training"] == pytest.approx(loss_perplexity(adapter, ids, context, n), rel=1e-5)
+        assert p["control_after_training"] == pytest.approx(loss_perplexity(control, ids, context, n), rel=1e-5)
+        assert p["cost_over_base"] == pytest.approx(p["patched_after_training"] / p["base"])
+        assert p["gap_over_control"] == pytest.approx(p["patched_after_training"] / p["control_after_training"])
+        assert p["extrapolation"] is False  # the tiny model's training length is 256
+    p = at(summary)
+    # training helped both, and the headline of the lm objective is (c)/(d)
     assert p["patched_after_training"] < p["patched_before_training"]
     assert p["control_after_training"] < p["base"]
-    assert summary["gap_patched_over_control"] == pytest.approx(p["patched_after_training"] / p["control_after_training"])
+    assert summary["objective"] == "lm" and summary["headline"]["metric"] == "gap_over_control"
+    assert summary["headline"]["by_context"] == {str(c): at(summary, c)["gap_over_control"] for c in CONTEXTS}
     assert [s for s, _ in summary["loss_curves"]["patched"]] == [1, 2, 3, 4, 5, 6]
     assert summary["training"]["tokens_per_step"] == 2 * BLOCK
 
@@ -113,23 +128,25 @@ def test_lora_recipe_outputs(trained) -> None:
     png = (out / "results.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     card = (out / "adapter" / "README.md").read_text()
-    assert "gap (patched / control)" in card and f"{summary['gap_patched_over_control']:.4g}" in card
+    assert f"| gap @ {WINDOW} tokens (patched / control) | {at(summary)['gap_over_control']:.4g} |" in card
     assert {"adapter_model.safetensors", PATCH_FILE, "tokenizer.json"} <= {f.name for f in (out / "adapter").iterdir()}
     # every checkpoint carries the patch, so a checkpoint folder is never mistaken for plain RoPE
     record = json.loads((out / "patched" / "checkpoint-6" / PATCH_FILE).read_text())
     assert record["spec"] == hf_prope.PatchSpec("p-rope", p=0.25).to_dict()
     assert not [p.name for p in out.rglob(".*")]  # no temporary files left behind
     table = format_table(summary)
-    assert "(c) patched + LoRA, 6 steps" in table and "gap (c)/(d)" in table
+    assert "(c) patched + LoRA, 6 steps" in table and "(c)/(d) gap to the control" in table
+    assert table.splitlines()[3].split()[-3:] == ["16", "32", "64"]  # one column per context
 
 
 def test_without_control_and_merged_save(source, tmp_path) -> None:
     summary = LoRARecipe.from_config(None, overrides(source, tmp_path, control=False, save_method="merged", max_steps=2)).run()
-    assert summary["perplexity"]["control_after_training"] is None and summary["gap_patched_over_control"] is None
+    assert at(summary)["control_after_training"] is None and at(summary)["gap_over_control"] is None
+    assert summary["headline"]["metric"] == "cost_over_base"
     assert not (tmp_path / "control").exists()
     merged = hf_prope.from_pretrained(tmp_path / "merged")
     assert hf_prope.get_patch(merged) == hf_prope.PatchSpec("p-rope", p=0.25)
-    assert summary["perplexity"]["patched_after_training"] == pytest.approx(loss_perplexity(merged, stream(source)), rel=1e-4)
+    assert at(summary)["patched_after_training"] == pytest.approx(loss_perplexity(merged, stream(source)), rel=1e-4)
     assert "(off)" in format_table(summary)
 
 
@@ -144,14 +161,14 @@ def test_gradient_checkpointing_and_accumulation_do_not_change_training(source, 
     accumulated = run("acc", per_device_train_batch_size=1, gradient_accumulation_steps=2)
     for other in (checkpointed, accumulated):
         assert _losses(other) == pytest.approx(_losses(plain), rel=1e-4)
-        assert other["perplexity"]["patched_after_training"] == pytest.approx(
-            plain["perplexity"]["patched_after_training"], rel=1e-4)
-    assert plain["perplexity"]["patched_after_training"] < plain["perplexity"]["patched_before_training"]
+        assert at(other)["patched_after_training"] == pytest.approx(
+            at(plain)["patched_after_training"], rel=1e-4)
+    assert at(plain)["patched_after_training"] < at(plain)["patched_before_training"]
 
 
 def test_bf16_mixed_precision_trains(source, tmp_path) -> None:
     summary = LoRARecipe.from_config(None, overrides(source, tmp_path, control=False, max_steps=3, bf16=True)).run()
-    p = summary["perplexity"]
+    p = at(summary)
     assert math.isfinite(p["patched_after_training"]) and p["patched_after_training"] < p["patched_before_training"]
 
 
@@ -174,29 +191,34 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def test_kill_and_resume_matches_uninterrupted_run(source, tmp_path) -> None:
-    values = overrides(source, tmp_path / "killed", max_steps=8, save_steps=2)
+@pytest.mark.parametrize("objective", ["lm", "distill"])
+def test_kill_and_resume_matches_uninterrupted_run(objective, source, tmp_path) -> None:
+    values = overrides(source, tmp_path / "killed", max_steps=8, save_steps=2, objective=objective)
+    has_control = objective != "distill"  # a distillation's control is the original model itself
     script = tmp_path / "kill.py"
     script.write_text(_KILL_SCRIPT)
     killed = subprocess.run([sys.executable, str(script), json.dumps(values)], capture_output=True, text=True,
                             env=_env(), timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     out = Path(values["output_dir"])
-    assert (out / "control" / "stage.json").is_file() and (out / "patched" / "checkpoint-4").is_dir()
+    assert (out / "control" / "stage.json").is_file() == has_control and (out / "patched" / "checkpoint-4").is_dir()
     assert not (out / "results.json").exists() and not (out / "adapter").exists()
-    control_record = (out / "control" / "stage.json").read_text()
+    control_record = (out / "control" / "stage.json").read_text() if has_control else None
 
     with pytest.raises(FileExistsError, match="resume=true"):
         LoRARecipe.from_config(None, values).setup()
     resumed = LoRARecipe.from_config(None, {**values, "resume": True}).run()
     reference = LoRARecipe.from_config(None, {**values, "output_dir": str(tmp_path / "reference")}).run()
 
-    assert (out / "control" / "stage.json").read_text() == control_record  # the finished stage was not redone
+    if has_control:
+        assert (out / "control" / "stage.json").read_text() == control_record  # the finished stage was not redone
     assert json.loads((out / "patched" / "stage.json").read_text())["global_step"] == 8
     assert [s for s, _ in resumed["loss_curves"]["patched"]] == list(range(1, 9))
     assert _losses(resumed) == pytest.approx(_losses(reference), rel=1e-4)
     for key in ("patched_after_training", "control_after_training"):
-        assert resumed["perplexity"][key] == pytest.approx(reference["perplexity"][key], rel=1e-4)
+        if at(reference)[key] is not None:
+            assert at(resumed)[key] == pytest.approx(at(reference)[key], rel=1e-4)
+    assert (at(resumed)["control_after_training"] is None) == (not has_control)
 
 
 _DDP_SCRIPT = """
@@ -238,8 +260,10 @@ def local_hub(monkeypatch, tmp_path):
     yield from local_hub_fixture(monkeypatch, tmp_path / "hf-home")
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
-def test_two_processes_split_the_data_and_only_rank0_writes_and_pushes(launcher, source, local_hub, tmp_path) -> None:
+@pytest.mark.parametrize("launcher,objective", [("torchrun", "lm"), ("accelerate", "lm"), ("torchrun", "distill")])
+def test_two_processes_split_the_data_and_only_rank0_writes_and_pushes(
+    launcher, objective, source, local_hub, tmp_path
+) -> None:
     from huggingface_hub import HfApi
 
     api = HfApi(token=TOKEN)
@@ -249,7 +273,9 @@ def test_two_processes_split_the_data_and_only_rank0_writes_and_pushes(launcher,
     records.mkdir()
     out = tmp_path / "out"
     steps, batch = 3, 2
-    values = overrides(source, out, model="user/tiny-base", max_steps=steps, hub_model_id="user/tiny-p25")
+    values = overrides(source, out, model="user/tiny-base", max_steps=steps, hub_model_id="user/tiny-p25",
+                       objective=objective)
+    stages = ("control", "patched") if objective == "lm" else ("patched",)
     script = tmp_path / "ddp.py"
     script.write_text(_DDP_SCRIPT)
     if launcher == "torchrun":
@@ -264,20 +290,21 @@ def test_two_processes_split_the_data_and_only_rank0_writes_and_pushes(launcher,
                             env={**_env(), "HF_TOKEN": TOKEN}, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     assert TOKEN not in result.stdout + result.stderr
-    for stage in ("control", "patched"):
+    for stage in stages:
         seen = [json.loads((records / f"{stage}-rank{r}.json").read_text()) for r in (0, 1)]
-        assert len(seen[0]) == len(seen[1]) == steps * batch
+        # A distilling student's teacher reads the same blocks first (its own forward pass), so twice.
+        assert len(seen[0]) == len(seen[1]) == steps * batch * (1 if objective == "lm" else 2)
         assert not set(seen[0]) & set(seen[1]), "both ranks trained on the same blocks"
     summary = json.loads((out / "results.json").read_text())
     assert summary["training"]["world_size"] == 2 and summary["training"]["tokens_per_step"] == 2 * batch * BLOCK
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "control", "patched", "results.json", "results.png"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["adapter", *stages, "results.json", "results.png"])
     commits = [p for m, p in local_hub.requests if m == "POST" and "/commit/" in p and "tiny-p25" in p]
     assert len(commits) == 1  # one push, from rank 0 only
     files = set(local_hub.files("user/tiny-p25"))
     assert {PATCH_FILE, "adapter_model.safetensors", "README.md"} <= files
     pushed = hf_prope.from_pretrained("user/tiny-p25", token=TOKEN)
     ids = stream(source)
-    assert summary["perplexity"]["patched_after_training"] == pytest.approx(loss_perplexity(pushed, ids), rel=1e-5)
+    assert at(summary)["patched_after_training"] == pytest.approx(loss_perplexity(pushed, ids), rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -406,5 +433,95 @@ def test_lora_recipe_with_layer_selective_patches(model_type, patch, source, tmp
     expected = hf_prope.PatchSpec("p-rope", p=0.25, **{k: tuple(v) for k, v in patch.items()})
     reloaded = hf_prope.from_pretrained(out / "adapter")
     assert hf_prope.get_patch(reloaded) == expected
-    assert summary["perplexity"]["patched_after_training"] == pytest.approx(
+    assert at(summary)["patched_after_training"] == pytest.approx(
         loss_perplexity(reloaded, stream(source, model_dir)), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# objective=distill: self-distillation from the unpatched model
+
+
+@pytest.fixture(scope="module")
+def sharp_model(tmp_path_factory) -> Path:
+    """A tiny model whose predictions are further from uniform (larger weights), so a patch moves them more."""
+    return save_tiny(tmp_path_factory.mktemp("sharp") / "tiny-sharp", initializer_range=0.1)
+
+
+def _kl_to_original(student, teacher, blocks: torch.Tensor) -> float:
+    """Mean KL(teacher || student) per predicted token, written out over the whole vocabulary (the oracle)."""
+    with torch.no_grad():
+        s = torch.log_softmax(student(blocks).logits.double(), -1)[:, :-1]
+        t = torch.log_softmax(teacher(blocks).logits.double(), -1)[:, :-1]
+    return float((t.exp() * (t - s)).sum(-1).mean())
+
+
+def test_distill_recipe_moves_the_patched_model_back_to_the_original(sharp_model, tmp_path) -> None:
+    # Two training blocks, both in every batch: the distillation objective is minimised on exactly these.
+    text = tmp_path / "short.txt"
+    text.write_text(python_docs_text()[: WINDOW * N_WINDOWS + 2 * BLOCK + 8])
+    out = tmp_path / "distill"
+    values = overrides({"model": sharp_model, "text": text}, out, objective="distill", eval_contexts=[16, WINDOW],
+                       max_steps=20, learning_rate=3e-3, lr_scheduler_type="constant", lora_r=8, lora_alpha=16,
+                       save_steps=10)
+    recipe = LoRARecipe.from_config(None, values)
+    summary = recipe.run()
+    ids = stream({"text": text}, sharp_model)
+    original = AutoModelForCausalLM.from_pretrained(sharp_model)
+    before = hf_prope.patch_model(AutoModelForCausalLM.from_pretrained(sharp_model), "p-rope", p=0.25)
+    after = hf_prope.from_pretrained(out / "adapter")
+    for context in (16, WINDOW):
+        p, n = at(summary, context), WINDOW * N_WINDOWS // context
+        assert p["base"] == pytest.approx(loss_perplexity(original, ids, context, n), rel=1e-5)
+        assert p["patched_before_training"] == pytest.approx(loss_perplexity(before, ids, context, n), rel=1e-5)
+        assert p["patched_after_training"] == pytest.approx(loss_perplexity(after, ids, context, n), rel=1e-5)
+        assert p["control_after_training"] is None
+        assert p["cost_over_base"] == pytest.approx(p["patched_after_training"] / p["base"])
+    # The oracle: the KL to the original model on the training blocks, before and after training.
+    blocks = recipe.split.train_blocks
+    assert blocks.shape[0] == 2
+    kl_before, kl_after = _kl_to_original(before, original, blocks), _kl_to_original(after, original, blocks)
+    assert kl_before > 1e-3 and kl_after < 0.5 * kl_before, (kl_before, kl_after)
+    assert summary["objective"] == "distill" and summary["headline"]["metric"] == "cost_over_base"
+    assert summary["distillation"] == {"distill_weight": 1.0, "temperature": 1.0, "chunk_tokens": 1024}
+    assert not (out / "control").exists()
+    history = json.loads((out / "patched" / "stage.json").read_text())["log_history"]
+    logged = [e for e in history if "loss" in e]
+    assert logged and all(e["distill_kl"] == pytest.approx(e["loss"], rel=1e-4) for e in logged)
+    assert logged[0]["loss"] == pytest.approx(kl_before, rel=1e-3)  # step 1's loss is the KL before training
+    table = format_table(summary)
+    assert "headline, cost over the original model:" in table and "(off)" in table
+
+
+def test_mix_objective_logs_both_parts(source, tmp_path) -> None:
+    out = tmp_path / "mix"
+    summary = LoRARecipe.from_config(None, overrides(source, out, objective="mix", distill_weight=0.3, max_steps=2,
+                                                     control=False)).run()
+    history = json.loads((out / "patched" / "stage.json").read_text())["log_history"]
+    logged = [e for e in history if "loss" in e]
+    assert logged and all("distill_kl" in e and "lm_loss" in e for e in logged)
+    # loss = 0.3 x KL + 0.7 x LM, as logged (each a mean over the logging interval of one step here)
+    for e in logged:
+        assert e["loss"] == pytest.approx(0.3 * e["distill_kl"] + 0.7 * e["lm_loss"], rel=1e-3)
+    assert summary["distillation"]["distill_weight"] == 0.3
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"objective": "distil"}, "Did you mean 'distill'"),
+    ({"objective": "distill", "distill_temperature": 0}, "distill_temperature must be positive"),
+    ({"objective": "mix", "distill_weight": 1.5}, r"distill_weight must be in \[0, 1\]"),
+    ({"eval_contexts": [32, 256]}, r"eval_contexts \[256\] are longer than the held-out tokens"),
+])
+def test_bad_distillation_settings_fail_before_anything(extra, message, source, tmp_path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=message):
+        LoRARecipe.from_config(None, overrides(source, out, **extra)).setup()
+    assert not out.exists()
+
+
+def test_distill_with_a_patch_that_changes_nothing_fails_in_setup(source, tmp_path, forward_passes=None) -> None:
+    out = tmp_path / "out"
+    recipe = LoRARecipe.from_config(None, overrides(source, out, objective="distill", patch="rope", p=None))
+    with pytest.raises(ValueError, match="a patch that changes nothing"):
+        recipe.setup()
+    assert not out.exists()
+    assert hf_prope.get_patch(recipe.model) is None  # the probe patch was taken off again
