@@ -538,7 +538,8 @@ def plot_results(summary: dict[str, Any], path: Path) -> None:
     name = "cost (c)/(a)" if metric == "cost_over_base" else "gap (c)/(d)"
     right.set_title("training loss; " + name + ": " + ", ".join(
         f"{v:.3f} @ {c}" for c, v in s["headline"]["by_context"].items()), fontsize=10)
-    right.legend()
+    if any(s["loss_curves"].values()):
+        right.legend()
     right.grid(alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path)
@@ -565,6 +566,8 @@ def format_table(summary: dict[str, Any]) -> str:
     ]
     for key, name in rows:
         cells = [p[c][key] for c in contexts]
+        if key == "control_after_training" and summary["objective"] == "distill":
+            continue  # a distillation's control is the original model, row (a)
         lines.append(f"{name:<{width}}" + "".join(f"{'(off)':>10}" if v is None else f"{v:>10.2f}" for v in cells))
     lines.append("-" * (width + 10 * len(contexts)))
     for key, name in ratio_rows:

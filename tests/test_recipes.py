@@ -489,7 +489,7 @@ def test_distill_recipe_moves_the_patched_model_back_to_the_original(sharp_model
     assert logged and all(e["distill_kl"] == pytest.approx(e["loss"], rel=1e-4) for e in logged)
     assert logged[0]["loss"] == pytest.approx(kl_before, rel=1e-3)  # step 1's loss is the KL before training
     table = format_table(summary)
-    assert "headline, cost over the original model:" in table and "(off)" in table
+    assert "headline, cost over the original model:" in table and "(d) control" not in table
 
 
 def test_mix_objective_logs_both_parts(source, tmp_path) -> None:
