@@ -42,6 +42,7 @@ from .state import (
 )
 
 _HOOKS_ATTR = "_hf_prope_hook_handles"
+_ORIGINAL_ATTR = "_hf_prope_original_rotary"  # (config it belongs to, original config, original rotary)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,8 +404,18 @@ def original_rope(model: nn.Module) -> Iterator[nn.Module]:
     if get_patch(model) is None:
         yield model
         return
-    original_config = _with_rope(parts.config, original_rope_parameters(parts.config))
-    reference = _build_rotary(parts, original_config)
+    # Built once per patch (the config object changes with every patch) and kept on the rotary's
+    # device, so a training loop that enters this every step does no CPU work and no transfer.
+    cached = parts.model.__dict__.get(_ORIGINAL_ATTR)
+    if cached is not None and cached[0] is parts.config:
+        _, original_config, reference = cached
+    else:
+        original_config = _with_rope(parts.config, original_rope_parameters(parts.config))
+        reference = _build_rotary(parts, original_config)
+        device = next(iter(parts.rotaries[0].buffers())).device
+        if device.type != "meta":
+            reference.to(device)
+        parts.model.__dict__[_ORIGINAL_ATTR] = (parts.config, original_config, reference)
     hooks = [h for r in parts.rotaries for h in r._forward_hooks.values() if isinstance(h, rotation.PrefixTagHook)]
     hooks += [
         h for a in parts.attentions.values() for h in a._forward_pre_hooks.values() if isinstance(h, PositionMaskHook)

@@ -150,10 +150,15 @@ def test_without_control_and_merged_save(source, tmp_path) -> None:
     assert "(off)" in format_table(summary)
 
 
-def test_gradient_checkpointing_and_accumulation_do_not_change_training(source, tmp_path) -> None:
+@pytest.mark.parametrize("objective", ["lm", "distill"])
+def test_gradient_checkpointing_and_accumulation_do_not_change_training(objective, source, sharp_model, tmp_path) -> None:
     """Same examples per step: 2 x 1 accumulated, or 1 x 2 with checkpointing, or 2 in one batch."""
+    # Distillation needs a model whose patch changes its predictions measurably (sharp_model).
+    model = str(source["model"] if objective == "lm" else sharp_model)
+
     def run(name, **extra):
-        values = overrides(source, tmp_path / name, control=False, max_steps=3, **extra)
+        values = overrides(source, tmp_path / name, control=False, max_steps=3, objective=objective, model=model,
+                           **extra)
         return LoRARecipe.from_config(None, values).run()
 
     plain = run("plain")
@@ -170,6 +175,16 @@ def test_bf16_mixed_precision_trains(source, tmp_path) -> None:
     summary = LoRARecipe.from_config(None, overrides(source, tmp_path, control=False, max_steps=3, bf16=True)).run()
     p = at(summary)
     assert math.isfinite(p["patched_after_training"]) and p["patched_after_training"] < p["patched_before_training"]
+
+
+def test_bf16_distillation_trains(source, sharp_model, tmp_path) -> None:
+    summary = LoRARecipe.from_config(None, overrides(source, tmp_path, model=str(sharp_model), objective="distill",
+                                                     max_steps=3, bf16=True, save_method="merged")).run()
+    assert all(math.isfinite(v) for _, v in summary["loss_curves"]["patched"])
+    merged = hf_prope.from_pretrained(tmp_path / "merged")  # a merged save of a distilled model, with its patch
+    assert hf_prope.get_patch(merged) == hf_prope.PatchSpec("p-rope", p=0.25)
+    # Merging adds the LoRA product into the weights: fp32 rounding differs from the unmerged forward pass.
+    assert at(summary)["patched_after_training"] == pytest.approx(loss_perplexity(merged, stream(source)), rel=1e-3)
 
 
 _KILL_SCRIPT = """
