@@ -21,6 +21,11 @@ How it is installed, and why this way:
   either choice gives the same numbers. The per-model part (the tag hooks) is installed
   and removed by ``patch_model`` / ``unpatch_model``; the wrapper alone changes nothing.
 
+Which fast path runs: on the CPU the eager :func:`rotate_prefix` above a size threshold; on CUDA
+the Triton kernel of :mod:`hf_prope.rotary_kernel` when triton is installed (in place), else
+transformers' formula (the eager path loses on a GPU). :func:`apply_rotary` is the same choice
+as a public function, and :func:`use_backend` forces one.
+
 The result equals the general path bit for bit in eager mode, fp32 and bf16, forward and
 backward: the rotated channels see the same products and sums in the same order, and the
 others are passed through, which is what ``x * 1 + y * 0`` gives (a ``-0.0`` input comes
@@ -34,6 +39,7 @@ import contextlib
 import functools
 import importlib
 import inspect
+import os
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -95,9 +101,93 @@ def _needs_grad(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
 
 
 def worth_it(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
-    """Whether the prefix path is expected to beat the full formula for this call (see MIN_ELEMENTS_*)."""
+    """Whether the eager prefix path is expected to beat the full formula for this call (see MIN_ELEMENTS_*).
+
+    Never on a GPU: measured on one H100 (torch 2.11, fp32, SmolLM2 shape), the eager path's
+    extra small launches made the rotary step 1.5x slower than transformers' formula at every p.
+    There the Triton kernel (:mod:`hf_prope.rotary_kernel`) is the fast path, or nothing.
+    """
+    if q.device.type != "cpu":
+        return False
     limit = MIN_ELEMENTS_TRAINING if _needs_grad(q, cos, sin) else MIN_ELEMENTS_INFERENCE
     return q.numel() >= limit
+
+
+BACKENDS = ("auto", "torch", "triton")
+_backend = "auto"
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Within this block patched models rotate with ``name``: ``auto`` (the default: the Triton kernel
+    on CUDA when triton is installed, the eager prefix path on the CPU above its size threshold),
+    ``torch`` (the eager prefix path whatever the size) or ``triton`` (the kernel wherever it runs,
+    e.g. on CPU tensors under ``TRITON_INTERPRET=1``)."""
+    global _backend
+    _check_backend(name)
+    previous, _backend = _backend, name
+    try:
+        yield
+    finally:
+        _backend = previous
+
+
+def _check_backend(name: str) -> None:
+    if name not in BACKENDS:
+        from .spec import closest
+
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {name!r}." + closest(str(name), BACKENDS))
+
+
+def _kernel_ok(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int) -> bool:
+    from . import rotary_kernel
+
+    interpreting = os.environ.get("TRITON_INTERPRET", "") == "1"
+    return (q.is_cuda or interpreting) and rotary_kernel.supports(q, k, cos, sin, unsqueeze_dim)
+
+
+def apply_rotary(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    rotating_pairs: int | None = None,
+    *,
+    backend: str = "auto",
+    unsqueeze_dim: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE on q and k (transformers' layout), rotating only their first ``rotating_pairs`` pairs.
+
+    ``q``/``k`` are ``(batch, heads, tokens, d)`` (grouped-query attention: fewer k heads);
+    ``cos``/``sin`` are what a transformers rotary module returns, ``(batch, tokens, d)`` or
+    ``(tokens, d)``; pairs ``rotating_pairs..`` are passed through (as cos = 1, sin = 0 would
+    give), ``None`` rotates every pair. ``backend``:
+
+    * ``"torch"``: :func:`rotate_prefix`; returns new tensors, q and k untouched.
+    * ``"triton"``: the kernel of :mod:`hf_prope.rotary_kernel`; works **in place** (q and k are
+      modified and returned; the unrotated channels are never read or written). Needs triton and a
+      CUDA tensor (or ``TRITON_INTERPRET=1``); raises ``ValueError`` otherwise.
+    * ``"auto"``: ``triton`` where it can run (CUDA, triton installed, a supported layout), else ``torch``.
+
+    Attention scaling (YaRN) is the caller's: cos/sin carry it, and a scaled model whose stopped
+    pairs have cos != 1 is not a prefix case (patched models route it to transformers' formula).
+    """
+    _check_backend(backend)
+    half = q.shape[-1] // 2
+    r = half if rotating_pairs is None else int(rotating_pairs)
+    if not 0 <= r <= half:
+        raise ValueError(f"rotating_pairs must be in 0..{half} (head size {q.shape[-1]}), got {rotating_pairs!r}.")
+    if backend == "triton" or (backend == "auto" and _kernel_ok(q, k, cos, sin, unsqueeze_dim)):
+        if not _kernel_ok(q, k, cos, sin, unsqueeze_dim):
+            raise ValueError(
+                "backend='triton' cannot run this call: it needs triton installed, CUDA tensors (or TRITON_INTERPRET=1), "
+                "float32/16 or bfloat16 q and k of shape (batch, heads, tokens, d) with contiguous last dimensions, "
+                "and cos/sin of shape (batch or 1, tokens, d). Use backend='torch'."
+            )
+        from .rotary_kernel import rotate_prefix_inplace
+
+        return rotate_prefix_inplace(q, k, cos, sin, r)
+    return rotate_prefix(q, cos, sin, r, unsqueeze_dim), rotate_prefix(k, cos, sin, r, unsqueeze_dim)
 
 
 def tag(cos: torch.Tensor, sin: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,9 +231,15 @@ def install(modeling_module: str) -> bool:
         q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor]:
         r = getattr(cos, TAG, None)
-        if r is None or cos.shape[-1] != q.shape[-1] or not worth_it(q, cos, sin):
+        if r is None or cos.shape[-1] != q.shape[-1]:
             return original(q, k, cos, sin, unsqueeze_dim)
-        return rotate_prefix(q, cos, sin, r, unsqueeze_dim), rotate_prefix(k, cos, sin, r, unsqueeze_dim)
+        if _backend != "torch" and (_backend == "triton" or q.is_cuda) and _kernel_ok(q, k, cos, sin, unsqueeze_dim):
+            from .rotary_kernel import rotate_prefix_inplace
+
+            return rotate_prefix_inplace(q, k, cos, sin, r)
+        if _backend == "torch" or worth_it(q, cos, sin):
+            return rotate_prefix(q, cos, sin, r, unsqueeze_dim), rotate_prefix(k, cos, sin, r, unsqueeze_dim)
+        return original(q, k, cos, sin, unsqueeze_dim)
 
     apply_rotary_pos_emb.__hf_prope_original__ = original  # type: ignore[attr-defined]
     # Some transformers versions keep the function on every attention module (``rotary_fn``),

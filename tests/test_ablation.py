@@ -300,7 +300,8 @@ def test_two_processes_with_torchrun_through_the_cli(text_file, tmp_path) -> Non
     args = [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in values.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "hf_prope", "run", "ablation", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # CPU and gloo whatever the machine: with one GPU visible, two processes would share it.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.count("| NoPE | 0/8 |") == 1  # the table is printed once, by rank 0

@@ -203,7 +203,8 @@ recipe.run()
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # CPU and gloo whatever the machine: with one GPU visible, two processes would share it.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
 
 
 @pytest.mark.parametrize("objective", ["lm", "distill"])
