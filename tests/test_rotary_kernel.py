@@ -187,3 +187,45 @@ def test_torch_backend_and_auto_on_the_cpu(shape) -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="backend='triton' cannot run this call"):
             apply_rotary(q, k, cos, sin, shape[-1], backend="triton")
+
+
+# ------------------------------------------------------------------------------------------------
+# On a GPU (skipped without one): the kernel compiled for the device, and a patched model in bf16
+
+on_gpu = pytest.mark.skipif(INTERPRETING or not torch.cuda.is_available() or not _has_triton(),
+                            reason="needs a CUDA GPU and triton")
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_kernel_on_the_gpu_against_the_general_path(shape, dtype) -> None:
+    from hf_prope.rotation import apply_rotary
+
+    q, k, cos, sin = (t.cuda() for t in _case(*shape, dtype=dtype))
+    r, half = shape[-1], shape[-2] // 2
+    want = _reference(*(t.float() for t in (q, k, cos, sin)))
+    before = q.clone()
+    got = apply_rotary(q, k, cos, sin, r)  # auto: the kernel on CUDA
+    assert got[0] is q  # it ran in place, so it was the kernel
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(got[0].float(), want[0], **tol)
+    torch.testing.assert_close(got[1].float(), want[1], **tol)
+    assert torch.equal(got[0][..., r:half], before[..., r:half])
+
+
+@on_gpu
+def test_patched_model_on_the_gpu_in_bf16_equals_native_proportional() -> None:
+    from tiny import tiny_model, tokens
+
+    import hf_prope
+    from hf_prope.rope_types import has_native_proportional
+
+    if not has_native_proportional():
+        pytest.skip("transformers < 5.5 has no native proportional rope type")
+    model = hf_prope.patch_model(tiny_model("llama"), "p-rope", p=0.25).cuda().to(torch.bfloat16)
+    native = tiny_model("llama", rope_parameters={"rope_type": "proportional", "rope_theta": 10_000.0,
+                                                  "partial_rotary_factor": 0.25}).cuda().to(torch.bfloat16)
+    ids = tokens().cuda()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits.float(), native(ids).logits.float(), atol=5e-2, rtol=5e-2)
