@@ -9,8 +9,10 @@ within 1% of the original up to 8192 tokens after 150 steps on one H100).
 The teacher is the student's own weights: the adapter disabled and the patch suspended
 (:func:`hf_prope.patching.original_rope`), so no second model is held in memory. Only the
 teacher's final hidden states are kept; its logits are made chunk by chunk from them with the
-model's own output layer, so the full-vocabulary KL never holds a second ``(tokens, vocab)``
-tensor::
+model's own output layer, and the KL's gradient is computed in the same pass, so the
+full-vocabulary KL holds one tensor the size of the student's logits (its gradient) and
+recomputes nothing (measured: 1.13x the LM objective's peak memory, 1.69x its step time on a
+CPU, SmolLM2 shape, 2048 tokens)::
 
     hidden = teacher_hidden_states(peft_model, input_ids)           # no grad, original RoPE, no adapter
     logits = peft_model(input_ids=input_ids).logits                  # the student
@@ -23,7 +25,6 @@ import contextlib
 from typing import Any, Callable
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 
 from .patching import original_rope
@@ -82,10 +83,12 @@ def distillation_loss(
     ``distill_weight * KL + (1 - distill_weight) * cross-entropy(labels)``, each the mean over
     tokens; the dict holds both parts (detached) for logging.
 
-    Memory: tokens are processed ``chunk_tokens`` at a time and each chunk is recomputed in the
-    backward pass (activation checkpointing), so the teacher's logits and the softmaxes exist
-    one chunk at a time, never whole: beyond the student's logits, which any loss needs, the
-    peak is one chunk's ``(chunk_tokens, vocab)``.
+    Memory and time: tokens are processed ``chunk_tokens`` at a time, and the gradient with
+    respect to the student's logits is computed in the same pass (``T (p_student - p_teacher)``
+    for the KL, ``p - onehot`` for the LM part) and kept until the backward pass, as fused
+    cross-entropy kernels do: the teacher's logits and the softmaxes exist one chunk at a time,
+    nothing is recomputed, and beyond the student's logits the loss holds one tensor of their
+    size (the LM loss holds its log-softmax).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature!r}.")
@@ -102,30 +105,64 @@ def distillation_loss(
     student = student_logits.reshape(-1, vocab)
     hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
     flat_labels = labels.reshape(-1) if labels is not None else None
-    n = student.shape[0]
-
-    def chunk_sums(s: torch.Tensor, h: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        s = s.float()
-        with torch.no_grad():
-            t_logp = torch.log_softmax(teacher_logits(h).float() / temperature, dim=-1)
-        s_logp = torch.log_softmax(s / temperature, dim=-1)
-        kl = (t_logp.exp() * (t_logp - s_logp)).sum()
-        ce = nn.functional.cross_entropy(s, y, reduction="sum") if y is not None else s.new_zeros(())
-        return kl, ce
-
-    kl_sum = student.new_zeros((), dtype=torch.float32)
-    ce_sum = student.new_zeros((), dtype=torch.float32)
-    for start in range(0, n, max(1, chunk_tokens)):
-        end = min(n, start + chunk_tokens)
-        y = flat_labels[start:end] if (flat_labels is not None and lm_weight > 0) else None
-        args = (student[start:end], hidden[start:end], y)
-        if student.requires_grad and torch.is_grad_enabled():
-            kl, ce = torch.utils.checkpoint.checkpoint(chunk_sums, *args, use_reentrant=False)
-        else:
-            kl, ce = chunk_sums(*args)
-        kl_sum = kl_sum + kl
-        ce_sum = ce_sum + ce
-    kl = kl_sum / n * temperature**2
-    ce = ce_sum / n
-    loss = distill_weight * kl + lm_weight * ce if lm_weight > 0 else kl
+    needs_grad = student.requires_grad and torch.is_grad_enabled()
+    loss, kl, ce = _FusedDistillation.apply(
+        student, hidden, flat_labels if lm_weight > 0 else None, teacher_logits, float(temperature),
+        float(distill_weight), int(chunk_tokens), needs_grad,
+    )
     return loss, {"kl": kl.detach(), "lm": ce.detach()}
+
+
+class _FusedDistillation(torch.autograd.Function):
+    """Loss and its gradient w.r.t. the student's logits in one chunked pass (see :func:`distillation_loss`)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        student: torch.Tensor,
+        hidden: torch.Tensor,
+        labels: torch.Tensor | None,
+        teacher_logits: Callable[[torch.Tensor], torch.Tensor],
+        temperature: float,
+        distill_weight: float,
+        chunk_tokens: int,
+        needs_grad: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = student.shape[0]
+        lm_weight = 1.0 - distill_weight
+        grad = torch.empty_like(student) if needs_grad else None
+        kl_sum = torch.zeros((), dtype=torch.float64, device=student.device)
+        ce_sum = torch.zeros((), dtype=torch.float64, device=student.device)
+        for start in range(0, n, max(1, chunk_tokens)):
+            end = min(n, start + chunk_tokens)
+            s = student[start:end].float()
+            t_logp = torch.log_softmax(teacher_logits(hidden[start:end]).float() / temperature, dim=-1)
+            s_logp = torch.log_softmax(s / temperature, dim=-1)
+            t_p = t_logp.exp()
+            kl_sum += (t_p * (t_logp - s_logp)).sum().double()
+            if grad is not None:
+                # d(T^2 KL)/ds = T (softmax(s/T) - softmax(t/T)), per token; the mean over n tokens.
+                g = s_logp.exp_().sub_(t_p).mul_(distill_weight * temperature / n)
+            del t_logp, t_p
+            if labels is not None and lm_weight > 0:
+                y = labels[start:end]
+                logp = torch.log_softmax(s, dim=-1)
+                ce_sum += nn.functional.nll_loss(logp, y, reduction="sum").double()
+                if grad is not None:
+                    p = logp.exp_()
+                    p[torch.arange(end - start, device=p.device), y] -= 1.0
+                    g.add_(p, alpha=lm_weight / n)
+            if grad is not None:
+                grad[start:end] = g.to(grad.dtype)
+        kl = (kl_sum / n * temperature**2).float()
+        ce = (ce_sum / n).float()
+        loss = distill_weight * kl + lm_weight * ce if lm_weight > 0 else kl.clone()
+        if grad is not None:
+            ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(kl, ce)
+        return loss, kl, ce
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor, *unused: Any) -> Any:  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None, None

@@ -112,3 +112,28 @@ def test_bad_arguments(kwargs, match) -> None:
     x = torch.zeros(1, 3, 5)
     with pytest.raises(ValueError, match=match):
         distillation_loss(x, torch.zeros(1, 3, 2), lambda h: torch.zeros(h.shape[0], 5), **kwargs)
+
+
+@pytest.mark.parametrize("distill_weight,temperature", [(1.0, 1.0), (0.6, 2.0), (0.0, 1.0)])
+def test_gradient_equals_autograd_of_the_loss_written_out(distill_weight, temperature) -> None:
+    """The loss computes its gradient in its forward pass: check it against autograd of the plain formula."""
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 6, 11, generator=g, requires_grad=True)
+    hidden = torch.randn(2, 6, 5, generator=g)
+    head = torch.nn.Linear(5, 11)
+    labels = torch.randint(0, 11, (2, 6), generator=g)
+    loss, _ = distillation_loss(student, hidden, head, temperature=temperature, labels=labels,
+                                distill_weight=distill_weight, chunk_tokens=4)
+    loss.backward()
+    got = student.grad.clone()
+    plain = student.detach().clone().requires_grad_()
+    with torch.no_grad():
+        t = torch.log_softmax(head(hidden)[:, :-1] / temperature, -1)
+    s = torch.log_softmax(plain[:, :-1] / temperature, -1)
+    kl = (t.exp() * (t - s)).sum(-1).mean() * temperature**2
+    ce = torch.nn.functional.cross_entropy(plain[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1))
+    want = distill_weight * kl + (1 - distill_weight) * ce
+    want.backward()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    torch.testing.assert_close(got, plain.grad, rtol=1e-5, atol=1e-7)
+    assert torch.equal(got[:, -1], torch.zeros_like(got[:, -1]))  # the last position predicts nothing
