@@ -8,6 +8,11 @@ and the same LoRA budget spent on the unpatched model (the control)::
     (a) base (RoPE)        (b) patched, before training
     (c) patched + LoRA     (d) control: RoPE + the same LoRA        headline: gap = (c) / (d)
 
+With ``objective=distill`` the LoRA instead learns to match the unpatched model itself
+(:mod:`hf_prope.distillation`): no domain is learnt, the control would be (a), and the headline
+is the cost (c) / (a). ``mix`` blends both losses. Every figure is given at each context of
+``eval_contexts`` (the same held-out tokens cut into windows of each length).
+
 The recipe trains with transformers' ``Trainer`` (so ``torchrun`` / ``accelerate launch``
 give DDP, and checkpoints resume), writes ``results.json``, ``results.png`` and the adapter or
 merged model with a model card, and pushes it to the Hub when ``hub_model_id`` is set.
