@@ -17,30 +17,41 @@ fp32): that is how the tests check it without a GPU.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 
 
-@functools.cache
-def available() -> bool:
-    """Whether triton can be imported here."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # noqa: BLE001 - absent, or broken for this platform: the torch path serves
-        return False
-    return True
-
-
-@functools.cache
-def _kernel() -> Any:
+try:  # optional: without triton, hf-prope rotates with torch
     import triton
     import triton.language as tl
+except Exception:  # noqa: BLE001 - absent, or broken for this platform
+    triton = None
+
+
+def available() -> bool:
+    """Whether triton can be imported here."""
+    return triton is not None
+
+
+if triton is not None:
+    # Module level: triton resolves a kernel's callees among the module's globals. Decorated at
+    # import, which is when triton reads TRITON_INTERPRET.
 
     @triton.jit
-    def prefix_rope(
+    def _rotate_heads(ptr, offset, stride_h, n_heads, i, in_r, c, s, half, BLOCK_H: tl.constexpr):
+        """Rotate pairs ``i < r`` of every head of one token, in place: channels i and i + half."""
+        h = tl.arange(0, BLOCK_H)[:, None]
+        mask = (h < n_heads) & in_r[None, :]
+        row = ptr + offset + h * stride_h + i[None, :]
+        x1 = tl.load(row, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(row + half, mask=mask, other=0.0).to(tl.float32)
+        dtype = ptr.dtype.element_ty
+        tl.store(row, (x1 * c[None, :] - x2 * s[None, :]).to(dtype), mask=mask)
+        tl.store(row + half, (x2 * c[None, :] + x1 * s[None, :]).to(dtype), mask=mask)
+
+    @triton.jit
+    def _prefix_rope(
         q_ptr, k_ptr, cos_ptr, sin_ptr,
         q_sb, q_sh, q_st, k_sb, k_sh, k_st, c_sb, c_st,
         seq_len, n_qh, n_kh, half, r, sign,
@@ -53,30 +64,8 @@ def _kernel() -> Any:
         in_r = i < r
         c = tl.load(cos_ptr + b * c_sb + t * c_st + i, mask=in_r, other=1.0).to(tl.float32)
         s = tl.load(sin_ptr + b * c_sb + t * c_st + i, mask=in_r, other=0.0).to(tl.float32) * sign
-        # q heads
-        hq = tl.arange(0, BLOCK_QH)[:, None]
-        mq = (hq < n_qh) & in_r[None, :]
-        q_row = q_ptr + b * q_sb + t * q_st + hq * q_sh + i[None, :]
-        x1 = tl.load(q_row, mask=mq, other=0.0)
-        x2 = tl.load(q_row + half, mask=mq, other=0.0)
-        dtype = q_ptr.dtype.element_ty
-        a1 = x1.to(tl.float32)
-        a2 = x2.to(tl.float32)
-        tl.store(q_row, (a1 * c[None, :] - a2 * s[None, :]).to(dtype), mask=mq)
-        tl.store(q_row + half, (a2 * c[None, :] + a1 * s[None, :]).to(dtype), mask=mq)
-        # k heads (fewer with grouped-query attention)
-        hk = tl.arange(0, BLOCK_KH)[:, None]
-        mk = (hk < n_kh) & in_r[None, :]
-        k_row = k_ptr + b * k_sb + t * k_st + hk * k_sh + i[None, :]
-        y1 = tl.load(k_row, mask=mk, other=0.0)
-        y2 = tl.load(k_row + half, mask=mk, other=0.0)
-        kdtype = k_ptr.dtype.element_ty
-        b1 = y1.to(tl.float32)
-        b2 = y2.to(tl.float32)
-        tl.store(k_row, (b1 * c[None, :] - b2 * s[None, :]).to(kdtype), mask=mk)
-        tl.store(k_row + half, (b2 * c[None, :] + b1 * s[None, :]).to(kdtype), mask=mk)
-
-    return prefix_rope
+        _rotate_heads(q_ptr, b * q_sb + t * q_st, q_sh, n_qh, i, in_r, c, s, half, BLOCK_QH)
+        _rotate_heads(k_ptr, b * k_sb + t * k_st, k_sh, n_kh, i, in_r, c, s, half, BLOCK_KH)  # GQA: fewer heads
 
 
 def _next_pow2(n: int) -> int:
@@ -119,7 +108,7 @@ def _launch(
     c = _cos_sin_3d(cos, 1)
     s = _cos_sin_3d(sin, 1)
     c_sb = c.stride(0) if c.shape[0] > 1 else 0
-    _kernel()[(batch * seq_len,)](
+    _prefix_rope[(batch * seq_len,)](
         q, other, c, s,
         q.stride(0), q.stride(1), q.stride(2), other.stride(0), other.stride(1), other.stride(2), c_sb, c.stride(1),
         seq_len, n_qh, n_kh, head_dim // 2, r, sign,
