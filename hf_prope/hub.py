@@ -146,10 +146,10 @@ def check_token(api: Any) -> None:
     endpoint = getattr(api, "endpoint", None) or "the Hub"
     try:
         api.whoami()
-    except LocalTokenNotFoundError as err:
+    except (LocalTokenNotFoundError, ValueError) as err:  # no token found, or token=False: none to use
         raise PermissionError(
-            "The Hugging Face token is missing or was rejected (checked before uploading anything): no token was "
-            "found. Pass token=, set HF_TOKEN, or run `hf auth login`."
+            "The Hugging Face token is missing or was rejected (checked before uploading anything): no usable token "
+            "was found. Pass token=, set HF_TOKEN, or run `hf auth login`."
         ) from err
     except HfHubHTTPError as err:
         status = getattr(getattr(err, "response", None), "status_code", None)
@@ -161,11 +161,6 @@ def check_token(api: Any) -> None:
         raise ConnectionError(
             f"The Hub at {endpoint} failed to answer the token check (HTTP {status}); the token was not checked and "
             "nothing was uploaded. Try again later."
-        ) from err
-    except ValueError as err:  # token=False and the like: no usable token
-        raise PermissionError(
-            "The Hugging Face token is missing or was rejected (checked before uploading anything). Pass token=, "
-            "set HF_TOKEN, or run `hf auth login`."
         ) from err
     except Exception as err:  # noqa: BLE001 - the transport's own errors (httpx, OSError): no answer at all
         raise ConnectionError(

@@ -200,14 +200,14 @@ def load_model(
         if not hub:
             raise ValueError(where + "." + hint)
         source, kwargs = name_or_path, {"revision": revision}
-        try:
-            config = AutoConfig.from_pretrained(source, **kwargs)
-        except OSError as err:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise OSError(f"{where}, and as a Hub model id it could not be fetched ({reason}).{hint}") from None
-        _check_supported(config)
-    if path is not None:
-        _check_supported(AutoConfig.from_pretrained(source, **kwargs))
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    except OSError as err:
+        if path is not None:
+            raise
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise OSError(f"{where}, and as a Hub model id it could not be fetched ({reason}).{hint}") from None
+    _check_supported(config)
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     return model.eval(), tokenizer
