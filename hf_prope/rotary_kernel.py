@@ -17,6 +17,7 @@ fp32): that is how the tests check it without a GPU.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -27,6 +28,10 @@ try:  # optional: without triton, hf-prope rotates with torch
     import triton.language as tl
 except Exception:  # noqa: BLE001 - absent, or broken for this platform
     triton = None
+
+
+# Triton runs kernels by interpretation, on CPU tensors too, when this is set as it decorates them (at import).
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
 def available() -> bool:
@@ -83,7 +88,9 @@ def _cos_sin_3d(cos: torch.Tensor, unsqueeze_dim: int) -> torch.Tensor:
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int) -> bool:
-    """Whether the kernel handles this call (layout, dtype, device); otherwise use the torch path."""
+    """Whether the kernel handles this call (device, layout, dtype); otherwise use the torch path."""
+    if not (q.is_cuda or INTERPRETED):
+        return False
     if unsqueeze_dim != 1 or q.dim() != 4 or k.dim() != 4 or not available():
         return False
     if q.device != k.device or q.device != cos.device or q.dtype != k.dtype:

@@ -39,7 +39,6 @@ import contextlib
 import functools
 import importlib
 import inspect
-import os
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -142,8 +141,7 @@ def _check_backend(name: str) -> None:
 def _kernel_ok(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int) -> bool:
     from . import rotary_kernel
 
-    interpreting = os.environ.get("TRITON_INTERPRET", "") == "1"
-    return (q.is_cuda or interpreting) and rotary_kernel.supports(q, k, cos, sin, unsqueeze_dim)
+    return rotary_kernel.supports(q, k, cos, sin, unsqueeze_dim)
 
 
 def apply_rotary(
@@ -177,13 +175,14 @@ def apply_rotary(
     r = half if rotating_pairs is None else int(rotating_pairs)
     if not 0 <= r <= half:
         raise ValueError(f"rotating_pairs must be in 0..{half} (head size {q.shape[-1]}), got {rotating_pairs!r}.")
-    if backend == "triton" or (backend == "auto" and _kernel_ok(q, k, cos, sin, unsqueeze_dim)):
-        if not _kernel_ok(q, k, cos, sin, unsqueeze_dim):
-            raise ValueError(
-                "backend='triton' cannot run this call: it needs triton installed, CUDA tensors (or TRITON_INTERPRET=1), "
-                "float32/16 or bfloat16 q and k of shape (batch, heads, tokens, d) with contiguous last dimensions, "
-                "and cos/sin of shape (batch or 1, tokens, d). Use backend='torch'."
-            )
+    use_kernel = backend != "torch" and _kernel_ok(q, k, cos, sin, unsqueeze_dim)
+    if backend == "triton" and not use_kernel:
+        raise ValueError(
+            "backend='triton' cannot run this call: it needs triton installed, CUDA tensors (or TRITON_INTERPRET=1), "
+            "float32/16 or bfloat16 q and k of shape (batch, heads, tokens, d) with contiguous last dimensions, "
+            "and cos/sin of shape (batch or 1, tokens, d). Use backend='torch'."
+        )
+    if use_kernel:
         from .rotary_kernel import rotate_prefix_inplace
 
         return rotate_prefix_inplace(q, k, cos, sin, r)
