@@ -541,3 +541,40 @@ def test_distill_with_a_patch_that_changes_nothing_fails_in_setup(source, tmp_pa
         recipe.setup()
     assert not out.exists()
     assert hf_prope.get_patch(recipe.model) is None  # the probe patch was taken off again
+
+
+def test_heldout_long_documents_in_the_recipe(source, tmp_path) -> None:
+    """heldout_documents=long: the held-out tokens are the starts of the last documents long enough, none trained on."""
+    from transformers import AutoTokenizer
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    text = python_docs_text()
+    # Sorted file order is the data order: short and long documents interleaved.
+    sizes = [3000, 20, 90, 15, 3000, 70, 40]
+    start = 0
+    for i, size in enumerate(sizes):
+        (docs / f"{i:02d}.txt").write_text(text[start : start + size])
+        start += size
+    out = tmp_path / "out"
+    recipe = LoRARecipe.from_config(None, overrides(source, out, dataset=str(docs), heldout_documents="long",
+                                                    eval_contexts=[16, WINDOW], control=False, max_steps=1))
+    summary = recipe.run()
+    tokenizer = AutoTokenizer.from_pretrained(source["model"])
+    ids = [torch.tensor(tokenizer((docs / f"{i:02d}.txt").read_text(), add_special_tokens=False)["input_ids"])
+           for i in range(len(sizes))]
+    # From the end: doc 6 (40 tokens: 1 window of 32), doc 5 (70: 2 windows), doc 4 (3000: the last window) = 128.
+    want = torch.cat([ids[4][:32], ids[5][:64], ids[6][:32]])
+    assert torch.equal(recipe.split.heldout, want)
+    assert recipe.split.heldout_documents == 3 and summary["heldout"]["long_documents"] == 3
+    eos = tokenizer.eos_token_id
+    joined = torch.cat([torch.cat([d, torch.tensor([eos])]) for i, d in enumerate(ids) if i not in (4, 5, 6)])
+    # Trained on the other documents only: their stream, joined by EOS, in order.
+    assert recipe.split.train_blocks.flatten().tolist() == joined[: recipe.split.train_blocks.numel()].tolist()
+    adapter = hf_prope.from_pretrained(out / "adapter")
+    for context in (16, WINDOW):
+        assert at(summary, context)["patched_after_training"] == pytest.approx(
+            loss_perplexity(adapter, want, context, 128 // context), rel=1e-5)
+    with pytest.raises(ValueError, match="must be a multiple of it"):
+        LoRARecipe.from_config(None, overrides(source, tmp_path / "bad", heldout_documents="long", eval_contexts=[48]))
+    assert not (tmp_path / "bad").exists()
