@@ -8,6 +8,7 @@ The public API is what ``__all__`` lists::
     hf_prope.patch_state(model)                     # spec, rope parameters now and before, layer types, base
     hf_prope.unpatch_model(model)                   # back to the original, bit for bit
     hf_prope.apply_p_rope_to_llama(p=0.25)          # class level: models built afterwards are patched
+    hf_prope.export_gguf(model, "model.gguf")       # llama.cpp runs it with the patch (Llama, Mistral)
 
     usage = hf_prope.analysis.frequency_usage(model, tokenizer, texts)  # which frequencies it uses
     hf_prope.analysis.suggest_p(usage)                                  # which p to try, with evidence
@@ -61,6 +62,7 @@ from .registry import (  # noqa: E402
 from .spec import PatchSpec, rotated_pairs  # noqa: E402
 from .hub import from_pretrained, install_peft_load_check, push_to_hub, save_pretrained  # noqa: E402
 from .patch_record import PatchMismatchError  # noqa: E402
+from .gguf_export import GGUFExportError, export_gguf  # noqa: E402
 from . import analysis, rotation  # noqa: E402
 
 install_peft_load_check()
@@ -78,6 +80,8 @@ __all__ = [
     "restore_patch",
     "save_pretrained",
     "push_to_hub",
+    "export_gguf",
+    "GGUFExportError",
     "from_pretrained",
     "PatchMismatchError",
     "patch_info",

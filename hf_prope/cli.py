@@ -12,6 +12,9 @@ after training, at 512 and 2048 tokens. Other commands:
   (the ``analyze`` recipe; ``hf-prope analyze --help`` lists its keys).
 * ``hf-prope zero-shot``: perplexity under RoPE and p-RoPE variants with no training, beside
   the project's reference figures.
+* ``hf-prope export MODEL --gguf OUT.gguf [--dtype f16|bf16|f32] [--patch p-rope --p 0.25]``: a GGUF
+  file that llama.cpp runs with the model's patch (:mod:`hf_prope.gguf_export`); MODEL is loaded
+  with its recorded patch, ``--patch`` patches it first.
 * ``hf-prope bench [--only rotary,train,decode,patch,recipe] [--device cuda] [--profile]``: speed
   and memory against transformers' native path, measured side by side (:mod:`hf_prope.benchmarks`).
 """
@@ -179,6 +182,23 @@ def _parser() -> argparse.ArgumentParser:
     zs.add_argument("--out", metavar="FILE", help="also write the table as JSON to FILE")
     zs.set_defaults(func=_zero_shot)
 
+    export = sub.add_parser(
+        "export",
+        help="write a model, with its patch, as a GGUF file that llama.cpp runs exactly",
+        description="Load MODEL with its recorded patch (a folder or Hub repo saved by hf-prope, adapters merged; an "
+        "embedded name; a .gguf file), optionally patch it, and write a llama.cpp GGUF whose rope_freqs tensor "
+        "stops the pairs the patch stops. Llama and Mistral models with a patch on every layer; anything else is "
+        "refused with the reason, and nothing is written.",
+    )
+    export.add_argument("model", metavar="MODEL", help="smollm2-135m, a local .gguf file, a model folder or a Hub id")
+    export.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the GGUF file to write")
+    export.add_argument("--dtype", default="f16", choices=["f16", "bf16", "f32"], help="matrix precision (default: %(default)s)")
+    export.add_argument("--patch", choices=["p-rope", "freq-mask", "nope", "rope"], help="patch the model first with this patch")
+    export.add_argument("--p", type=float, help="with --patch p-rope: the fraction of frequency pairs that rotate")
+    export.add_argument("--keep", help="with --patch freq-mask: comma-separated indices of the pairs that rotate (0 = highest)")
+    export.add_argument("--revision", help="Hub revision of MODEL")
+    export.set_defaults(func=_export)
+
     from .benchmarks import BENCHMARKS
 
     bench = sub.add_parser(
@@ -207,6 +227,49 @@ def _bench(args: argparse.Namespace) -> int:
 
     run([b.strip() for b in args.only.split(",") if b.strip()], device=args.device, repeats=args.repeats,
         quick=args.quick, out=args.out, profile=args.profile)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .gguf_export import export_gguf
+    from .hub import from_pretrained
+    from .models import EMBEDDED_MODELS, embedded_gguf_path, is_embedded_source
+    from .patching import check_patch, patch_model
+
+    params: dict[str, Any] = {}
+    if args.p is not None:
+        params["p"] = args.p
+    if args.keep is not None:
+        try:
+            params["keep"] = [int(k) for k in args.keep.split(",") if k.strip()]
+        except ValueError:
+            raise ValueError(f"--keep takes comma-separated pair indices, got {args.keep!r}.") from None
+    if params and args.patch is None:
+        raise ValueError("--p and --keep go with --patch (e.g. --patch p-rope --p 0.25).")
+    if args.patch is not None:
+        from .spec import make_spec
+
+        make_spec(args.patch, **params)  # a bad patch fails before the model is loaded
+    if not args.gguf.endswith(".gguf"):
+        raise ValueError(f"--gguf must name a .gguf file, got {args.gguf!r}.")
+    started = time.time()
+    if is_embedded_source(args.model):
+        source = embedded_gguf_path(args.model) if args.model in EMBEDDED_MODELS else Path(args.model).expanduser()
+        model = from_pretrained(source)
+        tokenizer: Any = None  # the source file's own llama.cpp vocabulary, pre-tokenizer included
+    else:
+        from transformers import AutoTokenizer
+
+        model = from_pretrained(args.model, revision=args.revision)
+        tokenizer = AutoTokenizer.from_pretrained(args.model, revision=args.revision)
+    if args.patch is not None:
+        check_patch(model, args.patch, **params)
+        patch_model(model, args.patch, **params)
+    result = export_gguf(model, args.gguf, tokenizer=tokenizer, dtype=args.dtype)
+    what = result.spec.describe() if result.spec is not None else "no patch (plain RoPE)"
+    factors = "no rope_freqs tensor" if result.rope_freqs is None else f"rope_freqs: {len(result.rope_freqs)} factors"
+    print(f"Wrote {result.path} ({result.architecture}, {result.dtype}, {result.n_tensors} tensors; {what}; {factors}) "
+          f"in {time.time() - started:.0f} s.")
     return 0
 
 

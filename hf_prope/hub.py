@@ -252,13 +252,18 @@ def from_pretrained(
 ) -> nn.Module:
     """Load a model saved by :func:`save_pretrained` / :func:`push_to_hub`, with its patch.
 
-    ``path_or_repo`` is a local folder or a Hub repo id (with ``revision``). For an adapter,
+    ``path_or_repo`` is a local folder, a Hub repo id (with ``revision``) or a local ``.gguf`` file
+    (the patch restored from its ``rope_freqs``, see :func:`hf_prope.models.load_gguf`). For an adapter,
     the base model is the one recorded by PEFT unless ``base_model`` (a name, a folder or an
     already-loaded model) is given; it must match the recorded architecture and head size.
     ``model_kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``dtype=``).
     """
     from transformers import AutoModelForCausalLM
 
+    if str(path_or_repo).endswith(".gguf") and Path(path_or_repo).expanduser().is_file():
+        from .models import load_gguf  # the patch comes back from the file's rope_freqs
+
+        return load_gguf(Path(path_or_repo).expanduser(), **{k: v for k, v in model_kwargs.items() if k == "dtype"})[0]
     folder = _local_folder(path_or_repo, revision, token)
     record = read_patch_record(folder)
     if record is None or not (folder / "adapter_config.json").is_file():

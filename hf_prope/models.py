@@ -100,13 +100,25 @@ def _require_gguf() -> None:
 
 
 def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """Load a causal LM and its tokenizer from a local GGUF file (dequantised to ``dtype``)."""
+    """Load a causal LM and its tokenizer from a local GGUF file (dequantised to ``dtype``), with its patch.
+
+    A file whose ``rope_freqs`` stops frequency pairs (as :func:`hf_prope.gguf_export.export_gguf`
+    writes, and Gemma 4's converter) comes back patched; plain
+    ``AutoModelForCausalLM.from_pretrained(..., gguf_file=...)`` ignores that tensor and returns
+    the model with plain RoPE.
+    """
     from transformers import AutoModelForCausalLM
+
+    from .gguf_export import SOURCE_ATTR, restore_gguf_patch
+    from .registry import ARCHITECTURES
 
     tokenizer = load_gguf_tokenizer(path)
     path = Path(path)
     model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype, **_gguf_kwargs(path))
     _forget_gguf_quantization(model)
+    setattr(model, SOURCE_ATTR, str(path.resolve()))
+    if model.config.model_type in ARCHITECTURES:
+        restore_gguf_patch(model, path)
     model.eval()
     return model, tokenizer
 

@@ -37,6 +37,10 @@ class Architecture:
     ``sliding_window_on_every_layer`` is true when, without ``config.layer_types``, the
     config's ``sliding_window`` limits every layer (Mistral); with layer types, only the
     ``sliding_attention`` layers are limited.
+    ``llama_cpp_graph`` names the llama.cpp graph (GGUF ``general.architecture``) that runs
+    this model type *and* reads per-pair frequency factors (``rope_freqs``), so a patch can be
+    exported to GGUF (:mod:`hf_prope.gguf_export`); ``None`` where llama.cpp's graph for the
+    type ignores them (a GGUF would silently run plain RoPE).
     """
 
     model_type: str
@@ -51,6 +55,7 @@ class Architecture:
     query_norm: str | None = None
     key_norm: str | None = None
     sliding_window_on_every_layer: bool = False
+    llama_cpp_graph: str | None = None
 
     def _cls(self, name: str) -> Any:
         return getattr(importlib.import_module(self.modeling_module), name)

@@ -13,6 +13,7 @@ register_architecture(
         base_model_class_name="MistralModel",
         config_class_name="MistralConfig",
         causal_lm_class_name="MistralForCausalLM",
+        llama_cpp_graph="llama",  # llama.cpp runs Mistral with its llama graph, which reads rope_freqs
         sliding_window_on_every_layer=True,  # config.sliding_window limits every layer
     )
 )
