@@ -197,6 +197,11 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--p", type=float, help="with --patch p-rope: the fraction of frequency pairs that rotate")
     export.add_argument("--keep", help="with --patch freq-mask: comma-separated indices of the pairs that rotate (0 = highest)")
     export.add_argument("--revision", help="Hub revision of MODEL")
+    export.add_argument(
+        "--check", type=_at_least(2), metavar="N",
+        help="then run the file in llama.cpp (needs llama-cpp-python) on the last N tokens of CPython's docs and "
+        "compare its logits with the model's in transformers, and with a plain-RoPE GGUF of the same weights",
+    )
     export.set_defaults(func=_export)
 
     from .benchmarks import BENCHMARKS
@@ -233,7 +238,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .gguf_export import export_gguf
     from .hub import from_pretrained
-    from .models import EMBEDDED_MODELS, embedded_gguf_path, is_embedded_source
+    from .models import is_embedded_source, load_model
     from .patching import check_patch, patch_model
 
     params: dict[str, Any] = {}
@@ -252,16 +257,21 @@ def _export(args: argparse.Namespace) -> int:
         make_spec(args.patch, **params)  # a bad patch fails before the model is loaded
     if not args.gguf.endswith(".gguf"):
         raise ValueError(f"--gguf must name a .gguf file, got {args.gguf!r}.")
+    if args.check is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise ImportError("--check runs llama.cpp through llama-cpp-python: pip install llama-cpp-python")
     started = time.time()
     if is_embedded_source(args.model):
-        source = embedded_gguf_path(args.model) if args.model in EMBEDDED_MODELS else Path(args.model).expanduser()
-        model = from_pretrained(source)
-        tokenizer: Any = None  # the source file's own llama.cpp vocabulary, pre-tokenizer included
+        # Loaded with the patch its rope_freqs carries; the export copies the file's own llama.cpp vocabulary.
+        model, hf_tokenizer = load_model(args.model)
+        tokenizer: Any = None
     else:
         from transformers import AutoTokenizer
 
         model = from_pretrained(args.model, revision=args.revision)
-        tokenizer = AutoTokenizer.from_pretrained(args.model, revision=args.revision)
+        tokenizer = hf_tokenizer = AutoTokenizer.from_pretrained(args.model, revision=args.revision)
     if args.patch is not None:
         check_patch(model, args.patch, **params)
         patch_model(model, args.patch, **params)
@@ -270,7 +280,26 @@ def _export(args: argparse.Namespace) -> int:
     factors = "no rope_freqs tensor" if result.rope_freqs is None else f"rope_freqs: {len(result.rope_freqs)} factors"
     print(f"Wrote {result.path} ({result.architecture}, {result.dtype}, {result.n_tensors} tensors; {what}; {factors}) "
           f"in {time.time() - started:.0f} s.")
+    if args.check is not None:
+        _check_export(model, result.path, args.check, hf_tokenizer)
     return 0
+
+
+def _check_export(model: Any, path: Path, n_tokens: int, tokenizer: Any) -> None:
+    from .data import python_docs_text
+    from .gguf_export import check_in_llama_cpp
+
+    ids = tokenizer(python_docs_text())["input_ids"][-n_tokens:]
+    report = check_in_llama_cpp(model, path, ids)
+
+    def line(label: str, r: dict[str, float]) -> str:
+        return (f"  {label:<44} mean |d logit| {r['mean_abs_logit_diff']:.4f}   max {r['max_abs_logit_diff']:.3f}   "
+                f"argmax agreement {r['argmax_agreement']:.3f}")
+
+    print(f"llama.cpp against transformers (fp32), last {report['tokens']} tokens of CPython's docs:")
+    print(line(f"this file ({path.name})", report))
+    if "plain_rope" in report:
+        print(line("a plain-RoPE GGUF of the same weights", report["plain_rope"]))
 
 
 def _pop_config(argv: list[str]) -> tuple[str | None, list[str]]:

@@ -423,6 +423,21 @@ def export_gguf(
     Raises :class:`GGUFExportError` (a ``ValueError``) naming what cannot be exported and what
     would work, and ``PermissionError`` for an unwritable path, before anything is written.
     """
+    return _export(model, path, tokenizer=tokenizer, dtype=dtype, pre_tokenizer=pre_tokenizer, progress=progress)
+
+
+def _export(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    tokenizer: Any,
+    dtype: str,
+    pre_tokenizer: str | None,
+    progress: Callable[[int, int], None] | None = None,
+    with_factors: bool = True,
+) -> GGUFExport:
+    # with_factors=False writes what llama.cpp's own converter would: the same weights with plain
+    # RoPE. Only check_in_llama_cpp uses it, to show that the comparison can tell the two apart.
     gguf = _require_gguf()
     if dtype not in GGUF_TYPES:
         raise ValueError(f"dtype must be one of {', '.join(GGUF_TYPES)}, got {dtype!r}.")
@@ -458,7 +473,7 @@ def export_gguf(
             stacklevel=2,
         )
     tensors = _llama_tensors(_merged_state(state.parts.root), config)
-    write_factors = any(f != 1.0 for f in factors)
+    write_factors = with_factors and any(f != 1.0 for f in factors)
     head_dim = 2 * state.parts.n_pairs
     total = len(tensors) + int(write_factors)
     file_type = {
@@ -485,7 +500,7 @@ def export_gguf(
         writer.add_vocab_size(int(config.vocab_size))
         writer.add_file_type(int(file_type))
         writer.add_string(VERSION_KEY, __version__)
-        if state.spec is not None:
+        if state.spec is not None and with_factors:
             writer.add_string(SPEC_KEY, state.spec.to_json())
         _add_fields(writer, vocab)
         for gguf_name, tensor in tensors:
@@ -508,6 +523,70 @@ def export_gguf(
         n_tensors=total,
         tokenizer_pre=pre,
     )
+
+
+# -- checking a file in llama.cpp ---------------------------------------------------------------
+
+
+def llama_cpp_logits(path: str | os.PathLike[str], ids: Sequence[int], *, f32_cache: bool = False) -> np.ndarray:
+    """llama.cpp's logits (llama-cpp-python) for every position of ``ids`` run through the GGUF at ``path``.
+
+    ``f32_cache`` keeps llama.cpp's KV cache in f32 instead of its default f16.
+    """
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise ImportError(
+            "Running a GGUF in llama.cpp needs llama-cpp-python: pip install llama-cpp-python (it builds llama.cpp "
+            "from source, a few minutes)"
+        ) from None
+    cache = {"type_k": 0, "type_v": 0} if f32_cache else {}  # 0 = GGML_TYPE_F32
+    llm = Llama(
+        model_path=str(path), n_ctx=max(64, len(ids)), n_batch=min(512, max(64, len(ids))), logits_all=True,
+        verbose=False, seed=0, **cache,
+    )
+    try:
+        llm.eval(list(ids))
+        return np.array(llm.scores[: len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
+
+
+def _agreement(got: np.ndarray, want: np.ndarray) -> dict[str, float]:
+    diff = np.abs(got - want)
+    return {
+        "mean_abs_logit_diff": float(diff.mean()),
+        "max_abs_logit_diff": float(diff.max()),
+        "argmax_agreement": float(np.mean(got.argmax(-1) == want.argmax(-1))),
+    }
+
+
+def check_in_llama_cpp(model: nn.Module, path: str | os.PathLike[str], ids: Sequence[int]) -> dict[str, Any]:
+    """Compare llama.cpp on an exported file with ``model`` in transformers, on the token ids ``ids``.
+
+    Returns the mean and max absolute logit difference and the argmax agreement, for the file
+    and (under ``"plain_rope"``) for a plain-RoPE GGUF of the same weights written to a
+    temporary file (what llama.cpp's own converter writes), so the figures say how far apart
+    two different models are.
+    """
+    import tempfile
+
+    with torch.no_grad():
+        device = next(unwrap(model).parameters()).device
+        want = model(input_ids=torch.tensor([list(ids)], device=device)).logits[0].float().cpu().numpy()
+    result: dict[str, Any] = {"tokens": len(ids), **_agreement(llama_cpp_logits(path, ids), want)}
+    if read_rope_factors(path) is not None:
+        reader = _require_gguf().GGUFReader(Path(path))
+        dtype = {"F32": "f32", "F16": "f16", "BF16": "bf16"}[
+            next(t.tensor_type.name for t in reader.tensors if t.name.endswith("attn_q.weight"))
+        ]
+        with tempfile.TemporaryDirectory() as tmp:
+            plain = Path(tmp) / "plain.gguf"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                _export(model, plain, tokenizer=Path(path), dtype=dtype, pre_tokenizer=None, with_factors=False)
+            result["plain_rope"] = _agreement(llama_cpp_logits(plain, ids), want)
+    return result
 
 
 # -- reading a patch back ---------------------------------------------------------------------
@@ -548,10 +627,10 @@ def spec_from_factors(factors: Sequence[float], inv_freq: Sequence[float], recor
         return recorded
     n = len(keep)
     r = sum(keep)
-    if keep == [i < r for i in range(n)] and rotated_pairs(r / n, 2 * n) == r:
-        return PatchSpec("p-rope", p=r / n)
     if r == 0:
         return PatchSpec("nope")
+    if keep == [i < r for i in range(n)] and rotated_pairs(r / n, 2 * n) == r:
+        return PatchSpec("p-rope", p=r / n)
     return PatchSpec("freq-mask", mask=tuple(keep))
 
 

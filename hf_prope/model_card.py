@@ -1,8 +1,10 @@
-"""The model card of a patched model: what the patch is, its rope parameters, how to load it, results.
+"""The model card of a patched model: what the patch is, its rope parameters, how to load and serve it, results.
 
 Written by :mod:`hf_prope.hub` into every save and push. It says how to load the model with
-hf-prope and, where the patch is native (``"proportional"``), without it; and it warns
-that PEFT alone would load an adapter on a plain-RoPE base.
+hf-prope and, where the patch is native (``"proportional"``), without it; it warns that PEFT
+alone would load an adapter on a plain-RoPE base; and its "Serving" section
+(:func:`serving_table`) says which inference engines run the checkpoint with its patch, which
+refuse it loudly and which would silently drop it.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def model_card(
     name = repo_id or "this model"
     words = spec.describe() if spec is not None else "no hf-prope patch (plain RoPE)"
     rope = json.dumps(state.rope_parameters, indent=2, sort_keys=True)
-    native = "proportional" in rope
+    native = state.native
     lines = [
         "---",
         data.to_yaml(),
@@ -131,7 +133,70 @@ def model_card(
         ]
     else:
         lines += ["This patch uses hf-prope's own rope type: `pip install hf-prope` and `import hf_prope` first."]
+    if spec is not None:
+        lines += ["", "## Serving", "", "| engine | with this checkpoint |", "|---|---|"]
+        lines += [f"| {engine} | {verdict} |" for engine, verdict in serving_table(state, save_method=save_method, name=name)]
     if eval_results:
         lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in eval_results.items()]
     return ModelCard("\n".join(lines) + "\n")
+
+
+def serving_table(state: PatchState, *, save_method: str, name: str = "MODEL") -> list[tuple[str, str]]:
+    """(engine, what it does with this checkpoint) for the card's "Serving" section.
+
+    transformers and llama.cpp rows are tested in this project; the vLLM and SGLang rows are
+    read from those engines' sources (rope-type dispatch and config reading), not run, and
+    say so.
+    """
+    from .gguf_export import exportable_model_types
+
+    spec = state.spec
+    assert spec is not None
+    model_type = state.model_type
+    native = state.native
+    selective = spec.is_layer_selective
+    rows: list[tuple[str, str]] = []
+    if save_method == "adapter":
+        rows.append((
+            "any engine loading the adapter on its base (PEFT alone, vLLM `--enable-lora`, ...)",
+            "**silently drops the patch**: the base config has plain RoPE. Serve a merged save "
+            "(`hf_prope.save_pretrained(model, path, save_method=\"merged\")`) instead.",
+        ))
+    if native:
+        # A native save holds the whole patch in rope_parameters (per layer type where the model nests them).
+        rows.append(("transformers (no hf-prope)", "exact: native `proportional` rope type (transformers >= 5.5)"))
+    else:
+        rows.append(("transformers (no hf-prope)", "refuses to load (unknown rope type `hf_prope`), loudly"))
+    rows.append(("transformers + hf-prope", f'exact: `hf_prope.from_pretrained("{name}")`'))
+    if native and not selective:
+        rows.append(("vLLM", "should be exact: it maps `proportional` to its p-RoPE rotary (read from its source, not run here)"))
+    elif native:
+        rows.append(("vLLM", "not checked for rope parameters nested by layer type"))
+    if native:
+        rows.append((
+            "SGLang",
+            "probably **silently plain RoPE**: it reads `partial_rotary_factor` from the config's top level, where "
+            "transformers 5 does not put it (read from its source, not run here)",
+        ))
+    else:
+        rows.append(("vLLM", "refuses the `hf_prope` rope type (\"Unknown RoPE scaling type\"), loudly (read from its source)"))
+    if model_type in exportable_model_types() and not selective:
+        rows.append((
+            "llama.cpp (and Ollama, LM Studio, llama-cpp-python)",
+            f"exact with `hf-prope export {name} --gguf model.gguf` (a `rope_freqs` tensor stops the unrotated pairs; "
+            "logits checked against transformers). llama.cpp's own `convert_hf_to_gguf.py` **silently writes plain "
+            "RoPE** (it only logs \"Unknown RoPE type\").",
+        ))
+    else:
+        why = (
+            "its graph shares one frequency-factor tensor across layers, so a layer-selective patch cannot be carried"
+            if selective and model_type in exportable_model_types()
+            else f"llama.cpp's {model_type} graph passes no frequency factors to its rotary op"
+        )
+        rows.append((
+            "llama.cpp",
+            f"not servable with the patch: {why}; `hf-prope export` refuses it, and llama.cpp's own converter "
+            "**silently writes plain RoPE**",
+        ))
+    return rows
