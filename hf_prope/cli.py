@@ -275,7 +275,11 @@ def _export(args: argparse.Namespace) -> int:
     if args.patch is not None:
         check_patch(model, args.patch, **params)
         patch_model(model, args.patch, **params)
-    result = export_gguf(model, args.gguf, tokenizer=tokenizer, dtype=args.dtype)
+    def progress(done: int, total: int) -> None:
+        if done == total or done % max(1, total // 10) == 0:
+            print(f"writing {args.gguf}: {done}/{total} tensors", file=sys.stderr, flush=True)
+
+    result = export_gguf(model, args.gguf, tokenizer=tokenizer, dtype=args.dtype, progress=progress)
     what = result.spec.describe() if result.spec is not None else "no patch (plain RoPE)"
     factors = "no rope_freqs tensor" if result.rope_freqs is None else f"rope_freqs: {len(result.rope_freqs)} factors"
     print(f"Wrote {result.path} ({result.architecture}, {result.dtype}, {result.n_tensors} tensors; {what}; {factors}) "

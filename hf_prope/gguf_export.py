@@ -295,15 +295,21 @@ def _merged_state(root: nn.Module) -> dict[str, torch.Tensor]:
         if isinstance(module, LoraLayer):
             base = module.get_base_layer()
             weight = base.weight.detach().clone()
-            if not getattr(module, "merged", False):
+            if not getattr(module, "merged", False) and not module.disable_adapters:
                 for adapter in module.active_adapters:
                     if adapter in module.lora_A:
                         weight = weight + module.get_delta_weight(adapter).detach().to(weight.dtype)
             state[f"{name}.weight"] = weight
             if getattr(base, "bias", None) is not None:
                 state[f"{name}.bias"] = base.bias.detach()
+        elif hasattr(module, "modules_to_save") and hasattr(module, "original_module"):
+            # PEFT's ModulesToSaveWrapper: the trained copy of the active adapter replaces the original.
+            active = [a for a in module.active_adapters if a in module.modules_to_save] if not module.disable_adapters else []
+            source = module.modules_to_save[active[0]] if active else module.original_module
+            for key, value in source.state_dict().items():
+                state[f"{name}.{key}"] = value.detach()
     for key, value in inner.state_dict().items():
-        if "lora_" in key or ".base_layer." in key:
+        if "lora_" in key or ".base_layer." in key or ".modules_to_save." in key or ".original_module." in key:
             continue
         state.setdefault(key, value.detach())
     for name, module in inner.named_modules():
@@ -358,13 +364,21 @@ def _llama_tensors(state: dict[str, torch.Tensor], config: Any) -> list[tuple[st
     return out
 
 
-def _encode(gguf: Any, tensor: torch.Tensor, dtype: str) -> tuple[np.ndarray, Any]:
-    values = tensor.detach().to(torch.float32).cpu().numpy()
-    if values.ndim == 1 or dtype == "f32":
-        return values, gguf.GGMLQuantizationType.F32  # norms stay f32, as llama.cpp expects
+def _encoding(gguf: Any, tensor: torch.Tensor, dtype: str) -> tuple[Any, Any, int]:
+    """(numpy dtype, GGML type, bytes per value) a tensor is written with; norms and rope_freqs stay f32."""
+    if tensor.ndim == 1 or dtype == "f32":
+        return np.dtype(np.float32), gguf.GGMLQuantizationType.F32, 4
     if dtype == "f16":
-        return values.astype(np.float16), gguf.GGMLQuantizationType.F16
-    return gguf.quants.quantize(values, gguf.GGMLQuantizationType.BF16), gguf.GGMLQuantizationType.BF16
+        return np.dtype(np.float16), gguf.GGMLQuantizationType.F16, 2
+    return np.dtype(np.uint16), gguf.GGMLQuantizationType.BF16, 2  # not uint8: the shape given is the logical one
+
+
+def _encode(gguf: Any, tensor: torch.Tensor, dtype: str) -> np.ndarray:
+    values = tensor.detach().to(torch.float32).cpu().numpy()
+    np_dtype, raw, _ = _encoding(gguf, tensor, dtype)
+    if raw == gguf.GGMLQuantizationType.BF16:
+        return gguf.quants.quantize(values, raw)
+    return values.astype(np_dtype, copy=False)
 
 
 # -- export -------------------------------------------------------------------------------------
@@ -503,17 +517,20 @@ def _export(
         if state.spec is not None and with_factors:
             writer.add_string(SPEC_KEY, state.spec.to_json())
         _add_fields(writer, vocab)
-        for gguf_name, tensor in tensors:
-            values, raw = _encode(gguf, tensor, dtype)
-            writer.add_tensor(gguf_name, values, raw_dtype=raw)
         if write_factors:
-            writer.add_tensor("rope_freqs.weight", np.asarray(factors, dtype=np.float32), raw_dtype=gguf.GGMLQuantizationType.F32)
+            tensors.append(("rope_freqs.weight", torch.tensor(factors, dtype=torch.float32)))
+        # Tensor infos first, then one tensor at a time: memory holds one encoded tensor, not the model twice.
+        for gguf_name, tensor in tensors:
+            np_dtype, raw, width = _encoding(gguf, tensor, dtype)
+            writer.add_tensor_info(gguf_name, tuple(tensor.shape), np_dtype, tensor.numel() * width, raw_dtype=raw)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=False)
+        writer.write_ti_data_to_file()
+        for done, (_, tensor) in enumerate(tensors, 1):
+            writer.write_tensor_data(_encode(gguf, tensor, dtype))
+            if progress is not None:
+                progress(done, total)
         writer.close()
-        if progress is not None:
-            progress(total, total)
     return GGUFExport(
         path=target.resolve(),
         architecture=graph,

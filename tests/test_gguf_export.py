@@ -209,7 +209,10 @@ def test_lora_adapters_are_merged_and_the_model_is_left_alone(tokenizer, tmp_pat
 
     model = _tiny()
     hf_prope.patch_model(model, "p-rope", p=0.25)
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"], init_lora_weights=False))
+    config = LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"], modules_to_save=["lm_head"], init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        peft_model.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)  # a trained head
     before = {k: v.clone() for k, v in peft_model.state_dict().items()}
     export_gguf(peft_model, tmp_path / "m.gguf", tokenizer=tokenizer, dtype="f32")
     after = peft_model.state_dict()
@@ -219,6 +222,7 @@ def test_lora_adapters_are_merged_and_the_model_is_left_alone(tokenizer, tmp_pat
     for key, value in loaded.items():
         torch.testing.assert_close(value, merged[key], rtol=0, atol=1e-6)
     assert not torch.equal(loaded["model.layers.0.self_attn.q_proj.weight"], before["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"])
+    assert torch.equal(loaded["lm_head.weight"], 1.5 * model.lm_head.original_module.weight)
 
 
 def test_mistral_exports_and_warns_about_its_window(tokenizer, tmp_path) -> None:
