@@ -51,7 +51,7 @@ VERSION_KEY = "hf_prope.version"
 GGUFType = Literal["f16", "f32", "bf16"]
 GGUF_TYPES: tuple[str, ...] = ("f16", "f32", "bf16")
 # Base rope types whose frequencies llama.cpp reproduces from freq_base and per-pair factors alone.
-_FACTOR_ROPE_TYPES = ("default", "linear", "llama3")
+_FACTOR_ROPE_TYPES = ("default", "linear", "llama3", "proportional")
 _NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5  # llama.cpp's token types
 
 

@@ -186,6 +186,22 @@ def test_llama3_scaling_multiplies_into_the_factors(tokenizer, tmp_path) -> None
         hf_prope.from_pretrained(tmp_path / "m.gguf")
 
 
+def test_a_native_proportional_model_without_hf_prope_record_exports(tokenizer, tmp_path) -> None:
+    from hf_prope.rope_types import has_native_proportional
+
+    if not has_native_proportional():
+        pytest.skip("transformers < 5.5 has no 'proportional' rope type")
+    # Built as someone else's p-RoPE checkpoint would be: the rope type alone, no hf-prope record in the config.
+    model = _tiny(rope_parameters={"rope_type": "proportional", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})
+    assert hf_prope.get_patch(model) is None
+    export_gguf(model, tmp_path / "m.gguf", tokenizer=tokenizer, dtype="f32")
+    assert read_rope_factors(tmp_path / "m.gguf") == pytest.approx([1, 1] + [float(np.float32(STOPPED_FACTOR))] * 6)
+    ids = list(range(3, 43))
+    restored = hf_prope.from_pretrained(tmp_path / "m.gguf")
+    assert hf_prope.get_patch(restored) == hf_prope.PatchSpec("p-rope", p=0.25)
+    np.testing.assert_allclose(_hf_logits(restored, ids), _hf_logits(model, ids), atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype,torch_dtype", [("f16", torch.float16), ("bf16", torch.bfloat16)])
 def test_half_precision_matrices_and_f32_norms(dtype, torch_dtype, tokenizer, tmp_path) -> None:
     model = _tiny()
