@@ -584,7 +584,8 @@ def check_in_llama_cpp(model: nn.Module, path: str | os.PathLike[str], ids: Sequ
     Returns the mean and max absolute logit difference and the argmax agreement, for the file
     and (under ``"plain_rope"``) for a plain-RoPE GGUF of the same weights written to a
     temporary file (what llama.cpp's own converter writes), so the figures say how far apart
-    two different models are.
+    two different models are. The file may be quantised (``llama-quantize`` keeps
+    ``rope_freqs``); the plain-RoPE file is then f16.
     """
     import tempfile
 
@@ -594,9 +595,9 @@ def check_in_llama_cpp(model: nn.Module, path: str | os.PathLike[str], ids: Sequ
     result: dict[str, Any] = {"tokens": len(ids), **_agreement(llama_cpp_logits(path, ids), want)}
     if read_rope_factors(path) is not None:
         reader = _require_gguf().GGUFReader(Path(path))
-        dtype = {"F32": "f32", "F16": "f16", "BF16": "bf16"}[
-            next(t.tensor_type.name for t in reader.tensors if t.name.endswith("attn_q.weight"))
-        ]
+        kind = next(t.tensor_type.name for t in reader.tensors if t.name.endswith("attn_q.weight"))
+        # A quantised file (llama-quantize keeps rope_freqs) is set beside an f16 plain one.
+        dtype = {"F32": "f32", "BF16": "bf16"}.get(kind, "f16")
         with tempfile.TemporaryDirectory() as tmp:
             plain = Path(tmp) / "plain.gguf"
             with warnings.catch_warnings():

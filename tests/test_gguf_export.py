@@ -466,3 +466,26 @@ def test_cli_check_without_llama_cpp_fails_before_writing(tmp_path) -> None:
     done = _cli("export", "smollm2-135m", "--gguf", str(tmp_path / "a.gguf"), "--check", "16", cwd=tmp_path)
     assert done.returncode == 2 and "pip install llama-cpp-python" in done.stderr
     assert not (tmp_path / "a.gguf").exists()
+
+
+@needs_llama_cpp
+def test_llama_quantize_keeps_rope_freqs(tokenizer, tmp_path) -> None:
+    import ctypes
+
+    import llama_cpp
+
+    model = _tiny()
+    plain = copy.deepcopy(model)
+    hf_prope.patch_model(model, "p-rope", p=0.25)
+    export_gguf(model, tmp_path / "f16.gguf", tokenizer=tokenizer)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = 7  # LLAMA_FTYPE_MOSTLY_Q8_0
+    assert llama_cpp.llama_model_quantize(str(tmp_path / "f16.gguf").encode(), str(tmp_path / "q8.gguf").encode(),
+                                          ctypes.byref(params)) == 0
+    kinds = {t.name: t.tensor_type.name for t in _reader(tmp_path / "q8.gguf").tensors}
+    assert kinds["blk.0.attn_q.weight"] == "Q8_0" and kinds["rope_freqs.weight"] == "F32"
+    assert read_rope_factors(tmp_path / "q8.gguf") == read_rope_factors(tmp_path / "f16.gguf")
+    ids = list(range(3, 51))
+    got, want = _llama_cpp_logits(tmp_path / "q8.gguf", ids), _hf_logits(model, ids)
+    # Q8_0 noise here: mean 0.021, against 0.21 from the model without the patch
+    assert np.abs(got - want).mean() < 0.25 * np.abs(got - _hf_logits(plain, ids)).mean()
