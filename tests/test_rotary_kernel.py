@@ -160,6 +160,44 @@ def test_patched_model_with_the_kernel_equals_native_and_trains() -> None:
 
 
 @interpreted
+@pytest.mark.parametrize("order", ["liger-after-patch", "liger-before-patch"])
+def test_composes_with_liger_kernels_rope_in_either_order(order) -> None:
+    """Liger-Kernel's fused RoPE replaces the module's apply_rotary_pos_emb; the patch must survive it."""
+    liger_ops = pytest.importorskip("liger_kernel.ops.rope")
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+    from tiny import logits, tiny_model, tokens
+    from transformers.models.llama import modeling_llama
+
+    import hf_prope
+
+    ids = tokens()
+    reference = logits(hf_prope.patch_model(tiny_model("llama", initializer_range=0.1), "p-rope", p=0.25), ids)
+    saved, forward, calls = modeling_llama.apply_rotary_pos_emb, liger_ops.LigerRopeFunction.forward, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    only_rope = dict(rope=True, rms_norm=False, swiglu=False, cross_entropy=False, fused_linear_cross_entropy=False)
+    try:
+        liger_ops.LigerRopeFunction.forward = staticmethod(counted)
+        model = tiny_model("llama", initializer_range=0.1)
+        plain = logits(model, ids)
+        if order == "liger-before-patch":
+            apply_liger_kernel_to_llama(model=model, **only_rope)
+        hf_prope.patch_model(model, "p-rope", p=0.25)
+        if order == "liger-after-patch":
+            apply_liger_kernel_to_llama(model=model, **only_rope)
+        got = logits(model, ids)
+    finally:
+        modeling_llama.apply_rotary_pos_emb = saved
+        liger_ops.LigerRopeFunction.forward = forward
+    assert len(calls) == model.config.num_hidden_layers  # Liger's kernel did the rotating
+    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
+    assert (plain - reference).abs().max() > 1e-2  # the patch changes these logits: the check can fail
+
+
+@interpreted
 def test_bad_backend_and_unsupported_calls() -> None:
     from hf_prope.rotation import apply_rotary
 
