@@ -90,16 +90,12 @@ def _llama_cpp_base_frequencies(theta: float, head_dim: int) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
 
 
-def rope_factors(state: PatchState) -> list[float]:
-    """The per-pair ``rope_freqs`` factors that make llama.cpp rotate as ``state``'s model does.
-
-    Raises :class:`GGUFExportError` when no factor tensor can express it (a layer-selective
-    patch, attention scaling, a length-dependent rope type).
-    """
+def _check_rope(state: PatchState, spec: PatchSpec | None) -> None:
+    """What a factor tensor cannot carry: a layer-selective ``spec``, the model's own rope type, attention scaling."""
     parts = state.parts
-    if state.spec is not None and state.spec.is_layer_selective:
+    if spec is not None and spec.is_layer_selective:
         raise GGUFExportError(
-            f"The patch applies only to some layers ({state.spec.describe()}), but llama.cpp shares one "
+            f"The patch applies only to some layers ({spec.describe()}), but llama.cpp shares one "
             "rope_freqs tensor across all layers, so a GGUF cannot carry it. Patch every layer to export, or "
             "serve the model with transformers (hf_prope.from_pretrained)."
         )
@@ -125,6 +121,35 @@ def rope_factors(state: PatchState) -> list[float]:
             f"This model rotates {head_dim} of its {config_head_dim} head channels (partial rotary); the exporter "
             "writes full-width rotation only."
         )
+
+
+def check_exportable(model: nn.Module, spec: PatchSpec | None = None, *, tokenizer: Any = None) -> None:
+    """Raise :class:`GGUFExportError` if :func:`export_gguf` would refuse ``model`` patched with ``spec``.
+
+    ``spec`` defaults to the model's own patch; ``tokenizer`` (as :func:`export_gguf` takes it)
+    is checked too when given. Cheap and writes nothing: for checks before a long job.
+    """
+    state = patch_state(model)
+    _check_config(state)
+    _check_rope(state, spec if spec is not None else state.spec)
+    if tokenizer is None:
+        return
+    vocab_size = int(state.parts.config.vocab_size)
+    if isinstance(tokenizer, (str, os.PathLike)):
+        _vocab_from_gguf(Path(tokenizer).expanduser(), vocab_size)
+    else:
+        _vocab_from_tokenizer(tokenizer, vocab_size, None)
+
+
+def rope_factors(state: PatchState) -> list[float]:
+    """The per-pair ``rope_freqs`` factors that make llama.cpp rotate as ``state``'s model does.
+
+    Raises :class:`GGUFExportError` when no factor tensor can express it (a layer-selective
+    patch, attention scaling, a length-dependent rope type).
+    """
+    _check_rope(state, state.spec)
+    parts = state.parts
+    head_dim = 2 * parts.n_pairs
     rows = layer_frequencies(parts.root)
     if not bool((rows == rows[0]).all()):
         differing = [i for i in range(rows.shape[0]) if not torch.equal(rows[i], rows[0])]
@@ -132,7 +157,7 @@ def rope_factors(state: PatchState) -> list[float]:
             f"Decoder layers {differing} rotate by other frequencies than layer 0, but llama.cpp shares one "
             "rope_freqs tensor across all layers, so a GGUF cannot carry this model's RoPE."
         )
-    base = _llama_cpp_base_frequencies(float(original["rope_theta"]), head_dim).double()
+    base = _llama_cpp_base_frequencies(float(state.original_rope_parameters["rope_theta"]), head_dim).double()
     now = rows[0].double()
     factors = []
     for b, f in zip(base.tolist(), now.tolist()):
@@ -251,6 +276,15 @@ def _vocab_from_gguf(path: Path, vocab_size: int) -> tuple[dict[str, Any], str |
         )
     pre = fields.get("tokenizer.ggml.pre", (None, ""))[0]
     return fields, pre
+
+
+def vocabulary_for(model: nn.Module, tokenizer: Any) -> Any:
+    """What to pass as ``tokenizer`` when exporting ``model`` saved with ``tokenizer``.
+
+    A model loaded from a GGUF file exports that file's own llama.cpp vocabulary (``None``:
+    its exact pre-tokenizer); any other model the given tokenizer.
+    """
+    return None if getattr(unwrap(model), SOURCE_ATTR, None) else tokenizer
 
 
 def _default_tokenizer(model: nn.Module) -> Any:
@@ -498,7 +532,8 @@ def _export(
 
     with atomic_path(target) as tmp:
         writer = gguf.GGUFWriter(tmp, graph)
-        name = Path(str(getattr(config, "_name_or_path", "") or "model")).name or "model"
+        source = Path(str(getattr(config, "_name_or_path", "") or "model"))
+        name = (source.stem if source.suffix == ".gguf" else source.name) or "model"
         writer.add_name(name)
         writer.add_context_length(int(config.max_position_embeddings))
         writer.add_embedding_length(int(config.hidden_size))

@@ -33,6 +33,7 @@ from typing import Any, Literal
 from torch import nn
 
 from .files import atomic_path, check_writable, local_path, recover
+from .gguf_export import GGUF_TYPES, check_exportable, export_gguf, vocabulary_for
 from .model_card import model_card
 from .models import is_embedded_source
 from .patch_record import (
@@ -79,6 +80,7 @@ def _write_folder(
     repo_id: str | None,
     license: str | None,
     eval_results: dict[str, float] | None,
+    gguf: str | None = None,
 ) -> None:
     if method == "adapter":
         base_name = next(iter(model.peft_config.values())).base_model_name_or_path
@@ -98,10 +100,24 @@ def _write_folder(
         base_name = getattr(state.parts.config, "_name_or_path", None)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+    if gguf is not None:
+        export_gguf(model, folder / GGUF_FILE, tokenizer=vocabulary_for(model, tokenizer), dtype=gguf)  # type: ignore[arg-type]
     card = model_card(
-        state, save_method=method, repo_id=repo_id, base_model=base_name, license=license, eval_results=eval_results
+        state, save_method=method, repo_id=repo_id, base_model=base_name, license=license, eval_results=eval_results,
+        gguf_file=GGUF_FILE if gguf is not None else None,
     )
     card.save(folder / "README.md")
+
+
+GGUF_FILE = "model.gguf"
+
+
+def _check_gguf(model: nn.Module, gguf: str | None, tokenizer: Any) -> None:
+    if gguf is None:
+        return
+    if gguf not in GGUF_TYPES:
+        raise ValueError(f"gguf must be one of {', '.join(GGUF_TYPES)} (or None for no GGUF file), got {gguf!r}.")
+    check_exportable(model, tokenizer=vocabulary_for(model, tokenizer))
 
 
 def save_pretrained(
@@ -113,19 +129,25 @@ def save_pretrained(
     license: str | None = None,
     eval_results: dict[str, float] | None = None,
     repo_id: str | None = None,
+    gguf: str | None = None,
 ) -> Path:
     """Save a patched model (merged weights or a PEFT adapter), the patch, a model card and the tokenizer.
 
     ``save_method="auto"`` saves an adapter for a PEFT model and full weights otherwise.
+    ``gguf="f16"`` (or ``"bf16"``, ``"f32"``) also writes ``model.gguf``, the model with LoRA
+    merged as a llama.cpp file that carries the patch (:func:`hf_prope.gguf_export.export_gguf`;
+    Llama and Mistral, a patch on every layer: checked before anything is written).
     The folder is written elsewhere first and renamed into place, so ``save_directory`` is
     always either the previous save or the complete new one. Returns the folder.
     """
     method = _resolve_method(model, save_method)
     state = patch_state(model)  # a supported model, before anything is written
+    _check_gguf(model, gguf, tokenizer)
     target = check_writable(save_directory)
     with atomic_path(target, folder=True) as tmp:
         _write_folder(
-            model, state, tmp, method, tokenizer=tokenizer, repo_id=repo_id, license=license, eval_results=eval_results
+            model, state, tmp, method, tokenizer=tokenizer, repo_id=repo_id, license=license, eval_results=eval_results,
+            gguf=gguf,
         )
     return target
 
@@ -183,16 +205,19 @@ def push_to_hub(
     token: str | None = None,
     license: str | None = None,
     eval_results: dict[str, float] | None = None,
+    gguf: str | None = None,
 ) -> Any:
     """Push a patched model to the Hub in one commit; returns the ``CommitInfo``.
 
     The token (``token=``, else ``HF_TOKEN`` or the saved login) is checked before any
     upload. ``revision`` is a branch (created if missing); ``create_pr`` opens a pull request.
+    ``gguf`` adds ``model.gguf`` to the commit, as in :func:`save_pretrained`.
     """
     from huggingface_hub import HfApi
 
     method = _resolve_method(model, save_method)
     state = patch_state(model)
+    _check_gguf(model, gguf, tokenizer)
     api = HfApi(token=token)
     check_token(api)
     api.create_repo(repo_id, private=private, exist_ok=True)
@@ -205,7 +230,7 @@ def push_to_hub(
         folder.mkdir()
         _write_folder(
             model, state, folder, method, tokenizer=tokenizer, repo_id=repo_id, license=license,
-            eval_results=eval_results,
+            eval_results=eval_results, gguf=gguf,
         )
         try:
             return api.upload_folder(

@@ -38,12 +38,13 @@ def model_card(
     base_model: str | None = None,
     license: str | None = None,
     eval_results: dict[str, float] | None = None,
+    gguf_file: str | None = None,
 ) -> Any:
     """A ``huggingface_hub.ModelCard`` describing the patch, how to load it, and results if given.
 
     ``state`` is the model's :func:`hf_prope.state.patch_state`; ``base_model`` is left out of
     the card's metadata when it is a local path or a model packaged with hf-prope (it would
-    mean nothing on the Hub).
+    mean nothing on the Hub). ``gguf_file`` names the llama.cpp file saved beside the weights.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -135,14 +136,17 @@ def model_card(
         lines += ["This patch uses hf-prope's own rope type: `pip install hf-prope` and `import hf_prope` first."]
     if spec is not None:
         lines += ["", "## Serving", "", "| engine | with this checkpoint |", "|---|---|"]
-        lines += [f"| {engine} | {verdict} |" for engine, verdict in serving_table(state, save_method=save_method, name=name)]
+        rows = serving_table(state, save_method=save_method, name=name, gguf_file=gguf_file)
+        lines += [f"| {engine} | {verdict} |" for engine, verdict in rows]
     if eval_results:
         lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in eval_results.items()]
     return ModelCard("\n".join(lines) + "\n")
 
 
-def serving_table(state: PatchState, *, save_method: str, name: str = "MODEL") -> list[tuple[str, str]]:
+def serving_table(
+    state: PatchState, *, save_method: str, name: str = "MODEL", gguf_file: str | None = None
+) -> list[tuple[str, str]]:
     """(engine, what it does with this checkpoint) for the card's "Serving" section.
 
     transformers and llama.cpp rows are tested in this project; the vLLM and SGLang rows are
@@ -181,7 +185,13 @@ def serving_table(state: PatchState, *, save_method: str, name: str = "MODEL") -
         ))
     else:
         rows.append(("vLLM", "refuses the `hf_prope` rope type (\"Unknown RoPE scaling type\"), loudly (read from its source)"))
-    if model_type in exportable_model_types() and not selective:
+    if gguf_file is not None:
+        rows.append((
+            "llama.cpp (and Ollama, LM Studio, llama-cpp-python)",
+            f"exact with this repo's `{gguf_file}` (written by hf-prope: a `rope_freqs` tensor stops the unrotated "
+            "pairs). llama.cpp's own `convert_hf_to_gguf.py` on the safetensors **silently writes plain RoPE**.",
+        ))
+    elif model_type in exportable_model_types() and not selective:
         rows.append((
             "llama.cpp (and Ollama, LM Studio, llama-cpp-python)",
             f"exact with `hf-prope export {name} --gguf model.gguf` (a `rope_freqs` tensor stops the unrotated pairs; "

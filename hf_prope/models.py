@@ -12,11 +12,13 @@ patching one never leaks into another.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
+import tempfile
 import importlib.util
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -114,13 +116,33 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32) -> tuple[
 
     tokenizer = load_gguf_tokenizer(path)
     path = Path(path)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype, **_gguf_kwargs(path))
+    with _alone(path) as folder:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **_gguf_kwargs(path))
     _forget_gguf_quantization(model)
+    # The file names the model (a folder would mean nothing: it was a temporary one, or one holding other files).
+    model.config._name_or_path = model.name_or_path = str(path.resolve())
     setattr(model, SOURCE_ATTR, str(path.resolve()))
     if model.config.model_type in ARCHITECTURES:
         restore_gguf_patch(model, path)
     model.eval()
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _alone(path: Path) -> Iterator[Path]:
+    """A folder holding only the GGUF file (a link to it), for transformers to load from.
+
+    transformers reads a GGUF through its folder, and other files there take over: an
+    ``adapter_config.json`` (a GGUF saved beside an adapter) makes it load the adapter's base
+    model instead, a ``tokenizer.json`` replaces the file's own vocabulary.
+    """
+    siblings = [p.name for p in path.parent.iterdir() if p.name != path.name]
+    if not siblings:
+        yield path.parent
+        return
+    with tempfile.TemporaryDirectory(prefix="hf-prope-gguf-") as tmp:
+        (Path(tmp) / path.name).symlink_to(path.resolve())
+        yield Path(tmp)
 
 
 def _gguf_kwargs(path: Path) -> dict[str, Any]:
@@ -136,7 +158,8 @@ def load_gguf_tokenizer(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No GGUF file at {path}.")
-    return AutoTokenizer.from_pretrained(path.parent, **_gguf_kwargs(path))
+    with _alone(path) as folder:
+        return AutoTokenizer.from_pretrained(folder, **_gguf_kwargs(path))
 
 
 def _forget_gguf_quantization(model: Any) -> None:

@@ -31,6 +31,8 @@ from typing import Any, Literal, Sequence
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
+from hf_prope.gguf_export import GGUF_TYPES, check_exportable, vocabulary_for
+
 from .base import (
     RESULTS_FILE,
     DataArguments,
@@ -110,6 +112,12 @@ class LoraRecipeArguments:
     save_method: Literal["adapter", "merged"] = field(
         default="adapter", metadata={"help": "Save the LoRA adapter (with the patch) or the merged model."}
     )
+    gguf: str | None = field(
+        default=None,
+        metadata={"help": "Also write the trained model, LoRA merged, as a llama.cpp GGUF that carries the patch "
+                  "(model.gguf beside the saved model, and in the push): f16, bf16 or f32. Llama and Mistral with a "
+                  "patch on every layer; checked before training."},
+    )
     resume: bool = field(default=False, metadata={"help": "Continue the run in output_dir after an interruption."})
     overwrite: bool = field(default=False, metadata={"help": "Discard a previous run in output_dir."})
 
@@ -122,6 +130,8 @@ class LoraRecipeArguments:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.resume and self.overwrite:
             raise ValueError("resume=true and overwrite=true contradict each other; choose one.")
+        if self.gguf is not None and self.gguf not in GGUF_TYPES:
+            raise ValueError(f"gguf must be one of {', '.join(GGUF_TYPES)} (or unset), got {self.gguf!r}.")
         if not self.distill_temperature > 0:
             raise ValueError(f"distill_temperature must be positive, got {self.distill_temperature}.")
         if not 0.0 <= self.distill_weight <= 1.0:
@@ -225,6 +235,8 @@ class LoRARecipe(TrainingRecipe):
             )
         self._check_targets()
         check_patch(self.model, self.spec)
+        if ra.gguf is not None:
+            check_exportable(self.model, self.spec, tokenizer=vocabulary_for(self.model, self.tokenizer))
         if ra.objective != "lm":
             self._check_patch_changes_something()
         self.training_length = limit
@@ -459,7 +471,7 @@ class LoRARecipe(TrainingRecipe):
         folder = self.out / self.recipe_args.save_method
         hf_prope.save_pretrained(
             self.peft_model, folder, save_method=self.recipe_args.save_method, tokenizer=self.tokenizer,
-            eval_results=self.card_results(), repo_id=self.training_args.hub_model_id,
+            eval_results=self.card_results(), repo_id=self.training_args.hub_model_id, gguf=self.recipe_args.gguf,
         )
         print(f"Saved the {self.recipe_args.save_method} model to {folder}", flush=True)
         return folder
@@ -472,7 +484,7 @@ class LoRARecipe(TrainingRecipe):
             return None
         info = hf_prope.push_to_hub(
             self.peft_model, ta.hub_model_id, tokenizer=self.tokenizer, save_method=self.recipe_args.save_method,
-            private=ta.hub_private_repo, token=ta.hub_token, eval_results=self.card_results(),
+            private=ta.hub_private_repo, token=ta.hub_token, eval_results=self.card_results(), gguf=self.recipe_args.gguf,
         )
         print(f"Pushed to {ta.hub_model_id}: {getattr(info, 'commit_url', info)}", flush=True)
         return info

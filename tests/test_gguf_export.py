@@ -20,7 +20,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from tiny import tiny_model
+from tiny import bpe_tokenizer, tiny_model
 
 import hf_prope
 from hf_prope.gguf_export import STOPPED_FACTOR, GGUFExportError, export_gguf, read_rope_factors
@@ -38,19 +38,7 @@ needs_llama_cpp = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    """A real byte-level BPE tokenizer trained on CPython's docs, with VOCAB tokens."""
-    from pydoc_data.topics import topics
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB - 2, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(list(topics.values())[:30], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    return bpe_tokenizer(VOCAB)
 
 
 def _tiny(model_type: str = "llama", **overrides):

@@ -323,6 +323,42 @@ def test_two_processes_split_the_data_and_only_rank0_writes_and_pushes(
     assert at(summary)["patched_after_training"] == pytest.approx(loss_perplexity(pushed, ids), rel=1e-5)
 
 
+def test_lora_recipe_writes_and_pushes_a_gguf_that_carries_the_patch(local_hub, tmp_path) -> None:
+    from hf_prope.gguf_export import STOPPED_FACTOR, read_rope_factors
+
+    source = {"model": save_tiny(tmp_path / "tiny-bpe", vocab_size=320), "text": tmp_path / "docs.txt"}
+    source["text"].write_text(python_docs_text()[:30_000])
+    out = tmp_path / "out"
+    values = overrides(source, out, control=False, max_steps=2, gguf="f32", hub_model_id="user/tiny-gguf",
+                       hub_token=TOKEN, push_to_hub=True)
+    LoRARecipe.from_config(None, values).run()
+    saved = out / "adapter" / "model.gguf"
+    assert read_rope_factors(saved) == pytest.approx([1, 1] + [float(torch.tensor(STOPPED_FACTOR).item())] * 6)
+    assert "this repo's `model.gguf`" in (out / "adapter" / "README.md").read_text()
+    assert {"model.gguf", "adapter_model.safetensors", PATCH_FILE} <= set(local_hub.files("user/tiny-gguf"))
+    # The file holds the trained model: LoRA merged, the patch restored from rope_freqs.
+    from_gguf = hf_prope.from_pretrained(saved)
+    trained = hf_prope.from_pretrained(out / "adapter").merge_and_unload()
+    ids = stream(source, source["model"])[-64:][None]
+    with torch.no_grad():
+        torch.testing.assert_close(from_gguf(ids).logits, trained(ids).logits, rtol=1e-4, atol=1e-4)
+    assert hf_prope.get_patch(from_gguf) == hf_prope.PatchSpec("p-rope", p=0.25)
+
+
+def test_gguf_setting_is_checked_before_training(source, tmp_path) -> None:
+    from hf_prope.gguf_export import GGUFExportError
+
+    out = tmp_path / "out"
+    # The tiny source's tokenizer is character-level, which a llama.cpp vocabulary cannot hold.
+    with pytest.raises(GGUFExportError, match="byte-level BPE"):
+        LoRARecipe.from_config(None, overrides(source, out, gguf="f16")).setup()
+    with pytest.raises(GGUFExportError, match="only to some layers"):
+        LoRARecipe.from_config(None, overrides(source, out, gguf="f16", layers=[0])).setup()
+    with pytest.raises(ValueError, match="gguf must be one of f16, f32, bf16"):
+        LoRARecipe.from_config(None, overrides(source, out, gguf="q4"))
+    assert not (out / "control").exists() and not (out / "patched").exists()
+
+
 # ------------------------------------------------------------------------------------------------
 # bad input: a clear error before any training
 

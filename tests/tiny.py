@@ -121,9 +121,33 @@ def char_tokenizer() -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="</s>")
 
 
+def bpe_tokenizer(vocab_size: int = 320) -> Any:
+    """A real byte-level BPE tokenizer (GPT-2 style) trained on CPython's docs, with ``vocab_size`` tokens.
+
+    Byte-level needs the 256 bytes, so models that use it get ``vocab_size=`` beyond :data:`VOCAB`.
+    What llama.cpp's GGUF vocabulary expects (``hf_prope.gguf_export``).
+    """
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - 2, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(list(topics.values())[:30], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
 def save_tiny(folder: Any, model_type: str = "llama", *, seed: int = 0, **overrides: Any) -> Any:
-    """A tiny model and its tokenizer saved to ``folder`` (a local model source for recipes); returns the folder."""
+    """A tiny model and its tokenizer saved to ``folder`` (a local model source for recipes); returns the folder.
+
+    The tokenizer is character-level, or byte-level BPE when ``vocab_size`` is larger than :data:`VOCAB`.
+    """
     model = tiny_model(model_type, seed=seed, **overrides)
     model.save_pretrained(folder)
-    char_tokenizer().save_pretrained(folder)
+    (bpe_tokenizer(model.config.vocab_size) if model.config.vocab_size > VOCAB else char_tokenizer()).save_pretrained(folder)
     return folder
