@@ -236,7 +236,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .gguf_export import export_gguf
+    from .gguf_export import export_gguf, vocabulary_for
     from .hub import from_pretrained
     from .models import is_embedded_source, load_model
     from .patching import check_patch, patch_model
@@ -271,7 +271,9 @@ def _export(args: argparse.Namespace) -> int:
         from transformers import AutoTokenizer
 
         model = from_pretrained(args.model, revision=args.revision)
-        tokenizer = hf_tokenizer = AutoTokenizer.from_pretrained(args.model, revision=args.revision)
+        hf_tokenizer = AutoTokenizer.from_pretrained(args.model, revision=args.revision)
+        # An adapter on an embedded base: the base's own GGUF vocabulary (its exact pre-tokenizer).
+        tokenizer = vocabulary_for(model, hf_tokenizer)
     if args.patch is not None:
         check_patch(model, args.patch, **params)
         patch_model(model, args.patch, **params)

@@ -477,3 +477,28 @@ def test_llama_quantize_keeps_rope_freqs(tokenizer, tmp_path) -> None:
     got, want = _llama_cpp_logits(tmp_path / "q8.gguf", ids), _hf_logits(model, ids)
     # Q8_0 noise here: mean 0.021, against 0.21 from the model without the patch
     assert np.abs(got - want).mean() < 0.25 * np.abs(got - _hf_logits(plain, ids)).mean()
+
+
+@pytest.mark.real_model
+def test_cli_exports_an_adapter_on_the_embedded_smollm2_with_its_own_vocabulary(tmp_path) -> None:
+    """The retrofit flow: a LoRA adapter saved on the embedded SmolLM2, exported by the command."""
+    from peft import LoraConfig, get_peft_model
+
+    from hf_prope.models import embedded_gguf_path, load_embedded
+
+    model, tok = load_embedded("smollm2-135m")
+    hf_prope.patch_model(model, "p-rope", p=0.25)
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    peft_model.peft_config["default"].base_model_name_or_path = "smollm2-135m"  # as the lora recipe records it
+    hf_prope.save_pretrained(peft_model, tmp_path / "adapter", tokenizer=tok)
+    done = _cli("export", str(tmp_path / "adapter"), "--gguf", str(tmp_path / "a.gguf"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reader = _reader(tmp_path / "a.gguf")
+    assert _field(reader, "tokenizer.ggml.pre") == "smollm"  # the base file's own, not a guess from the tokenizer
+    assert _field(reader, "tokenizer.ggml.merges") == _field(_reader(embedded_gguf_path("smollm2-135m")), "tokenizer.ggml.merges")
+    assert read_rope_factors(tmp_path / "a.gguf") == pytest.approx([1.0] * 8 + [float(np.float32(STOPPED_FACTOR))] * 24)
+    # The adapter is in the file: its q_proj differs from the base's by the LoRA delta.
+    from_gguf = hf_prope.from_pretrained(tmp_path / "a.gguf")
+    merged = peft_model.merge_and_unload()
+    torch.testing.assert_close(from_gguf.model.layers[0].self_attn.q_proj.weight,
+                               merged.model.layers[0].self_attn.q_proj.weight.to(torch.float16).float())
