@@ -239,7 +239,7 @@ def _export(args: argparse.Namespace) -> int:
     from .gguf_export import export_gguf, vocabulary_for
     from .hub import from_pretrained
     from .models import is_embedded_source, load_model
-    from .patching import check_patch, patch_model
+    from .patching import patch_model
 
     params: dict[str, Any] = {}
     if args.p is not None:
@@ -275,8 +275,7 @@ def _export(args: argparse.Namespace) -> int:
         # An adapter on an embedded base: the base's own GGUF vocabulary (its exact pre-tokenizer).
         tokenizer = vocabulary_for(model, hf_tokenizer)
     if args.patch is not None:
-        check_patch(model, args.patch, **params)
-        patch_model(model, args.patch, **params)
+        patch_model(model, args.patch, **params)  # checks against this model before changing anything
     def progress(done: int, total: int) -> None:
         if done == total or done % max(1, total // 10) == 0:
             print(f"writing {args.gguf}: {done}/{total} tensors", file=sys.stderr, flush=True)

@@ -14,8 +14,9 @@ What can be exported, and why not the rest:
   in the registry (``llama`` for Llama and Mistral); the qwen2, qwen3, gemma, gemma2 and
   gemma3 graphs pass no factors to their rotary op, so they are refused;
 * the patch must apply to every layer (one factor tensor serves all layers);
-* the model's own RoPE must be expressible by factors: ``default``, ``linear`` and ``llama3``
-  are; ``yarn`` (attention scaling), ``dynamic`` (length-dependent) and ``longrope`` are not.
+* the model's own RoPE must be expressible by factors: ``default``, ``linear``, ``llama3`` and
+  ``proportional`` are; ``yarn`` (attention scaling), ``dynamic`` (length-dependent) and
+  ``longrope`` are not.
 
 Nothing is written unless every check passes, and the file appears only once complete.
 """
@@ -57,6 +58,12 @@ _NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5  # llama.cpp's token type
 
 class GGUFExportError(ValueError):
     """The model, its patch or its tokenizer cannot be written as a GGUF that llama.cpp runs exactly."""
+
+
+def check_gguf_type(value: str, *, setting: str = "dtype", unset: str = "") -> None:
+    """Raise ``ValueError`` naming ``setting`` unless ``value`` is one of :data:`GGUF_TYPES`."""
+    if value not in GGUF_TYPES:
+        raise ValueError(f"{setting} must be one of {', '.join(GGUF_TYPES)}{unset}, got {value!r}.")
 
 
 @dataclass(frozen=True)
@@ -324,6 +331,13 @@ def _merged_state(root: nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in inner.state_dict().items()}
     from peft.tuners.lora import LoraLayer
 
+    for name, module in inner.named_modules():
+        kind = type(module).__module__
+        if kind.startswith("peft.tuners.") and not isinstance(module, LoraLayer) and hasattr(module, "base_layer"):
+            raise GGUFExportError(
+                f"{name} is a PEFT {type(module).__name__} layer; the exporter merges LoRA adapters only. Call "
+                "model.merge_and_unload() first."
+            )
     state: dict[str, torch.Tensor] = {}
     for name, module in inner.named_modules():
         if isinstance(module, LoraLayer):
@@ -346,13 +360,6 @@ def _merged_state(root: nn.Module) -> dict[str, torch.Tensor]:
         if "lora_" in key or ".base_layer." in key or ".modules_to_save." in key or ".original_module." in key:
             continue
         state.setdefault(key, value.detach())
-    for name, module in inner.named_modules():
-        kind = type(module).__module__
-        if kind.startswith("peft.tuners.") and not isinstance(module, LoraLayer) and hasattr(module, "base_layer"):
-            raise GGUFExportError(
-                f"{name} is a PEFT {type(module).__name__} layer; the exporter merges LoRA adapters only. Call "
-                "model.merge_and_unload() first."
-            )
     return state
 
 
@@ -487,8 +494,7 @@ def _export(
     # with_factors=False writes what llama.cpp's own converter would: the same weights with plain
     # RoPE. Only check_in_llama_cpp uses it, to show that the comparison can tell the two apart.
     gguf = _require_gguf()
-    if dtype not in GGUF_TYPES:
-        raise ValueError(f"dtype must be one of {', '.join(GGUF_TYPES)}, got {dtype!r}.")
+    check_gguf_type(dtype)
     target = Path(path).expanduser()
     if target.suffix != ".gguf":
         raise ValueError(f"The output path must end in .gguf, got {str(path)!r}.")
@@ -628,8 +634,8 @@ def check_in_llama_cpp(model: nn.Module, path: str | os.PathLike[str], ids: Sequ
         device = next(unwrap(model).parameters()).device
         want = model(input_ids=torch.tensor([list(ids)], device=device)).logits[0].float().cpu().numpy()
     result: dict[str, Any] = {"tokens": len(ids), **_agreement(llama_cpp_logits(path, ids), want)}
-    if read_rope_factors(path) is not None:
-        reader = _require_gguf().GGUFReader(Path(path))
+    reader = _require_gguf().GGUFReader(Path(path))
+    if _factors(reader) is not None:
         kind = next(t.tensor_type.name for t in reader.tensors if t.name.endswith("attn_q.weight"))
         # A quantised file (llama-quantize keeps rope_freqs) is set beside an f16 plain one.
         dtype = {"F32": "f32", "BF16": "bf16"}.get(kind, "f16")
@@ -647,17 +653,18 @@ def check_in_llama_cpp(model: nn.Module, path: str | os.PathLike[str], ids: Sequ
 
 def read_rope_factors(path: str | os.PathLike[str]) -> list[float] | None:
     """The ``rope_freqs`` factors of a GGUF file, or ``None`` when it has none."""
-    gguf = _require_gguf()
-    reader = gguf.GGUFReader(Path(path))
+    return _factors(_require_gguf().GGUFReader(Path(path)))
+
+
+def _factors(reader: Any) -> list[float] | None:
     for tensor in reader.tensors:
         if tensor.name == "rope_freqs.weight":
             return [float(v) for v in np.asarray(tensor.data, dtype=np.float64).reshape(-1)]
     return None
 
 
-def _recorded_spec(path: Path) -> PatchSpec | None:
-    gguf = _require_gguf()
-    field = gguf.GGUFReader(path).fields.get(SPEC_KEY)
+def _recorded_spec(reader: Any) -> PatchSpec | None:
+    field = reader.fields.get(SPEC_KEY)
     if field is None:
         return None
     try:
@@ -690,7 +697,8 @@ def spec_from_factors(factors: Sequence[float], inv_freq: Sequence[float], recor
 def gguf_patch(model: nn.Module, path: str | os.PathLike[str]) -> PatchSpec | None:
     """The patch a GGUF file's ``rope_freqs`` carries for ``model`` (loaded from that file), or ``None``."""
     path = Path(path)
-    factors = read_rope_factors(path)
+    reader = _require_gguf().GGUFReader(path)
+    factors = _factors(reader)
     if factors is None:
         return None
     parts = patch_state(model).parts
@@ -705,7 +713,7 @@ def gguf_patch(model: nn.Module, path: str | os.PathLike[str]) -> PatchSpec | No
             stacklevel=3,
         )
     inv_freq = layer_frequencies(model, original=True)[0].tolist()
-    return spec_from_factors(factors, inv_freq, _recorded_spec(path))
+    return spec_from_factors(factors, inv_freq, _recorded_spec(reader))
 
 
 def restore_gguf_patch(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:

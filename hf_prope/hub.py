@@ -33,7 +33,7 @@ from typing import Any, Literal
 from torch import nn
 
 from .files import atomic_path, check_writable, local_path, recover
-from .gguf_export import GGUF_TYPES, check_exportable, export_gguf, vocabulary_for
+from .gguf_export import check_exportable, check_gguf_type, export_gguf, vocabulary_for
 from .model_card import model_card
 from .models import is_embedded_source
 from .patch_record import (
@@ -115,8 +115,7 @@ GGUF_FILE = "model.gguf"
 def _check_gguf(model: nn.Module, gguf: str | None, tokenizer: Any) -> None:
     if gguf is None:
         return
-    if gguf not in GGUF_TYPES:
-        raise ValueError(f"gguf must be one of {', '.join(GGUF_TYPES)} (or None for no GGUF file), got {gguf!r}.")
+    check_gguf_type(gguf, setting="gguf", unset=" (or None for no GGUF file)")
     check_exportable(model, tokenizer=vocabulary_for(model, tokenizer))
 
 

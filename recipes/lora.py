@@ -31,7 +31,7 @@ from typing import Any, Literal, Sequence
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
-from hf_prope.gguf_export import GGUF_TYPES, check_exportable, vocabulary_for
+from hf_prope.gguf_export import check_exportable, check_gguf_type, vocabulary_for
 
 from .base import (
     RESULTS_FILE,
@@ -130,8 +130,8 @@ class LoraRecipeArguments:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.resume and self.overwrite:
             raise ValueError("resume=true and overwrite=true contradict each other; choose one.")
-        if self.gguf is not None and self.gguf not in GGUF_TYPES:
-            raise ValueError(f"gguf must be one of {', '.join(GGUF_TYPES)} (or unset), got {self.gguf!r}.")
+        if self.gguf is not None:
+            check_gguf_type(self.gguf, setting="gguf", unset=" (or unset)")
         if not self.distill_temperature > 0:
             raise ValueError(f"distill_temperature must be positive, got {self.distill_temperature}.")
         if not 0.0 <= self.distill_weight <= 1.0:

@@ -23,7 +23,7 @@ import torch
 from tiny import bpe_tokenizer, tiny_model
 
 import hf_prope
-from hf_prope.gguf_export import STOPPED_FACTOR, GGUFExportError, export_gguf, read_rope_factors
+from hf_prope.gguf_export import STOPPED_FACTOR, GGUFExportError, export_gguf, llama_cpp_logits, read_rope_factors
 
 gguf = pytest.importorskip("gguf")
 
@@ -57,17 +57,6 @@ def _hf_logits(model, ids: list[int]) -> np.ndarray:
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].float().numpy()
 
-
-def _llama_cpp_logits(path, ids: list[int], *, f32_cache: bool = False) -> np.ndarray:
-    from llama_cpp import Llama
-
-    cache = {"type_k": 0, "type_v": 0} if f32_cache else {}  # GGML_TYPE_F32; llama.cpp's default is f16
-    llm = Llama(model_path=str(path), n_ctx=max(64, len(ids)), logits_all=True, verbose=False, n_threads=2, seed=0, **cache)
-    try:
-        llm.eval(ids)
-        return np.array(llm.scores[: len(ids)], dtype=np.float32)
-    finally:
-        llm.close()
 
 
 # -- structure ------------------------------------------------------------------------------------
@@ -349,12 +338,12 @@ def test_llama_cpp_runs_the_export_as_transformers_runs_the_patched_model(case, 
         hf_prope.patch_model(model, "p-rope", p=0.25)
     want = _hf_logits(model, ids)
     export_gguf(model, tmp_path / "patched.gguf", tokenizer=tokenizer, dtype="f32")
-    got = _llama_cpp_logits(tmp_path / "patched.gguf", ids, f32_cache=True)
+    got = llama_cpp_logits(tmp_path / "patched.gguf", ids, f32_cache=True)
     assert np.abs(got - want).max() < TINY_MAX
     if case != "unpatched":
         # What llama.cpp's own converter writes (plain RoPE) is visibly another model.
         export_gguf(plain, tmp_path / "plain.gguf", tokenizer=tokenizer, dtype="f32")
-        plain_d = np.abs(_llama_cpp_logits(tmp_path / "plain.gguf", ids, f32_cache=True) - want).mean()
+        plain_d = np.abs(llama_cpp_logits(tmp_path / "plain.gguf", ids, f32_cache=True) - want).mean()
         assert plain_d > 100 * TINY_MAX
 
 
@@ -369,7 +358,7 @@ def test_llama_cpp_runs_exported_smollm2_with_its_patch(tmp_path) -> None:
     ids = tok(topics["assert"] + topics["bltin-code-objects"])["input_ids"][:192]
     plain_logits = _hf_logits(model, ids)
     export_gguf(model, tmp_path / "plain.gguf", dtype="f16")  # vocabulary copied from the embedded file
-    plain_cpp = _llama_cpp_logits(tmp_path / "plain.gguf", ids)
+    plain_cpp = llama_cpp_logits(tmp_path / "plain.gguf", ids)
     assert np.abs(plain_cpp - plain_logits).mean() < 0.02
     reader = _reader(tmp_path / "plain.gguf")
     assert _field(reader, "tokenizer.ggml.pre") == "smollm"
@@ -379,7 +368,7 @@ def test_llama_cpp_runs_exported_smollm2_with_its_patch(tmp_path) -> None:
         hf_prope.patch_model(model, name, **params)
         want = _hf_logits(model, ids)
         export_gguf(model, tmp_path / f"{name}.gguf", dtype="f16")
-        got = _llama_cpp_logits(tmp_path / f"{name}.gguf", ids)
+        got = llama_cpp_logits(tmp_path / f"{name}.gguf", ids)
         # f16 matrices and llama.cpp's f16 KV cache: measured mean 0.0067, max 0.065 at 256 tokens.
         assert np.abs(got - want).mean() < 0.02 and np.abs(got - want).max() < 0.25, name
         assert np.mean(got.argmax(-1) == want.argmax(-1)) > 0.97
@@ -474,7 +463,7 @@ def test_llama_quantize_keeps_rope_freqs(tokenizer, tmp_path) -> None:
     assert kinds["blk.0.attn_q.weight"] == "Q8_0" and kinds["rope_freqs.weight"] == "F32"
     assert read_rope_factors(tmp_path / "q8.gguf") == read_rope_factors(tmp_path / "f16.gguf")
     ids = list(range(3, 51))
-    got, want = _llama_cpp_logits(tmp_path / "q8.gguf", ids), _hf_logits(model, ids)
+    got, want = llama_cpp_logits(tmp_path / "q8.gguf", ids), _hf_logits(model, ids)
     # Q8_0 noise here: mean 0.021, against 0.21 from the model without the patch
     assert np.abs(got - want).mean() < 0.25 * np.abs(got - _hf_logits(plain, ids)).mean()
 
