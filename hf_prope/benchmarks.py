@@ -17,7 +17,6 @@ correctness).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import platform
 import statistics
 import sys
@@ -79,19 +78,29 @@ def interleaved(fns: dict[str, Callable[[], Any]], *, repeats: int, inner: int, 
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def smollm2_config(**overrides: Any) -> Any:
-    """SmolLM2-135M's architecture (Llama, 30 layers, 9 query / 3 key-value heads of 64), random weights."""
+def _llama_config(values: dict[str, Any], overrides: dict[str, Any]) -> Any:
     from transformers import LlamaConfig
 
-    values = dict(
-        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-        head_dim=64, vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True,
-        rms_norm_eps=1e-5,
-    )
-    values.update(overrides)
+    values = {**values, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, **overrides}
     config = LlamaConfig(**values)
-    config.rope_parameters = {"rope_type": "default", "rope_theta": 100000.0}
+    config.rope_parameters = {"rope_type": "default", "rope_theta": values["rope_theta"]}
     return config
+
+
+def smollm2_config(**overrides: Any) -> Any:
+    """SmolLM2-135M's architecture (Llama, 30 layers, 9 query / 3 key-value heads of 64), random weights."""
+    return _llama_config(dict(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+        head_dim=64, vocab_size=49152, rope_theta=100000.0, tie_word_embeddings=True,
+    ), overrides)
+
+
+def llama3_8b_config(**overrides: Any) -> Any:
+    """Llama-3-8B's architecture (32 layers, 32 query / 8 key-value heads of 128, theta 5e5), random weights."""
+    return _llama_config(dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        head_dim=128, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=False,
+    ), overrides)
 
 
 def _shape(quick: bool, layers: int) -> Any:
@@ -179,21 +188,23 @@ class RotaryShape:
     head_dim: int
     theta: float
 
+    @classmethod
+    def of(cls, name: str, config: Any, batch: int, tokens: int) -> "RotaryShape":
+        return cls(name, batch, tokens, config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+                   float(config.rope_parameters["rope_theta"]))
+
     def describe(self) -> str:
         return (f"{self.name}: q {self.batch}x{self.heads}x{self.tokens}x{self.head_dim}, "
                 f"k {self.batch}x{self.kv_heads}x{self.tokens}x{self.head_dim}")
 
 
-SMOLLM2_ROTARY = RotaryShape("SmolLM2-135M", 4, 1024, 9, 3, 64, 1e5)
-# The shape of the issue's GPU anchors (Llama-3-8B: 32 query / 8 key-value heads of 128).
-LLAMA3_8B_ROTARY = RotaryShape("Llama-3-8B", 2, 4096, 32, 8, 128, 5e5)
-
-
 def _rotary_shapes(device: torch.device, quick: bool) -> list[RotaryShape]:
+    """SmolLM2's q/k (4 x 1024 tokens), and on a GPU Llama-3-8B's (2 x 4096: the anchors of issue 16)."""
+    smollm2, llama3 = smollm2_config(), llama3_8b_config()
     if quick:  # a smoke test of the code; small enough for triton's interpreter on a CPU
-        return [dataclasses.replace(SMOLLM2_ROTARY, batch=1, tokens=8),
-                dataclasses.replace(LLAMA3_8B_ROTARY, batch=1, tokens=4)]
-    return [SMOLLM2_ROTARY] + ([LLAMA3_8B_ROTARY] if device.type == "cuda" else [])
+        return [RotaryShape.of("SmolLM2-135M", smollm2, 1, 8), RotaryShape.of("Llama-3-8B", llama3, 1, 4)]
+    return [RotaryShape.of("SmolLM2-135M", smollm2, 4, 1024)] + (
+        [RotaryShape.of("Llama-3-8B", llama3, 2, 4096)] if device.type == "cuda" else [])
 
 
 def _liger_rope() -> Callable[..., Any] | None:
@@ -333,21 +344,6 @@ def _profile(title: str, fns: dict[str, Callable[[], Any]], device: torch.device
             _sync(device)
         print(f"\n--- profile: {title}, {name} ---", file=sys.stderr)
         print(prof.key_averages().table(sort_by=key, row_limit=top), file=sys.stderr, flush=True)
-
-
-def llama3_8b_config(**overrides: Any) -> Any:
-    """Llama-3-8B's architecture (32 query / 8 key-value heads of 128, theta 5e5), random weights."""
-    from transformers import LlamaConfig
-
-    values = dict(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-        head_dim=128, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False,
-        rms_norm_eps=1e-5,
-    )
-    values.update(overrides)
-    config = LlamaConfig(**values)
-    config.rope_parameters = {"rope_type": "default", "rope_theta": 500000.0}
-    return config
 
 
 def _train_shapes(device: torch.device, quick: bool) -> list[tuple[str, Any, int, int]]:
