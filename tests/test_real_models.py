@@ -1,6 +1,6 @@
 """Real pretrained models (shipped in PyPI packages): patching, generation, zero-shot ordering.
 
-About three minutes on 2 CPU cores. Deselect with ``-m "not real_model"``.
+About six minutes on 2 CPU cores. Deselect with ``-m "not real_model"``.
 """
 
 from __future__ import annotations
