@@ -132,6 +132,10 @@ def _dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def _dtype_name(device: torch.device) -> str:
+    return str(_dtype(device)).replace("torch.", "")
+
+
 def _three_models(config: Any, p: float, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """RoPE, hf-prope's p-RoPE (patched in place) and native p-RoPE (built from its config), same weights."""
     from transformers import LlamaForCausalLM
@@ -258,7 +262,7 @@ def bench_rotary(device: torch.device, repeats: int, quick: bool, profile: bool 
     wrapped = modeling.apply_rotary_pos_emb
     native = getattr(wrapped, "__hf_prope_original__", wrapped)
     dtype = _dtype(device)  # GPUs train in bf16
-    close = (lambda a, b: torch.equal(a, b)) if device.type == "cpu" and dtype == torch.float32 else (
+    close = torch.equal if device.type == "cpu" else (  # fp32 on a CPU: bit for bit
         lambda a, b: torch.allclose(a.float(), b.float(), atol=2e-2, rtol=2e-2))
     liger = _liger_rope()
     inner = 2 if quick else (50 if device.type == "cuda" else 20)
@@ -280,13 +284,13 @@ def bench_rotary(device: torch.device, repeats: int, quick: bool, profile: bool 
             if r < n:
                 rotation.tag(*ours, r)
             fns: dict[str, Callable[..., Any]] = {
-                "transformers": lambda q_, k_, c, s: native(q_, k_, c, s),
+                "transformers": native,
                 "hf-prope": lambda q_, k_, c, s: wrapped(q_, k_, *ours),
             }
             kernel = rotary_kernel.supports(q, k, cos, sin, 1)
             if kernel and liger is not None:
                 fns["hf-prope kernel"] = lambda q_, k_, c, s: rotation.apply_rotary(q_, k_, c, s, r, backend="triton")
-                fns["Liger-Kernel"] = lambda q_, k_, c, s: liger(q_, k_, c, s)
+                fns["Liger-Kernel"] = liger
             want = native(q, k, cos, sin)
             for name, fn in fns.items():
                 got = fn(q.clone(), k.clone(), cos, sin)  # fresh copies: the kernels work in place
@@ -314,7 +318,7 @@ def bench_rotary(device: torch.device, repeats: int, quick: bool, profile: bool 
                 else:  # tiny shapes: the rotation is lost in the noise of the copy
                     print(f"  [rotary] {shape.name} p={p:g}: forward+backward not reported, below the timing noise "
                           f"of the shared copy ({shared * 1e3:.3f} ms)", file=sys.stderr, flush=True)
-            note = f"{shape.describe()}, {str(dtype).replace('torch.', '')}"
+            note = f"{shape.describe()}, {_dtype_name(device)}"
             for mode, t in modes:
                 pairs = [("hf-prope", "transformers")]
                 if "Liger-Kernel" in t:
@@ -395,9 +399,8 @@ def bench_train(device: torch.device, repeats: int, quick: bool, profile: bool =
         times = interleaved(fns, repeats=repeats, inner=1, device=device)
         if profile:
             _profile(f"training step, {label}", fns, device)
-        note = (f"{label}, {config.num_hidden_layers} layers, {batch}x{tokens} tokens, "
-                f"{str(_dtype(device)).replace('torch.', '')}")
-        rows += _throughput_rows(f"training step, {label}", times, batch * tokens, p, note,
+        note = f"{label}, {config.num_hidden_layers} layers, {batch}x{tokens} tokens, {_dtype_name(device)}"
+        rows += _throughput_rows(f"training step, {label}", times, batch * tokens, note,
                                  target=1.03 if device.type == "cuda" else 0.99)
         if device.type == "cuda":
             rows += _memory_rows(f"peak memory, training step, {label}", _peak_memory(fns, device), note)
@@ -426,12 +429,12 @@ def bench_decode(device: torch.device, repeats: int, quick: bool, profile: bool 
         if profile:
             _profile("decoding", fns, device)
         peaks = _peak_memory(fns, device) if device.type == "cuda" else None
-    note = f"SmolLM2-shaped, {layers} layers, prompt {prompt_len}, {new} new tokens, batch 1, {str(_dtype(device)).replace('torch.', '')}"
-    rows = _throughput_rows("decoding with KV cache", times, new, p, note, target=1.0 if device.type == "cuda" else 0.99)
+    note = f"SmolLM2-shaped, {layers} layers, prompt {prompt_len}, {new} new tokens, batch 1, {_dtype_name(device)}"
+    rows = _throughput_rows("decoding with KV cache", times, new, note, target=1.0 if device.type == "cuda" else 0.99)
     return rows + (_memory_rows("peak memory, decoding", peaks, note) if peaks else [])
 
 
-def _throughput_rows(name: str, times: dict[str, float], tokens: int, p: float, note: str, target: float) -> list[Row]:
+def _throughput_rows(name: str, times: dict[str, float], tokens: int, note: str, target: float) -> list[Row]:
     base = times["RoPE (unpatched)"]
     rows = []
     for variant, seconds in times.items():
