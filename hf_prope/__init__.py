@@ -14,11 +14,13 @@ The public API is what ``__all__`` lists::
     hf_prope.analysis.suggest_p(usage)                                  # which p to try, with evidence
 
 Importing it registers hf-prope's rope types with transformers (``ROPE_INIT_FUNCTIONS``)
-so checkpoints saved with them load, and makes ``PeftModel.from_pretrained`` warn when an
-adapter's recorded patch is not on the base model. That check reads only local files (the
-adapter folder or the Hugging Face cache), never the network, and changes nothing PEFT
-returns; ``HF_PROPE_PEFT_CHECK=0`` turns it off (:func:`hf_prope.hub.install_peft_load_check`).
-Importing patches no model class and makes no network request.
+so checkpoints saved with them load; makes the config of a patched model also carry the
+top-level rope keys older readers (mlx-lm) use (:mod:`hf_prope.legacy_config`); and makes PEFT's
+own save write the patch record beside every adapter of a patched base (``Trainer.save_model``,
+TRL's trainers, ``checkpoint-N`` folders) and its load (``PeftModel.from_pretrained``,
+``AutoPeftModelForCausalLM``) put the recorded patch back on the base, reading only local files
+(:mod:`hf_prope.peft_integration`; ``HF_PROPE_PEFT_CHECK=warn`` only warns, ``0`` leaves PEFT
+untouched). Importing patches no model class and makes no network request.
 """
 
 from ._version import __version__
@@ -60,12 +62,15 @@ from .registry import (  # noqa: E402
     supported_model_types,
 )
 from .spec import PatchSpec, rotated_pairs  # noqa: E402
-from .hub import from_pretrained, install_peft_load_check, push_to_hub, save_pretrained  # noqa: E402
+from .hub import from_pretrained, push_to_hub, save_pretrained  # noqa: E402
+from .peft_integration import install_peft_hooks  # noqa: E402
+from . import legacy_config as _legacy_config  # noqa: E402
 from .patch_record import PatchMismatchError  # noqa: E402
 from .gguf_export import GGUFExportError, export_gguf  # noqa: E402
 from . import analysis, rotation  # noqa: E402
 
-install_peft_load_check()
+install_peft_hooks()
+_legacy_config.install()
 
 __all__ = [
     "__version__",

@@ -3,14 +3,25 @@
 ``apply_patch_to_class("llama", "p-rope", p=0.25)`` wraps the architecture's base model
 class's ``__init__`` (the class named in :mod:`hf_prope.registry`), so ``from_pretrained``,
 ``from_config`` and direct construction all build patched models; ``revert()`` restores the
-class. And the per-architecture facade (``apply_patch_to_llama``, ``apply_p_rope_to_llama``...),
+class.
+
+A model built under a class patch never changes the config object its caller passed: the
+outermost model of the architecture's modeling module under construction (``LlamaForCausalLM``,
+``LlamaModel`` built alone...) takes a copy of it, which the base model inside shares and
+patches. Writing into the caller's object would leak the patch (and its record of the original
+rope parameters) into every model later built from it, rope scaling set on it afterwards
+included. And the per-architecture facade (``apply_patch_to_llama``, ``apply_p_rope_to_llama``...),
 made here once for every architecture by :func:`make_arch_functions`, Liger-Kernel style: with
 ``model=`` it patches that built model, without it patches the class.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import importlib
+import inspect
+import threading
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from torch import nn
@@ -29,14 +40,52 @@ class ClassPatch:
     spec: PatchSpec
     cls: type
     original_init: Callable[..., None]
+    # Every other model class of the modeling module whose __init__ was wrapped to copy the config.
+    copying: dict[type, Callable[..., None]] = field(default_factory=dict, repr=False)
 
     def revert(self) -> None:
         if _CLASS_PATCHES.get(self.model_type) is self:
             self.cls.__init__ = self.original_init  # type: ignore[method-assign]
+            for cls, init in self.copying.items():
+                cls.__init__ = init  # type: ignore[method-assign]
             del _CLASS_PATCHES[self.model_type]
 
 
 _CLASS_PATCHES: dict[str, ClassPatch] = {}
+_BUILDING = threading.local()  # how many wrapped model constructors are running in this thread
+
+
+def _model_classes(module: Any) -> list[type]:
+    """The model classes a modeling module defines (each with its own ``__init__`` taking a config)."""
+    from transformers import PreTrainedModel
+
+    return [
+        obj
+        for obj in vars(module).values()
+        if inspect.isclass(obj)
+        and issubclass(obj, PreTrainedModel)
+        and obj.__module__ == module.__name__
+        and "__init__" in obj.__dict__
+    ]
+
+
+def _isolating(init: Callable[..., None], after: Callable[[nn.Module], None] | None = None) -> Callable[..., None]:
+    """``init`` that, when it is the outermost model construction, builds from a copy of the caller's config."""
+
+    def __init__(self: nn.Module, config: Any, *args: Any, **kwargs: Any) -> None:
+        depth = getattr(_BUILDING, "depth", 0)
+        if depth == 0:
+            config = copy.deepcopy(config)
+        _BUILDING.depth = depth + 1
+        try:
+            init(self, config, *args, **kwargs)
+        finally:
+            _BUILDING.depth = depth
+        if after is not None:
+            after(self)
+
+    __init__.__wrapped__ = init  # type: ignore[attr-defined]
+    return __init__
 
 
 def apply_patch_to_class(model_type: str, spec: PatchSpec | str, /, **params: Any) -> ClassPatch:
@@ -52,14 +101,11 @@ def apply_patch_to_class(model_type: str, spec: PatchSpec | str, /, **params: An
     if previous is not None:
         previous.revert()
     original_init = cls.__init__
-
-    def __init__(self: nn.Module, config: Any, *args: Any, **kwargs: Any) -> None:
-        original_init(self, config, *args, **kwargs)
-        patch_while_building(self, spec_obj)
-
-    __init__.__wrapped__ = original_init  # type: ignore[attr-defined]
-    cls.__init__ = __init__  # type: ignore[method-assign]
-    patch = ClassPatch(model_type, spec_obj, cls, original_init)
+    copying = {c: c.__init__ for c in _model_classes(importlib.import_module(arch.modeling_module)) if c is not cls}
+    cls.__init__ = _isolating(original_init, lambda model: patch_while_building(model, spec_obj))  # type: ignore[method-assign]
+    for c, init in copying.items():
+        c.__init__ = _isolating(init)  # type: ignore[method-assign]
+    patch = ClassPatch(model_type, spec_obj, cls, original_init, copying)
     _CLASS_PATCHES[model_type] = patch
     return patch
 

@@ -13,12 +13,9 @@ Local saves are atomic (:func:`hf_prope.files.atomic_path`); a push is one commi
 after the token has been checked. The record and the card are written by
 :mod:`hf_prope.patch_record` and :mod:`hf_prope.model_card`; this module moves files.
 
-``import hf_prope`` also makes ``PeftModel.from_pretrained`` *warn* when the adapter it loads
-records a patch the base does not carry (:func:`install_peft_load_check`). The check only reads
-files already on this machine: the adapter folder, or for a Hub id what PEFT's own download put
-in the Hugging Face cache (an adapter save also writes the record into its weights file's
-safetensors metadata for this). It makes no request and changes nothing PEFT returns. Set
-``HF_PROPE_PEFT_CHECK=0`` before the import to leave PEFT untouched.
+PEFT's own save and load (``PeftModel.save_pretrained``, the Trainer's and TRL's saves,
+``PeftModel.from_pretrained``) keep the patch too once hf_prope is imported:
+:mod:`hf_prope.peft_integration`.
 """
 
 from __future__ import annotations
@@ -26,7 +23,6 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,19 +37,19 @@ from .patch_record import (
     PATCH_FILE,
     PatchMismatchError,
     check_base_matches,
-    embed_in_safetensors,
+    find_record,
     read_patch_record,
-    record_from_safetensors,
-    record_json,
     recorded_spec,
+    write_adapter_record,
 )
-from .patching import patch_model, restore_patch
-from .state import PatchState, get_patch, is_peft_model, patch_state
+from .patching import patch_model, restore_patch, unpatch_model
+from .peft_integration import hf_prope_saving
+from .state import PatchState, is_peft_model, patch_state
 
 SaveMethod = Literal["auto", "merged", "adapter"]
 
-__all__ = ["save_pretrained", "push_to_hub", "from_pretrained", "check_token", "install_peft_load_check",
-           "warn_if_patch_missing", "PatchMismatchError", "PATCH_FILE", "BASE_CONFIG_FILE", "SaveMethod"]
+__all__ = ["save_pretrained", "push_to_hub", "from_pretrained", "check_token", "PatchMismatchError", "PATCH_FILE",
+           "BASE_CONFIG_FILE", "SaveMethod"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,11 +83,10 @@ def _write_folder(
         # PEFT's "auto" embedding check fetches the base's config.json from the Hub when the base name is
         # not a folder; an embedded model's name is on no Hub, and its vocabulary is never resized.
         extra = {"save_embedding_layers": False} if base_name and is_embedded_source(str(base_name)) else {}
-        model.save_pretrained(folder, safe_serialization=True, **extra)
-        for weights in folder.rglob("adapter_model.safetensors"):
-            embed_in_safetensors(weights, state)
-        (folder / PATCH_FILE).write_text(record_json(state))
-        (folder / BASE_CONFIG_FILE).write_text(state.parts.config.to_json_string())
+        with hf_prope_saving():
+            model.save_pretrained(folder, safe_serialization=True, **extra)
+        for adapter in {p.parent for p in folder.rglob("adapter_config.json")}:
+            write_adapter_record(adapter, state)
     else:
         merged = model
         if is_peft_model(model):
@@ -274,28 +269,40 @@ def from_pretrained(
     is_trainable: bool = False,
     **model_kwargs: Any,
 ) -> nn.Module:
-    """Load a model saved by :func:`save_pretrained` / :func:`push_to_hub`, with its patch.
+    """Load a saved patched model or adapter, with its patch.
 
     ``path_or_repo`` is a local folder, a Hub repo id (with ``revision``) or a local ``.gguf`` file
-    (the patch restored from its ``rope_freqs``, see :func:`hf_prope.models.load_gguf`). For an adapter,
-    the base model is the one recorded by PEFT unless ``base_model`` (a name, a folder or an
-    already-loaded model) is given; it must match the recorded architecture and head size.
+    (the patch restored from its ``rope_freqs``, see :func:`hf_prope.models.load_gguf`). A full
+    model comes back with the patch its config records (per-layer hooks included). An adapter
+    folder, whoever wrote it (:func:`save_pretrained`, or PEFT's, the Trainer's or TRL's own save
+    with hf_prope imported), is loaded on its base with the patch its record names: the base is
+    the one PEFT recorded unless ``base_model`` (a name, a folder or an already-loaded model,
+    patched in place) is given; it must match the recorded architecture and head size. An adapter
+    with no record (saved without hf_prope imported) is loaded on that base as it is.
     ``model_kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``dtype=``).
     """
     from transformers import AutoModelForCausalLM
 
     if str(path_or_repo).endswith(".gguf") and Path(path_or_repo).expanduser().is_file():
+        if base_model is not None:
+            raise ValueError("base_model= is for adapter folders; a .gguf file is a whole model. Drop base_model=.")
         from .models import load_gguf  # the patch comes back from the file's rope_freqs
 
         return load_gguf(Path(path_or_repo).expanduser(), **{k: v for k, v in model_kwargs.items() if k == "dtype"})[0]
     folder = _local_folder(path_or_repo, revision, token)
-    record = read_patch_record(folder)
-    if record is None or not (folder / "adapter_config.json").is_file():
+    if not (folder / "adapter_config.json").is_file():
+        if base_model is not None:
+            raise ValueError(
+                f"base_model= is for adapter folders, but {os.fspath(path_or_repo)!r} holds a full model (no "
+                "adapter_config.json), which is its own base. Drop base_model=, or pass the adapter's folder."
+            )
+        read_patch_record(folder)  # a record beside full weights must still be valid
         model = AutoModelForCausalLM.from_pretrained(folder, **model_kwargs)
         return restore_patch(model)
 
     from peft import PeftConfig, PeftModel
 
+    record = find_record(folder)
     if isinstance(base_model, nn.Module):
         base = base_model
     else:
@@ -306,93 +313,11 @@ def from_pretrained(
             base, _ = load_model(str(name), **{k: v for k, v in model_kwargs.items() if k == "dtype"})
         else:
             base = AutoModelForCausalLM.from_pretrained(name, token=token, **model_kwargs)
-    check_base_matches(record, patch_state(base))
-    spec = recorded_spec(record)
-    if spec is not None:
-        patch_model(base, spec)
+    if record is not None:
+        check_base_matches(record, patch_state(base))
+        spec = recorded_spec(record)
+        if spec is not None:
+            patch_model(base, spec)
+        else:
+            unpatch_model(base)
     return PeftModel.from_pretrained(base, folder, is_trainable=is_trainable)
-
-
-def _warn(model: nn.Module, record: dict[str, Any] | None) -> None:
-    want = recorded_spec(record) if record is not None else None
-    if want is not None and get_patch(model) != want:
-        warnings.warn(
-            f"This adapter was trained on a model patched with hf-prope ({want.describe()}), but the base model it "
-            "is being loaded on does not carry that patch, so it computes plain RoPE. Load it with "
-            "hf_prope.from_pretrained(...) instead.",
-            UserWarning,
-            stacklevel=4,
-        )
-
-
-def warn_if_patch_missing(model: nn.Module, folder: str | os.PathLike[str]) -> None:
-    """Warn when an adapter folder carries a patch that ``model`` does not have (the silent-revert trap)."""
-    try:
-        record = read_patch_record(folder)
-    except ValueError:
-        return
-    if record is None:
-        for weights in Path(folder).glob("adapter_model.safetensors"):
-            record = record_from_safetensors(weights)
-    _warn(model, record)
-
-
-def _cached_record(repo_id: str, kwargs: dict[str, Any]) -> dict[str, Any] | None:
-    """A Hub adapter's patch record from the local Hugging Face cache only (no request), if it is there.
-
-    The record file when something fetched it; else the metadata of the adapter weights, which
-    PEFT's own load has just put in the cache.
-    """
-    from huggingface_hub import try_to_load_from_cache
-
-    sub = kwargs.get("subfolder")
-    common = {"revision": kwargs.get("revision"), "cache_dir": kwargs.get("cache_dir")}
-    for name in (PATCH_FILE, "adapter_model.safetensors"):
-        try:
-            found = try_to_load_from_cache(repo_id, f"{sub}/{name}" if sub else name, **common)
-        except Exception:  # noqa: BLE001 - not a repo id, no cache: nothing known locally
-            return None
-        if not isinstance(found, str):
-            continue
-        if name == PATCH_FILE:
-            try:
-                return read_patch_record(Path(found).parent)
-            except ValueError:
-                return None
-        return record_from_safetensors(found)
-    return None
-
-
-def install_peft_load_check() -> bool:
-    """Make ``PeftModel.from_pretrained`` warn about adapters whose recorded patch is not on the base.
-
-    Local and cheap: it reads the adapter folder or, for a Hub id, what PEFT's own load left in
-    the Hugging Face cache (the patch record rides in the adapter weights' metadata); it never
-    makes a request, and what PEFT loads and returns is unchanged. Called by ``import hf_prope``
-    unless the environment variable ``HF_PROPE_PEFT_CHECK`` is ``0``. Returns whether the check
-    is in place.
-    """
-    if os.environ.get("HF_PROPE_PEFT_CHECK", "1").strip().lower() in ("0", "false", "no", "off"):
-        return False
-    try:
-        from peft import PeftModel
-    except ImportError:  # PEFT is a dependency, but keep import of hf_prope robust
-        return False
-    original = PeftModel.from_pretrained.__func__  # type: ignore[attr-defined]
-    if getattr(original, "_hf_prope_checked", False):
-        return True
-
-    def from_pretrained(cls: Any, model: nn.Module, model_id: Any, *args: Any, **kwargs: Any) -> Any:
-        local = Path(str(model_id)).is_dir()
-        if local:
-            warn_if_patch_missing(model, model_id)
-        loaded = original(cls, model, model_id, *args, **kwargs)
-        if not local:
-            _warn(model, _cached_record(str(model_id), kwargs))
-        return loaded
-
-    from_pretrained._hf_prope_checked = True  # type: ignore[attr-defined]
-    from_pretrained.__wrapped__ = original  # type: ignore[attr-defined]
-    from_pretrained.__doc__ = original.__doc__
-    PeftModel.from_pretrained = classmethod(from_pretrained)  # type: ignore[method-assign]
-    return True

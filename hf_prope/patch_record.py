@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
-from .files import atomic_path
+from .files import atomic_path, write_atomic
 from .spec import PatchSpec
 from .state import PatchState
 
@@ -119,3 +119,28 @@ def record_from_safetensors(path: str | os.PathLike[str]) -> dict[str, Any] | No
     except Exception:  # noqa: BLE001 - not a safetensors file or no valid record: nothing to read
         return None
     return record if isinstance(record, dict) and "spec" in record else None
+
+
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def write_adapter_record(folder: str | os.PathLike[str], state: PatchState) -> None:
+    """Make the adapter PEFT wrote in ``folder`` carry the patch of ``state``.
+
+    :data:`PATCH_FILE`, the base's config (:data:`BASE_CONFIG_FILE`) and the record in the
+    weights' safetensors metadata; each file replaced whole, never half-written.
+    """
+    folder = Path(folder)
+    write_atomic(folder / PATCH_FILE, record_json(state))
+    write_atomic(folder / BASE_CONFIG_FILE, state.parts.config.to_json_string())
+    weights = folder / ADAPTER_WEIGHTS_FILE
+    if weights.is_file():
+        embed_in_safetensors(weights, state)
+
+
+def find_record(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The patch record of an adapter folder: :data:`PATCH_FILE`, else its weights' metadata, else ``None``."""
+    record = read_patch_record(folder)
+    if record is None and (Path(folder) / ADAPTER_WEIGHTS_FILE).is_file():
+        record = record_from_safetensors(Path(folder) / ADAPTER_WEIGHTS_FILE)
+    return record

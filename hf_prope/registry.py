@@ -41,6 +41,9 @@ class Architecture:
     this model type *and* reads per-pair frequency factors (``rope_freqs``), so a patch can be
     exported to GGUF (:mod:`hf_prope.gguf_export`); ``None`` where llama.cpp's graph for the
     type ignores them (a GGUF would silently run plain RoPE).
+    ``mlx_lm_reads_rope_scaling`` is false where mlx-lm's model for this type reads no rope
+    type from ``config.json`` (only ``rope_theta``), so it cannot run any patch; a patched save
+    then makes it fail instead of running plain RoPE (:mod:`hf_prope.legacy_config`).
     """
 
     model_type: str
@@ -56,6 +59,7 @@ class Architecture:
     key_norm: str | None = None
     sliding_window_on_every_layer: bool = False
     llama_cpp_graph: str | None = None
+    mlx_lm_reads_rope_scaling: bool = True
 
     def _cls(self, name: str) -> Any:
         return getattr(importlib.import_module(self.modeling_module), name)

@@ -19,6 +19,7 @@ register_architecture(
         base_model_class_name="GemmaModel",
         config_class_name="GemmaConfig",
         causal_lm_class_name="GemmaForCausalLM",
+        mlx_lm_reads_rope_scaling=False,  # mlx_lm/models/gemma.py: nn.RoPE(base=rope_theta) only
     )
 )
 register_architecture(
@@ -31,6 +32,7 @@ register_architecture(
         base_model_class_name="Gemma2Model",
         config_class_name="Gemma2Config",
         causal_lm_class_name="Gemma2ForCausalLM",
+        mlx_lm_reads_rope_scaling=False,  # mlx_lm/models/gemma2.py: nn.RoPE(base=rope_theta) only
     )
 )
 register_architecture(

@@ -94,12 +94,27 @@ def test_without_hf_prope_merged_and_adapter(tmp_path) -> None:
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
 
 
-def test_plain_peft_load_warns_about_missing_patch(tmp_path) -> None:
+def test_plain_peft_load_restores_the_recorded_patch(tmp_path) -> None:
+    """With hf_prope imported, PEFT's own load puts the adapter's recorded patch on an unpatched base."""
     model = lora_model("llama", tmp_path / "base")
+    ids = tokens()
     hf_prope.save_pretrained(model, tmp_path / "adapter", save_method="adapter")
     plain_base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
-    with pytest.warns(UserWarning, match="does not carry that patch"):
-        PeftModel.from_pretrained(plain_base, tmp_path / "adapter")
+    plain = logits(plain_base, ids)
+    loaded = PeftModel.from_pretrained(plain_base, tmp_path / "adapter").eval()
+    assert hf_prope.get_patch(plain_base) == hf_prope.get_patch(model)  # the base itself, in place
+    assert torch.equal(logits(loaded, ids), logits(model, ids))
+    assert (logits(loaded, ids) - plain).abs().max() > 0.1  # the adapter and the patch both count
+
+
+def test_plain_peft_load_on_a_differently_patched_base_warns_and_keeps_it(tmp_path) -> None:
+    model = lora_model("llama", tmp_path / "base")
+    hf_prope.save_pretrained(model, tmp_path / "adapter", save_method="adapter")
+    other = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    hf_prope.patch_model(other, "p-rope", p=0.75)
+    with pytest.warns(UserWarning, match=r"carries p-RoPE, p=0.75.*was kept"):
+        PeftModel.from_pretrained(other, tmp_path / "adapter")
+    assert hf_prope.get_patch(other) == hf_prope.PatchSpec("p-rope", p=0.75)
 
 
 def test_adapter_on_mismatched_base_is_refused(tmp_path) -> None:

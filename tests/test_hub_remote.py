@@ -132,20 +132,19 @@ def test_live_hub(tmp_path) -> None:
     torch.testing.assert_close(logits(loaded, ids), logits(model, ids), atol=1e-5, rtol=1e-5)
 
 
-def test_plain_peft_load_from_the_hub_warns(local_hub, tmp_path, monkeypatch) -> None:
+def test_plain_peft_load_from_the_hub_restores_the_patch_from_the_cache(local_hub, tmp_path, monkeypatch) -> None:
+    """The record is read from what PEFT's own download left in the cache: no request of hf-prope's own."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     model = lora_model("llama", tmp_path / "base")
+    ids = tokens()
     hf_prope.push_to_hub(model, "user/a", save_method="adapter")
     plain_base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
-    with pytest.warns(UserWarning, match="does not carry that patch"):
-        PeftModel.from_pretrained(plain_base, "user/a")
-    patched_base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
-    hf_prope.patch_model(patched_base, hf_prope.get_patch(model))
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*does not carry that patch.*")
-        PeftModel.from_pretrained(patched_base, "user/a")
+    before = list(local_hub.requests)
+    loaded = PeftModel.from_pretrained(plain_base, "user/a").eval()
+    fetched = [p for m, p in local_hub.requests[len(before):] if PATCH_FILE in p]
+    assert not fetched, fetched  # the record came from the weights' metadata PEFT downloaded
+    assert hf_prope.get_patch(plain_base) == hf_prope.get_patch(model)
+    assert torch.equal(logits(loaded, ids), logits(model, ids))

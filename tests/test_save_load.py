@@ -134,7 +134,9 @@ def test_corrupted_rope_entry_is_rejected_on_load(edit, match, tmp_path) -> None
     model.save_pretrained(tmp_path)
     path = tmp_path / "config.json"
     config = json.loads(path.read_text())
+    # Both copies: transformers reads the top-level one (hf_prope.legacy_config) when it is there.
     config["rope_parameters"].update(edit)
+    config["rope_scaling"].update(edit)
     path.write_text(json.dumps(config))
     # transformers' config dataclass may wrap the validator's ValueError in its own error type
     with pytest.raises(Exception, match=match):
