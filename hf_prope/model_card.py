@@ -144,12 +144,30 @@ def model_card(
     return ModelCard("\n".join(lines) + "\n")
 
 
+def _mlx_lm_verdict(state: PatchState, save_method: str) -> str:
+    """What mlx-lm does with this save, read off the top-level keys it reads (:mod:`hf_prope.legacy_config`)."""
+    from .legacy_config import REFUSAL, legacy_rope_keys
+    from .rope_types import CUSTOM_TYPES
+
+    if save_method == "adapter":
+        return "does not load PEFT adapters: serve a merged save"
+    keys = legacy_rope_keys(state.parts.config)
+    if REFUSAL in keys.values():
+        return (
+            f"fails loudly (a `TypeError` in its rope op): its {state.model_type} model reads no rope type, so "
+            "`config.json` gives it no number to run plain RoPE with (tested)"
+        )
+    if (keys.get("rope_scaling") or {}).get("rope_type") in CUSTOM_TYPES:
+        return "refuses to load (`Unsupported RoPE type hf_prope`), loudly (tested)"
+    return "exact: `config.json` carries `rope_scaling` = the `proportional` parameters, which it reads (tested)"
+
+
 def serving_table(
     state: PatchState, *, save_method: str, name: str = "MODEL", gguf_file: str | None = None
 ) -> list[tuple[str, str]]:
     """(engine, what it does with this checkpoint) for the card's "Serving" section.
 
-    transformers and llama.cpp rows are tested in this project; the vLLM and SGLang rows are
+    transformers, mlx-lm and llama.cpp rows are tested in this project; the vLLM and SGLang rows are
     read from those engines' sources (rope-type dispatch and config reading), not run, and
     say so.
     """
@@ -163,7 +181,11 @@ def serving_table(
     rows: list[tuple[str, str]] = []
     if save_method == "adapter":
         rows.append((
-            "any engine loading the adapter on its base (PEFT alone, vLLM `--enable-lora`, ...)",
+            "PEFT with hf-prope imported (`PeftModel` / `AutoPeftModelForCausalLM.from_pretrained`)",
+            "exact: hf-prope puts this adapter's recorded patch on the base it is loaded on",
+        ))
+        rows.append((
+            "any engine loading the adapter on its base without hf-prope (PEFT alone, vLLM `--enable-lora`, ...)",
             "**silently drops the patch**: the base config has plain RoPE. Serve a merged save "
             "(`hf_prope.save_pretrained(model, path, save_method=\"merged\")`) instead.",
         ))
@@ -185,6 +207,7 @@ def serving_table(
         ))
     else:
         rows.append(("vLLM", "refuses the `hf_prope` rope type (\"Unknown RoPE scaling type\"), loudly (read from its source)"))
+    rows.append(("mlx-lm", _mlx_lm_verdict(state, save_method)))
     if gguf_file is not None:
         rows.append((
             "llama.cpp (and Ollama, LM Studio, llama-cpp-python)",

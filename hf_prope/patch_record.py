@@ -90,7 +90,7 @@ def check_base_matches(record: dict[str, Any], base: PatchState) -> None:
 
 # The record also rides in the adapter weights' safetensors header, which PEFT itself downloads:
 # so a plain ``PeftModel.from_pretrained`` from the Hub leaves it on this machine, and the
-# import-time warning (hf_prope.hub.install_peft_load_check) can read it without a request.
+# load check (hf_prope.peft_integration) can read it without a request.
 SAFETENSORS_KEY = "hf_prope_patch"
 
 

@@ -197,6 +197,65 @@ def test_class_level_layer_selective_for_every_arch(model_type) -> None:
     assert torch.equal(logits(model, ids), logits(direct, ids))
 
 
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_class_level_patch_leaves_the_callers_config_alone(model_type) -> None:
+    """Every model class of the architecture, built under a class patch from a config, leaves that config as it was."""
+    import importlib
+
+    from transformers import PreTrainedModel
+
+    from hf_prope.registry import get_architecture
+
+    arch = get_architecture(model_type)
+    module = importlib.import_module(arch.modeling_module)
+    classes = [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, PreTrainedModel)
+               and c.__module__ == module.__name__ and "__init__" in c.__dict__]
+    name = "gemma3" if model_type == "gemma3_text" else model_type
+    handle = getattr(hf_prope, f"apply_p_rope_to_{name}")(p=0.5)
+    try:
+        for cls in classes:
+            config = tiny_config(model_type, num_labels=2)
+            if cls.config_class is not None and not isinstance(config, cls.config_class):
+                continue  # e.g. Gemma 3's multimodal classes take another config type
+            before = config.to_dict()
+            model = cls(config)
+            assert config.to_dict() == before, cls.__name__
+            assert not hasattr(config, "hf_prope"), cls.__name__
+            assert hf_prope.get_patch(model) == PatchSpec("p-rope", p=0.5), cls.__name__
+            inner = [m for m in model.modules() if isinstance(m, arch.base_model_class)]
+            assert inner and all(m.config is model.config for m in inner), cls.__name__  # one config per model
+    finally:
+        handle.revert()
+    assert all(getattr(c.__init__, "__wrapped__", None) is None for c in classes)
+
+
+@pytest.mark.parametrize("scaling", [{"rope_type": "linear", "factor": 10.0}, {"rope_type": "dynamic", "factor": 10.0},
+                                     {"rope_type": "yarn", "factor": 10.0}])
+def test_class_level_identity_keeps_rope_scaling_set_later(scaling) -> None:
+    """transformers' own test_model_rope_scaling_from_config, under a class-level p=1.0 patch (the identity)."""
+    from transformers import LlamaModel
+
+    def outputs(config):
+        torch.manual_seed(42)
+        model = LlamaModel(config).eval()
+        with torch.no_grad():
+            return model(torch.arange(1, 11)[None]).last_hidden_state, model(tokens(1, 384)).last_hidden_state
+
+    config = tiny_config("llama")
+    reference_short, reference_long = outputs(copy.deepcopy(config))
+    handle = hf_prope.apply_p_rope_to_llama(p=1.0)
+    try:
+        short, long = outputs(config)
+        assert torch.equal(short, reference_short) and torch.equal(long, reference_long)  # p=1.0 is the identity
+        config.rope_parameters = {**scaling, "rope_theta": config.rope_parameters["rope_theta"]}
+        scaled_short, scaled_long = outputs(config)
+    finally:
+        handle.revert()
+    plain_short, plain_long = outputs(config)  # the same scaled config, no class patch
+    assert torch.equal(scaled_long, plain_long) and torch.equal(scaled_short, plain_short)
+    assert not torch.allclose(scaled_long, reference_long)  # the scaling set afterwards took effect
+
+
 def test_arch_function_with_model_argument() -> None:
     model = tiny_model("gemma3_text")
     hf_prope.apply_p_rope_to_gemma3(p=0.25, layer_types=["full_attention"], model=model)

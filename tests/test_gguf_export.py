@@ -412,11 +412,20 @@ def test_card_serving_rows_follow_the_patch(tmp_path) -> None:
     assert "gemma3_text graph passes no frequency factors" in gemma["llama.cpp"]
     selective = _serving(hf_prope.patch_model(_tiny(), "p-rope", p=0.25, layers=[0, 1]))
     assert "layer-selective" in selective["llama.cpp"]
-    # Adapters: every engine that loads them on the base drops the patch.
+    # mlx-lm: exact for a native prefix, refused otherwise (tests/test_mlx_lm.py runs mlx-lm itself).
+    if has_native_proportional():
+        assert rows["mlx-lm"].startswith("exact")
+    assert masked["mlx-lm"].startswith("refuses")
+    assert gemma["mlx-lm"].startswith("exact")
+    gemma2 = _serving(hf_prope.patch_model(_tiny("gemma2"), "p-rope", p=0.25))
+    assert gemma2["mlx-lm"].startswith("fails loudly")
+    # Adapters: PEFT with hf-prope restores the patch; every engine that loads them on the base without it drops it.
     from peft import LoraConfig, get_peft_model
 
     adapter = get_peft_model(hf_prope.patch_model(_tiny(), "p-rope", p=0.25), LoraConfig(r=2, target_modules=["q_proj"]))
-    assert any("silently drops the patch" in v for v in _serving(adapter, "adapter").values())
+    adapter_rows = _serving(adapter, "adapter")
+    assert any("silently drops the patch" in v for v in adapter_rows.values())
+    assert any(k.startswith("PEFT with hf-prope") and v.startswith("exact") for k, v in adapter_rows.items())
     # ... and the card carries the table.
     out = hf_prope.save_pretrained(llama, tmp_path / "saved", repo_id="me/m")
     card = ModelCard.load(out / "README.md").text
