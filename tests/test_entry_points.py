@@ -226,19 +226,21 @@ def test_import_makes_no_network_request() -> None:
     script = _RECORD_CONNECTIONS + """
 import hf_prope, hf_prope.recipes, hf_prope.cli
 from peft import PeftModel
-print(len(attempts), getattr(PeftModel.from_pretrained, "_hf_prope_checked", False))
+print(len(attempts), getattr(PeftModel.from_pretrained, "_hf_prope_wrapped", False),
+      getattr(PeftModel.save_pretrained, "_hf_prope_wrapped", False))
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                          env={**_clean_env(), "HF_HUB_OFFLINE": ""})
-    assert out.stdout.split() == ["0", "True"], out.stderr[-2000:]
+    assert out.stdout.split() == ["0", "True", "True"], out.stderr[-2000:]
 
 
 def test_peft_check_can_be_turned_off() -> None:
     script = """
-import peft
-before = peft.PeftModel.from_pretrained.__func__
+import peft, transformers
+before = (peft.PeftModel.from_pretrained.__func__, peft.PeftModel.save_pretrained, peft.PeftModel.load_adapter)
 import hf_prope
-print(peft.PeftModel.from_pretrained.__func__ is before)
+after = (peft.PeftModel.from_pretrained.__func__, peft.PeftModel.save_pretrained, peft.PeftModel.load_adapter)
+print(all(a is b for a, b in zip(before, after)))
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                          env={**_clean_env(), "HF_PROPE_PEFT_CHECK": "0"})
@@ -251,7 +253,7 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("HF_PROPE_")}
 
 
-def test_plain_peft_load_from_the_hub_warns_without_a_request_of_its_own(local_hub, tmp_path, monkeypatch) -> None:
+def test_plain_peft_load_from_the_hub_restores_without_a_request_of_its_own(local_hub, tmp_path, monkeypatch) -> None:
     from peft import LoraConfig, PeftModel, get_peft_model
     from tiny import tiny_model
     from transformers import AutoModelForCausalLM
@@ -267,8 +269,8 @@ def test_plain_peft_load_from_the_hub_warns_without_a_request_of_its_own(local_h
     fresh_cache = tmp_path / "other-cache"  # nothing downloaded yet: only PEFT's own fetches will fill it
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
     local_hub.clear_requests()
-    with pytest.warns(UserWarning, match="does not carry that patch"):
-        PeftModel.from_pretrained(plain, "user/a", cache_dir=str(fresh_cache))
+    PeftModel.from_pretrained(plain, "user/a", cache_dir=str(fresh_cache))
+    assert hf_prope.get_patch(plain) == hf_prope.PatchSpec("p-rope", p=0.25)
     paths = [path for _, path in local_hub.requests]
     assert paths and not any("hf_prope_patch.json" in p for p in paths), paths
 

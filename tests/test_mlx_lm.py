@@ -20,7 +20,7 @@ from tiny import char_tokenizer, logits, tiny_model, tokens
 from transformers import AutoModelForCausalLM
 
 import hf_prope
-from hf_prope.legacy_config import LEGACY_KEYS, REFUSAL
+from hf_prope.legacy_config import LEGACY_KEYS
 
 HAS_MLX = importlib.util.find_spec("mlx_lm") is not None
 pytestmark = pytest.mark.skipif(
@@ -108,28 +108,6 @@ def test_patch_mlx_lm_cannot_express_is_refused(model_type, name, params, overri
         _mlx_logits(folder, ids)
     back = hf_prope.from_pretrained(folder).eval()  # transformers (with hf-prope) still loads it exactly
     assert torch.equal(logits(back, ids), expected)
-
-
-def test_unpatched_config_is_left_as_transformers_writes_it(tmp_path) -> None:
-    model = tiny_model("llama")
-    model.save_pretrained(tmp_path / "plain")
-    config = json.loads((tmp_path / "plain" / "config.json").read_text())
-    assert not set(LEGACY_KEYS) & set(config)
-    hf_prope.patch_model(model, "p-rope", p=0.5)
-    hf_prope.unpatch_model(model)  # derived when written: an unpatched model writes none of them again
-    model.save_pretrained(tmp_path / "unpatched")
-    config = json.loads((tmp_path / "unpatched" / "config.json").read_text())
-    assert not set(LEGACY_KEYS) & set(config)
-
-
-def test_refusal_text_never_reaches_transformers(tmp_path) -> None:
-    model = tiny_model("gemma2", initializer_range=INIT)
-    hf_prope.patch_model(model, "p-rope", p=0.5)
-    model.save_pretrained(tmp_path / "g")
-    assert json.loads((tmp_path / "g" / "config.json").read_text())["rope_theta"] == REFUSAL
-    back = AutoModelForCausalLM.from_pretrained(tmp_path / "g")
-    assert back.config.rope_parameters == model.config.rope_parameters
-    assert REFUSAL not in json.dumps(back.config.rope_parameters)
 
 
 @pytest.mark.real_model

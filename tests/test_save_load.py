@@ -13,6 +13,7 @@ from tiny import MODEL_TYPES, logits, tiny_model, tokens
 from transformers import AutoModelForCausalLM
 
 import hf_prope
+from hf_prope.legacy_config import LEGACY_KEYS, REFUSAL
 from hf_prope.rope_types import has_native_proportional
 
 
@@ -154,3 +155,28 @@ def test_corrupted_spec_in_config_names_the_field(tmp_path) -> None:
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"p must be in \[0, 1\]"):
         hf_prope.get_patch(loaded)
+
+
+# -- the top-level keys older readers use (hf_prope.legacy_config; mlx-lm itself: tests/test_mlx_lm.py) --
+
+
+def test_unpatched_config_is_left_as_transformers_writes_it(tmp_path) -> None:
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "plain")
+    config = json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert not set(LEGACY_KEYS) & set(config)
+    hf_prope.patch_model(model, "p-rope", p=0.5)
+    hf_prope.unpatch_model(model)  # derived when written: an unpatched model writes none of them again
+    model.save_pretrained(tmp_path / "unpatched")
+    config = json.loads((tmp_path / "unpatched" / "config.json").read_text())
+    assert not set(LEGACY_KEYS) & set(config)
+
+
+def test_refusal_text_never_reaches_transformers(tmp_path) -> None:
+    model = tiny_model("gemma2", initializer_range=0.3)
+    hf_prope.patch_model(model, "p-rope", p=0.5)
+    model.save_pretrained(tmp_path / "g")
+    assert json.loads((tmp_path / "g" / "config.json").read_text())["rope_theta"] == REFUSAL
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "g")
+    assert back.config.rope_parameters == model.config.rope_parameters
+    assert REFUSAL not in json.dumps(back.config.rope_parameters)
