@@ -413,10 +413,9 @@ def test_card_serving_rows_follow_the_patch(tmp_path) -> None:
     selective = _serving(hf_prope.patch_model(_tiny(), "p-rope", p=0.25, layers=[0, 1]))
     assert "layer-selective" in selective["llama.cpp"]
     # mlx-lm: exact for a native prefix, refused otherwise (tests/test_mlx_lm.py runs mlx-lm itself).
-    if has_native_proportional():
-        assert rows["mlx-lm"].startswith("exact")
+    native = "exact" if has_native_proportional() else "refuses"  # before 5.5 every patch is hf-prope's rope type
+    assert rows["mlx-lm"].startswith(native) and gemma["mlx-lm"].startswith(native)
     assert masked["mlx-lm"].startswith("refuses")
-    assert gemma["mlx-lm"].startswith("exact")
     gemma2 = _serving(hf_prope.patch_model(_tiny("gemma2"), "p-rope", p=0.25))
     assert gemma2["mlx-lm"].startswith("fails loudly")
     # Adapters: PEFT with hf-prope restores the patch; every engine that loads them on the base without it drops it.
