@@ -40,7 +40,7 @@ DEFAULT_WINDOWS = 8
 DEFAULT_THRESHOLD = 0.5
 # Eighths: fine enough to find the cut, coarse enough that neighbours differ in perplexity.
 DEFAULT_GRID: tuple[float, ...] = tuple(i / 8 for i in range(9))
-# Calibrated on SmolLM2-135M and Gemma 3 270M at 512 tokens (README, "Analysis"): every cut
+# Calibrated on SmolLM2-135M and Gemma 3 270M at 512 tokens (docs/analysis.md): every cut
 # scoring under it cost at most 1.1% zero-shot perplexity; SmolLM2's next cut (7.6%) cost 5.8%.
 DEFAULT_TOLERANCE = 0.05
 # The paper's intervention: remove the highest quarter of the frequencies.

@@ -148,13 +148,13 @@ def test_every_module_says_what_it_holds() -> None:
     assert not missing, f"modules without a docstring: {missing}"
 
 
-def test_readme_layout_names_every_module() -> None:
-    text = (ROOT / "README.md").read_text()
+def test_contributing_layout_names_every_module() -> None:
+    text = (ROOT / "CONTRIBUTING.md").read_text()
     layout = text[text.index("## Layout"):]
     layout = layout[: layout.index("\n## ", 5)] if "\n## " in layout[5:] else layout
     names = {p.name for m, p in MODULES.items() if p.stem not in ("__init__", "__main__", "_version")}
     missing = sorted(n for n in names if not re.search(rf"`{re.escape(n)}`", layout))
-    assert not missing, f"README's Layout section does not name: {missing}"
+    assert not missing, f"CONTRIBUTING.md's Layout section does not name: {missing}"
 
 
 # ------------------------------------------------------------------------------------------------
