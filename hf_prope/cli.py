@@ -326,6 +326,10 @@ def _pop_config(argv: list[str]) -> tuple[str | None, list[str]]:
 
 def _run_recipe(argv: list[str]) -> int:
     """``run RECIPE [--config FILE] [overrides]``; parsed here because overrides are free-form keys."""
+    from hf_prope.extras import require
+
+    # Before anything is parsed, loaded or trained: a run must not fail at its plot after minutes of work.
+    require("recipes", "hf-prope run")
     from hf_prope.recipes import RECIPES, get_recipe
 
     if not argv or argv[0] in ("-h", "--help"):

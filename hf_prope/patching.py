@@ -32,6 +32,7 @@ from torch import nn
 from . import rope_types, rotation
 from .spec import PatchSpec, make_spec
 from .state import (
+    APPLIED_ATTR,
     CONFIG_KEY,
     ModelParts,
     check_layer_indices,
@@ -39,6 +40,7 @@ from .state import (
     get_patch,
     model_parts,
     original_rope_parameters,
+    recorded_patch,
 )
 
 _HOOKS_ATTR = "_hf_prope_hook_handles"
@@ -264,6 +266,11 @@ def _commit(parts: ModelParts, new_config: Any, hook_masks: dict[int, list[bool]
         handles.append(parts.attentions[layer].register_forward_pre_hook(hook, with_kwargs=True))
     if handles:
         setattr(parts.model, _HOOKS_ATTR, handles)
+    record = getattr(new_config, CONFIG_KEY, None)
+    if record is not None:
+        parts.model.__dict__[APPLIED_ATTR] = PatchSpec.from_dict(record["spec"])
+    else:
+        parts.model.__dict__.pop(APPLIED_ATTR, None)
 
 
 def _install(parts: ModelParts, plan: _Plan | None, *, isolate_config: bool) -> None:
@@ -354,7 +361,7 @@ def restore_patch(model: nn.Module) -> nn.Module:
     A plain ``from_pretrained`` rebuilds the frequencies from the config, but cannot
     attach per-layer hooks; this does. A no-op for unpatched models.
     """
-    spec = get_patch(model)
+    spec = recorded_patch(model)
     if spec is not None:
         parts = model_parts(model)
         _install(parts, _plan(parts, spec), isolate_config=False)

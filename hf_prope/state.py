@@ -26,6 +26,9 @@ from .spec import PatchSpec, closest
 
 #: The config attribute (and ``config.json`` key) holding the patch and the original rope parameters.
 CONFIG_KEY = "hf_prope"
+#: The attribute of the transformers model on which the patching engine notes the spec it applied
+#: (with its per-layer hooks), so that a patch recorded in the config but not applied can be told apart.
+APPLIED_ATTR = "_hf_prope_applied"
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -111,8 +114,8 @@ def model_parts(model: nn.Module) -> ModelParts:
     return ModelParts(arch, model, inner, config, rotaries, attentions)
 
 
-def get_patch(model: nn.Module) -> PatchSpec | None:
-    """The patch a model carries (read from its config), or ``None``."""
+def recorded_patch(model: nn.Module) -> PatchSpec | None:
+    """The patch a model's config records, whether or not it is in effect (see :func:`get_patch`)."""
     inner = unwrap(model)
     state = getattr(getattr(inner, "config", None), CONFIG_KEY, None)
     if not state:
@@ -120,6 +123,33 @@ def get_patch(model: nn.Module) -> PatchSpec | None:
     if not isinstance(state, dict) or "spec" not in state:
         raise ValueError(f"config.{CONFIG_KEY} is malformed: expected an object with a 'spec' field, got {state!r}.")
     return PatchSpec.from_dict(state["spec"])
+
+
+def _needs_hooks(config: Any) -> bool:
+    """Whether the config's rope parameters mark a patch that per-layer hooks, not frequencies, apply."""
+    from .rope_types import CUSTOM_TYPES, KEEP_KEY
+
+    params = getattr(config, "rope_parameters", None) or {}
+    entries = [v for v in params.values() if isinstance(v, dict)] or [params]
+    return any(e.get("rope_type") in CUSTOM_TYPES and e.get(KEEP_KEY) is None for e in entries)
+
+
+def get_patch(model: nn.Module) -> PatchSpec | None:
+    """The patch in effect on a model, or ``None``.
+
+    A patch the config records is in effect when the rotary frequencies express it (transformers
+    builds them from the config on every load), or, for a patch on some layers only, when its
+    per-layer hooks are attached: a plain ``from_pretrained`` of such a save records the patch but
+    computes plain RoPE until :func:`hf_prope.restore_patch`; ``get_patch`` then says ``None`` and
+    :func:`recorded_patch` (or ``patch_state(model).recorded``) what is waiting.
+    """
+    spec = recorded_patch(model)
+    if spec is None:
+        return None
+    inner = unwrap(model)
+    if _needs_hooks(inner.config) and inner.__dict__.get(APPLIED_ATTR) != spec:
+        return None
+    return spec
 
 
 def original_rope_parameters(config: Any) -> dict[str, Any]:
@@ -135,16 +165,22 @@ class PatchState:
     """A model's patch state, read once: see :func:`patch_state`."""
 
     model_type: str
-    spec: PatchSpec | None
+    spec: PatchSpec | None  # in effect (get_patch)
     rope_parameters: dict[str, Any]
     original_rope_parameters: dict[str, Any]
     layer_types: tuple[str, ...] | None
     base: dict[str, Any]  # the base model's fingerprint: what an adapter must be loaded on
     parts: ModelParts = field(repr=False, compare=False)
+    recorded: PatchSpec | None = None  # what the config records (recorded_patch), in effect or not
 
     @property
     def patched(self) -> bool:
         return self.spec is not None
+
+    @property
+    def pending(self) -> bool:
+        """A patch the config records but the model does not compute (call ``hf_prope.restore_patch``)."""
+        return self.recorded is not None and self.spec is None
 
     @property
     def native(self) -> bool:
@@ -179,6 +215,7 @@ def patch_state(model: nn.Module) -> PatchState:
     return PatchState(
         model_type=parts.arch.model_type,
         spec=get_patch(model),
+        recorded=recorded_patch(model),
         rope_parameters=copy.deepcopy(parts.config.rope_parameters),
         original_rope_parameters=original_rope_parameters(parts.config),
         layer_types=tuple(layer_types) if layer_types else None,

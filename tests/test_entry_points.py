@@ -282,3 +282,25 @@ def test_loading_a_missing_local_save_names_the_path_and_asks_no_hub(local_hub, 
     with pytest.raises(FileNotFoundError, match="No saved model or adapter folder at"):
         hf_prope.from_pretrained(str(tmp_path / "out" / "adapter"))
     assert local_hub.requests == []
+
+
+def test_main_job_without_an_extra_fails_before_any_work(tmp_path) -> None:
+    """The recipes' extra is checked first: no model loaded, nothing written, the pip command named."""
+    script = """
+import sys, importlib.abc
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("blocked")
+sys.meta_path.insert(0, _Block())
+import importlib.util
+real = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a: None if name == "matplotlib" else real(name, *a)
+from hf_prope.cli import main
+raise SystemExit(main([]))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         env=_clean_env())
+    assert out.returncode != 0
+    assert "pip install 'hf-prope[recipes]'" in out.stderr and "matplotlib" in out.stderr, out.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []

@@ -103,15 +103,48 @@ def test_round_trip_reproduces_patched_model(model_type, patch, tmp_path) -> Non
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=model.config._attn_implementation)
     loaded.eval()
-    spec = hf_prope.get_patch(loaded)
-    assert spec == hf_prope.get_patch(model)
+    spec = hf_prope.get_patch(model)
+    state = hf_prope.patch_state(loaded)
+    assert state.recorded == spec
     if spec.is_layer_selective:
-        hf_prope.restore_patch(loaded)  # hooks cannot live in a config; restore_patch re-attaches them
+        # hooks cannot live in a config: the patch is recorded but not in effect until restore_patch
+        assert hf_prope.get_patch(loaded) is None and state.spec is None and state.pending
+        hf_prope.restore_patch(loaded)
+    assert hf_prope.get_patch(loaded) == spec and not hf_prope.patch_state(loaded).pending
     assert torch.equal(logits(loaded, ids), expected)
     # and the reloaded model unpatches to the original
     original = tiny_model(model_type)
     hf_prope.unpatch_model(loaded)
     assert torch.equal(logits(loaded, ids), logits(original, ids))
+
+
+def test_hf_prope_load_of_layer_selective_patch_restores_without_a_warning(tmp_path) -> None:
+    import warnings
+
+    from hf_prope.models import load_model
+
+    model = tiny_model("llama")
+    hf_prope.patch_model(model, "nope", layers=[2])
+    ids = tokens()
+    model.save_pretrained(tmp_path)
+    char = __import__("tiny").char_tokenizer()
+    char.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the warning is for plain loads only
+        for loaded in (hf_prope.from_pretrained(tmp_path), load_model(str(tmp_path))[0]):  # the one loader
+            assert hf_prope.get_patch(loaded) == hf_prope.get_patch(model)
+            assert torch.equal(logits(loaded, ids), logits(model, ids))
+
+
+def test_missing_extra_names_the_extra(monkeypatch) -> None:
+    import importlib.util
+
+    from hf_prope.extras import MissingExtraError, require
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    with pytest.raises(MissingExtraError, match=r"matplotlib \(hf-prope's \[recipes\] extra\).*pip install 'hf-prope\[recipes\]'"):
+        require("recipes", "The recipes")
 
 
 def test_plain_load_of_layer_selective_patch_warns(tmp_path) -> None:
