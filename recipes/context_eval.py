@@ -168,7 +168,9 @@ class ContextEvalRecipe(Recipe):
             rows.append({"variant": label, "spec": spec.to_dict() if spec else None, "perplexity": self._scores(self.model, label)})
         unpatch_model(self.model)
         for path, folder in self.trained:
-            trained = hf_prope.from_pretrained(folder, base_model=copy.deepcopy(self.model)).eval()
+            # An adapter goes on (a copy of) this recipe's model; a full save is its own base.
+            base = {"base_model": copy.deepcopy(self.model)} if (folder / "adapter_config.json").is_file() else {}
+            trained = hf_prope.from_pretrained(folder, **base).eval()
             spec = get_patch(trained)
             name = Path(path).parent.name if Path(path).name in ("adapter", "merged") else Path(path).name
             label = f"trained: {name}"

@@ -449,6 +449,32 @@ def test_eval_recipe_by_context_against_independent_measurements(source, trained
     assert summary["training_length"] == 256
 
 
+def test_recipes_load_a_saved_layer_selective_model_with_its_hooks(source, tmp_path) -> None:
+    """Every recipe loads through the one loader: a per-layer patch (hooks, not config) comes back wherever it is read."""
+    from hf_prope.recipes.base import ModelArguments
+
+    model_dir = save_tiny(tmp_path / "sharp", initializer_range=0.3)  # large weights: the hooks matter
+
+    patched = AutoModelForCausalLM.from_pretrained(model_dir)
+    hf_prope.patch_model(patched, "nope", layers=[0, 1, 2])
+    saved = hf_prope.save_pretrained(patched, tmp_path / "selective", tokenizer=char_tokenizer())
+    ids = stream(source)
+    expected = loss_perplexity(patched, ids, 64, 2)
+    plain = loss_perplexity(AutoModelForCausalLM.from_pretrained(model_dir), ids, 64, 2)
+    assert abs(expected - plain) > 1e-3 * plain  # the hooks change the model: a load without them is caught
+    loaded, _ = ModelArguments(model=str(saved)).load()
+    assert hf_prope.get_patch(loaded) == hf_prope.get_patch(patched)
+    assert loss_perplexity(loaded, ids, 64, 2) == pytest.approx(expected, rel=1e-6)
+    out = tmp_path / "eval"
+    summary = ContextEvalRecipe.from_config(None, {
+        "model": str(model_dir), "dataset": str(source["text"]), "output_dir": str(out),
+        "p": [1.0], "contexts": [64], "eval_tokens": 128, "trained": [str(saved)],
+    }).run()
+    rows = {r["variant"]: r["perplexity"] for r in summary["rows"]}
+    assert rows["trained: selective"][64] == pytest.approx(expected, rel=1e-5)
+    assert rows["RoPE"][64] == pytest.approx(plain, rel=1e-5)
+
+
 def test_eval_recipe_bad_input(source, tmp_path) -> None:
     with pytest.raises(ValueError, match="exceeds eval_tokens"):
         ContextEvalRecipe.from_config(None, {"contexts": [64, 512], "eval_tokens": 256})
