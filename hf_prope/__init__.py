@@ -28,7 +28,13 @@ from .rope_types import register_rope_types as _register_rope_types
 
 _register_rope_types()
 
+from . import analysis, rotation  # noqa: E402
+from . import legacy_config as _legacy_config  # noqa: E402
 from . import patches as _patches  # noqa: E402  (registers the architectures)
+from .class_patching import ClassPatch, apply_patch_to_class, class_patches, revert_class_patches  # noqa: E402
+from .gguf_export import GGUFExportError, export_gguf  # noqa: E402
+from .hub import from_pretrained, push_to_hub, save_pretrained  # noqa: E402
+from .patch_record import PatchMismatchError  # noqa: E402
 from .patches.gemma import (  # noqa: E402
     apply_p_rope_to_gemma,
     apply_p_rope_to_gemma2,
@@ -45,7 +51,6 @@ from .patches.qwen import (  # noqa: E402
     apply_patch_to_qwen2,
     apply_patch_to_qwen3,
 )
-from .class_patching import ClassPatch, apply_patch_to_class, class_patches, revert_class_patches  # noqa: E402
 from .patching import (  # noqa: E402
     PositionMaskHook,
     check_patch,
@@ -55,19 +60,14 @@ from .patching import (  # noqa: E402
     restore_patch,
     unpatch_model,
 )
-from .state import PatchState, get_patch, patch_state  # noqa: E402
+from .peft_integration import install_peft_hooks  # noqa: E402
 from .registry import (  # noqa: E402
     NoRotaryEmbeddingError,
     UnsupportedModelError,
     supported_model_types,
 )
 from .spec import PatchSpec, rotated_pairs  # noqa: E402
-from .hub import from_pretrained, push_to_hub, save_pretrained  # noqa: E402
-from .peft_integration import install_peft_hooks  # noqa: E402
-from . import legacy_config as _legacy_config  # noqa: E402
-from .patch_record import PatchMismatchError  # noqa: E402
-from .gguf_export import GGUFExportError, export_gguf  # noqa: E402
-from . import analysis, rotation  # noqa: E402
+from .state import PatchState, get_patch, patch_state  # noqa: E402
 
 install_peft_hooks()
 _legacy_config.install()

@@ -19,8 +19,9 @@ returns them; the model's own attention implementation is restored afterwards.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -179,9 +180,7 @@ class FrequencyUsage:
 
     def _row(self, layer: int) -> int:
         if layer not in self.layers:
-            raise ValueError(
-                f"Layer {layer} was not measured: this report holds layers {_ranges(self.layers)}."
-            )
+            raise ValueError(f"Layer {layer} was not measured: this report holds layers {_ranges(self.layers)}.")
         return self.layers.index(layer)
 
     def to_dict(self) -> dict[str, Any]:
@@ -207,7 +206,7 @@ class FrequencyUsage:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "FrequencyUsage":
+    def from_dict(cls, data: dict[str, Any]) -> FrequencyUsage:
         return cls(
             model_type=data["model_type"],
             layers=list(data["layers"]),
@@ -377,7 +376,7 @@ class PositionalHeads:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PositionalHeads":
+    def from_dict(cls, data: dict[str, Any]) -> PositionalHeads:
         after = "diagonal_after" in data
         return cls(
             model_type=data["model_type"],
@@ -394,7 +393,9 @@ class PositionalHeads:
         )
 
 
-def _attention_shares(parts: ModelParts, windows: torch.Tensor, layers: list[int], progress: bool, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_shares(
+    parts: ModelParts, windows: torch.Tensor, layers: list[int], progress: bool, desc: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     recorders = {i: _PositionShares() for i in layers}
     handles = [parts.attentions[i].register_forward_hook(recorders[i]) for i in layers]
     try:
@@ -527,7 +528,7 @@ class Suggestion:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Suggestion":
+    def from_dict(cls, data: dict[str, Any]) -> Suggestion:
         return cls(
             p=float(data["p"]),
             spec=PatchSpec.from_dict(data["spec"]),
@@ -732,8 +733,14 @@ def check_suggestion(
     below, above = suggestion.neighbours()
     ps = [p for p in (below, suggestion.p, above) if p is not None]
     rows = perplexity_by_p(
-        model, tokenizer, texts, ps, layer_types=suggestion.layer_types, progress=progress,
-        window=int(window or suggestion.context_length), n_windows=n_windows,
+        model,
+        tokenizer,
+        texts,
+        ps,
+        layer_types=suggestion.layer_types,
+        progress=progress,
+        window=int(window or suggestion.context_length),
+        n_windows=n_windows,
     )
     suggestion.check = mark_suggestion(rows, suggestion)
     return suggestion.check

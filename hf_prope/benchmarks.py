@@ -22,9 +22,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -60,7 +61,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], *, repeats: int, inner: int, device: torch.device, warmup: int = 1) -> dict[str, float]:
+def interleaved(
+    fns: dict[str, Callable[[], Any]], *, repeats: int, inner: int, device: torch.device, warmup: int = 1
+) -> dict[str, float]:
     """Median seconds per call of each function, calls interleaved across the functions."""
     for fn in fns.values():
         for _ in range(warmup):
@@ -89,18 +92,38 @@ def _llama_config(values: dict[str, Any], overrides: dict[str, Any]) -> Any:
 
 def smollm2_config(**overrides: Any) -> Any:
     """SmolLM2-135M's architecture (Llama, 30 layers, 9 query / 3 key-value heads of 64), random weights."""
-    return _llama_config(dict(
-        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-        head_dim=64, vocab_size=49152, rope_theta=100000.0, tie_word_embeddings=True,
-    ), overrides)
+    return _llama_config(
+        dict(
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            head_dim=64,
+            vocab_size=49152,
+            rope_theta=100000.0,
+            tie_word_embeddings=True,
+        ),
+        overrides,
+    )
 
 
 def llama3_8b_config(**overrides: Any) -> Any:
     """Llama-3-8B's architecture (32 layers, 32 query / 8 key-value heads of 128, theta 5e5), random weights."""
-    return _llama_config(dict(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-        head_dim=128, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=False,
-    ), overrides)
+    return _llama_config(
+        dict(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=128256,
+            rope_theta=500000.0,
+            tie_word_embeddings=False,
+        ),
+        overrides,
+    )
 
 
 def _shape(quick: bool, layers: int) -> Any:
@@ -114,8 +137,11 @@ def _native_config(config: Any, p: float) -> Any:
 
     cfg = copy.deepcopy(config)
     if has_native_proportional():
-        cfg.rope_parameters = {"rope_type": "proportional", "rope_theta": config.rope_parameters["rope_theta"],
-                               "partial_rotary_factor": p}
+        cfg.rope_parameters = {
+            "rope_type": "proportional",
+            "rope_theta": config.rope_parameters["rope_theta"],
+            "partial_rotary_factor": p,
+        }
         return cfg
     from transformers import LlamaForCausalLM
 
@@ -154,13 +180,22 @@ def _three_models(config: Any, p: float, device: torch.device, dtype: torch.dtyp
     with torch.no_grad():
         ours, theirs = patched(probe).logits, native(probe).logits
         # On a GPU the kernel computes in fp32 and rounds once; transformers rounds each bf16 product.
-        same = torch.equal(ours, theirs) if device.type == "cpu" else torch.allclose(
-            ours.float(), theirs.float(), atol=5e-2, rtol=5e-2)
+        same = (
+            torch.equal(ours, theirs)
+            if device.type == "cpu"
+            else torch.allclose(ours.float(), theirs.float(), atol=5e-2, rtol=5e-2)
+        )
         if not same:
-            raise RuntimeError("hf-prope's patched model and native p-RoPE disagree; the benchmark would compare "
-                               "different computations.")
-    return {"RoPE (unpatched)": base, f"hf-prope p={p:g}": patched, f"hf-prope p={p:g}, general path": patched,
-            f"native proportional p={p:g}": native}
+            raise RuntimeError(
+                "hf-prope's patched model and native p-RoPE disagree; the benchmark would compare "
+                "different computations."
+            )
+    return {
+        "RoPE (unpatched)": base,
+        f"hf-prope p={p:g}": patched,
+        f"hf-prope p={p:g}, general path": patched,
+        f"native proportional p={p:g}": native,
+    }
 
 
 def _maybe_general(name: str, fn: Callable[[], None]) -> Callable[[], None]:
@@ -193,13 +228,22 @@ class RotaryShape:
     theta: float
 
     @classmethod
-    def of(cls, name: str, config: Any, batch: int, tokens: int) -> "RotaryShape":
-        return cls(name, batch, tokens, config.num_attention_heads, config.num_key_value_heads, config.head_dim,
-                   float(config.rope_parameters["rope_theta"]))
+    def of(cls, name: str, config: Any, batch: int, tokens: int) -> RotaryShape:
+        return cls(
+            name,
+            batch,
+            tokens,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+            float(config.rope_parameters["rope_theta"]),
+        )
 
     def describe(self) -> str:
-        return (f"{self.name}: q {self.batch}x{self.heads}x{self.tokens}x{self.head_dim}, "
-                f"k {self.batch}x{self.kv_heads}x{self.tokens}x{self.head_dim}")
+        return (
+            f"{self.name}: q {self.batch}x{self.heads}x{self.tokens}x{self.head_dim}, "
+            f"k {self.batch}x{self.kv_heads}x{self.tokens}x{self.head_dim}"
+        )
 
 
 def _rotary_shapes(device: torch.device, quick: bool) -> list[RotaryShape]:
@@ -208,7 +252,8 @@ def _rotary_shapes(device: torch.device, quick: bool) -> list[RotaryShape]:
     if quick:  # a smoke test of the code; small enough for triton's interpreter on a CPU
         return [RotaryShape.of("SmolLM2-135M", smollm2, 1, 8), RotaryShape.of("Llama-3-8B", llama3, 1, 4)]
     return [RotaryShape.of("SmolLM2-135M", smollm2, 4, 1024)] + (
-        [RotaryShape.of("Llama-3-8B", llama3, 2, 4096)] if device.type == "cuda" else [])
+        [RotaryShape.of("Llama-3-8B", llama3, 2, 4096)] if device.type == "cuda" else []
+    )
 
 
 def _liger_rope() -> Callable[..., Any] | None:
@@ -229,8 +274,14 @@ def _rotary_target(device: torch.device, p: float, baseline: str) -> float | Non
     return {1.0: 1.02, 0.25: 0.5}.get(p)
 
 
-def _fwd_bwd(fn: Callable[..., tuple[torch.Tensor, torch.Tensor]], q_leaf: torch.Tensor, k_leaf: torch.Tensor,
-             cos: torch.Tensor, sin: torch.Tensor, grads: tuple[torch.Tensor, torch.Tensor]) -> Callable[[], None]:
+def _fwd_bwd(
+    fn: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    q_leaf: torch.Tensor,
+    k_leaf: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    grads: tuple[torch.Tensor, torch.Tensor],
+) -> Callable[[], None]:
     """One forward + backward of ``fn``, on fresh non-leaf copies of q and k (in-place kernels need them)."""
 
     def run() -> None:
@@ -262,16 +313,28 @@ def bench_rotary(device: torch.device, repeats: int, quick: bool, profile: bool 
     wrapped = modeling.apply_rotary_pos_emb
     native = getattr(wrapped, "__hf_prope_original__", wrapped)
     dtype = _dtype(device)  # GPUs train in bf16
-    close = torch.equal if device.type == "cpu" else (  # fp32 on a CPU: bit for bit
-        lambda a, b: torch.allclose(a.float(), b.float(), atol=2e-2, rtol=2e-2))
+    close = (
+        torch.equal
+        if device.type == "cpu"
+        # fp32 on a CPU: bit for bit
+        else (lambda a, b: torch.allclose(a.float(), b.float(), atol=2e-2, rtol=2e-2))
+    )
     liger = _liger_rope()
     inner = 2 if quick else (50 if device.type == "cuda" else 20)
     rows = []
     for shape in _rotary_shapes(device, quick):
         g = torch.Generator().manual_seed(0)
         # As the attention makes them: (batch, tokens, heads, dim) projections viewed as (batch, heads, tokens, dim).
-        q = torch.randn(shape.batch, shape.tokens, shape.heads, shape.head_dim, generator=g).to(device, dtype).transpose(1, 2)
-        k = torch.randn(shape.batch, shape.tokens, shape.kv_heads, shape.head_dim, generator=g).to(device, dtype).transpose(1, 2)
+        q = (
+            torch.randn(shape.batch, shape.tokens, shape.heads, shape.head_dim, generator=g)
+            .to(device, dtype)
+            .transpose(1, 2)
+        )
+        k = (
+            torch.randn(shape.batch, shape.tokens, shape.kv_heads, shape.head_dim, generator=g)
+            .to(device, dtype)
+            .transpose(1, 2)
+        )
         n = shape.head_dim // 2
         for p in ROTARY_PS:
             r = int(p * shape.head_dim // 2)
@@ -285,21 +348,26 @@ def bench_rotary(device: torch.device, repeats: int, quick: bool, profile: bool 
                 rotation.tag(*ours, r)
             fns: dict[str, Callable[..., Any]] = {
                 "transformers": native,
-                "hf-prope": lambda q_, k_, c, s: wrapped(q_, k_, *ours),
+                "hf-prope": lambda q_, k_, c, s, ours=ours: wrapped(q_, k_, *ours),
             }
             kernel = rotary_kernel.supports(q, k, cos, sin, 1)
             if kernel and liger is not None:
-                fns["hf-prope kernel"] = lambda q_, k_, c, s: rotation.apply_rotary(q_, k_, c, s, r, backend="triton")
+                fns["hf-prope kernel"] = lambda q_, k_, c, s, r=r: rotation.apply_rotary(
+                    q_, k_, c, s, r, backend="triton"
+                )
                 fns["Liger-Kernel"] = liger
             want = native(q, k, cos, sin)
             for name, fn in fns.items():
                 got = fn(q.clone(), k.clone(), cos, sin)  # fresh copies: the kernels work in place
                 if not all(close(a, b) for a, b in zip(want, got)):
-                    raise RuntimeError(f"{shape.name}, p={p:g}: {name}'s rotation differs from transformers'; "
-                                       "not benchmarking it.")
+                    raise RuntimeError(
+                        f"{shape.name}, p={p:g}: {name}'s rotation differs from transformers'; not benchmarking it."
+                    )
             # Buffers of their own for the in-place kernels, rotated again at every call (the work is the same).
             buffers = {name: (q.clone(), k.clone()) for name in fns}
-            forward = {name: (lambda fn=fn, b=buffers[name]: fn(b[0], b[1], cos, sin)) for name, fn in fns.items()}
+            forward = {
+                name: (lambda fn=fn, b=buffers[name], c=cos, s=sin: fn(b[0], b[1], c, s)) for name, fn in fns.items()
+            }
             with torch.inference_mode():
                 times = interleaved(forward, repeats=repeats * 3, inner=inner, device=device)
                 if profile:
@@ -316,8 +384,12 @@ def bench_rotary(device: torch.device, repeats: int, quick: bool, profile: bool 
                 if min(net.values()) > 0:
                     modes.append(("forward+backward", net))
                 else:  # tiny shapes: the rotation is lost in the noise of the copy
-                    print(f"  [rotary] {shape.name} p={p:g}: forward+backward not reported, below the timing noise "
-                          f"of the shared copy ({shared * 1e3:.3f} ms)", file=sys.stderr, flush=True)
+                    print(
+                        f"  [rotary] {shape.name} p={p:g}: forward+backward not reported, below the timing noise "
+                        f"of the shared copy ({shared * 1e3:.3f} ms)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             note = f"{shape.describe()}, {_dtype_name(device)}"
             for mode, t in modes:
                 pairs = [("hf-prope", "transformers")]
@@ -326,12 +398,21 @@ def bench_rotary(device: torch.device, repeats: int, quick: bool, profile: bool 
                 for ours_name, base_name in pairs:
                     target = _rotary_target(device, p, base_name)
                     ratio = t[ours_name] / t[base_name]
-                    rows.append(Row(
-                        f"rotary {mode}, {shape.name}", f"p={p:g}" + ("" if ours_name == "hf-prope" else ", kernel"),
-                        t[ours_name] * 1e3, "ms", base_name, t[base_name] * 1e3, "lower",
-                        target=f"<= {target}x" if target else "", met=(ratio <= target) if target else None,
-                        note=note, extra={"times_ms": {name: v * 1e3 for name, v in t.items()}},
-                    ))
+                    rows.append(
+                        Row(
+                            f"rotary {mode}, {shape.name}",
+                            f"p={p:g}" + ("" if ours_name == "hf-prope" else ", kernel"),
+                            t[ours_name] * 1e3,
+                            "ms",
+                            base_name,
+                            t[base_name] * 1e3,
+                            "lower",
+                            target=f"<= {target}x" if target else "",
+                            met=(ratio <= target) if target else None,
+                            note=note,
+                            extra={"times_ms": {name: v * 1e3 for name, v in t.items()}},
+                        )
+                    )
     return rows
 
 
@@ -353,14 +434,29 @@ def _profile(title: str, fns: dict[str, Callable[[], Any]], device: torch.device
 def _train_shapes(device: torch.device, quick: bool) -> list[tuple[str, Any, int, int]]:
     """(name, config, batch, tokens) of the training-step benchmark: SmolLM2, and Llama-3-8B (fewer layers) on a GPU."""
     if quick:
-        return [("SmolLM2-shaped", _shape(True, 2), 1, 128),
-                ("Llama-3-8B-shaped", llama3_8b_config(num_hidden_layers=1, hidden_size=256, intermediate_size=512,
-                                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=2048), 1, 64)]
+        return [
+            ("SmolLM2-shaped", _shape(True, 2), 1, 128),
+            (
+                "Llama-3-8B-shaped",
+                llama3_8b_config(
+                    num_hidden_layers=1,
+                    hidden_size=256,
+                    intermediate_size=512,
+                    num_attention_heads=4,
+                    num_key_value_heads=2,
+                    vocab_size=2048,
+                ),
+                1,
+                64,
+            ),
+        ]
     if device.type != "cuda":
         # 1 x 1024 on a CPU: q has 590k elements, past rotation.MIN_ELEMENTS_TRAINING.
         return [("SmolLM2-shaped", _shape(False, 30), 1, 1024)]
-    return [("SmolLM2-shaped", _shape(False, 30), 8, 1024),
-            ("Llama-3-8B-shaped", llama3_8b_config(num_hidden_layers=4), 2, 4096)]
+    return [
+        ("SmolLM2-shaped", _shape(False, 30), 8, 1024),
+        ("Llama-3-8B-shaped", llama3_8b_config(num_hidden_layers=4), 2, 4096),
+    ]
 
 
 def _peak_memory(fns: dict[str, Callable[[], Any]], device: torch.device) -> dict[str, float]:
@@ -387,12 +483,15 @@ def bench_train(device: torch.device, repeats: int, quick: bool, profile: bool =
         models = _three_models(config, p, device, _dtype(device))
         for m in models.values():
             m.train()
-        ids = torch.randint(0, config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(1)).to(device)
+        ids = torch.randint(0, config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(1)).to(
+            device
+        )
 
-        def step(model: Any) -> Callable[[], None]:
+        def step(model: Any, ids: torch.Tensor = ids) -> Callable[[], None]:
             def run() -> None:
                 model.zero_grad(set_to_none=True)
                 model(input_ids=ids, labels=ids).loss.backward()
+
             return run
 
         fns = {name: _maybe_general(name, step(m)) for name, m in models.items()}
@@ -400,8 +499,9 @@ def bench_train(device: torch.device, repeats: int, quick: bool, profile: bool =
         if profile:
             _profile(f"training step, {label}", fns, device)
         note = f"{label}, {config.num_hidden_layers} layers, {batch}x{tokens} tokens, {_dtype_name(device)}"
-        rows += _throughput_rows(f"training step, {label}", times, batch * tokens, note,
-                                 target=1.03 if device.type == "cuda" else 0.99)
+        rows += _throughput_rows(
+            f"training step, {label}", times, batch * tokens, note, target=1.03 if device.type == "cuda" else 0.99
+        )
         if device.type == "cuda":
             rows += _memory_rows(f"peak memory, training step, {label}", _peak_memory(fns, device), note)
         del models, fns
@@ -415,12 +515,16 @@ def bench_decode(device: torch.device, repeats: int, quick: bool, profile: bool 
     layers = 30 if not quick else 2
     models = _three_models(_shape(quick, layers), p, device, _dtype(device))
     prompt_len, new = (128, 64) if not quick else (16, 8)
-    prompt = torch.randint(0, models["RoPE (unpatched)"].config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(2)).to(device)
+    prompt = torch.randint(
+        0, models["RoPE (unpatched)"].config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(2)
+    ).to(device)
 
     def gen(model: Any) -> Callable[[], None]:
         def run() -> None:
-            model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=True,
-                           pad_token_id=0)
+            model.generate(
+                prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=True, pad_token_id=0
+            )
+
         return run
 
     fns = {name: _maybe_general(name, gen(m)) for name, m in models.items()}
@@ -441,17 +545,30 @@ def _throughput_rows(name: str, times: dict[str, float], tokens: int, note: str,
         if variant == "RoPE (unpatched)":
             continue
         is_ours = variant.startswith("hf-prope") and not variant.endswith("general path")
-        rows.append(Row(
-            name, variant, tokens / seconds, "tokens/s", "RoPE (unpatched)", tokens / base, "higher",
-            target=f">= {target}x" if is_ours else "", met=(base / seconds >= target) if is_ours else None, note=note,
-        ))
+        rows.append(
+            Row(
+                name,
+                variant,
+                tokens / seconds,
+                "tokens/s",
+                "RoPE (unpatched)",
+                tokens / base,
+                "higher",
+                target=f">= {target}x" if is_ours else "",
+                met=(base / seconds >= target) if is_ours else None,
+                note=note,
+            )
+        )
     return rows
 
 
 def _memory_rows(name: str, peaks: dict[str, float], note: str) -> list[Row]:
     base = peaks["RoPE (unpatched)"]
-    return [Row(name, variant, peak / 2**20, "MiB", "RoPE (unpatched)", base / 2**20, "lower", note=note)
-            for variant, peak in peaks.items() if variant != "RoPE (unpatched)"]
+    return [
+        Row(name, variant, peak / 2**20, "MiB", "RoPE (unpatched)", base / 2**20, "lower", note=note)
+        for variant, peak in peaks.items()
+        if variant != "RoPE (unpatched)"
+    ]
 
 
 def bench_patch(device: torch.device, repeats: int, quick: bool, profile: bool = False) -> list[Row]:
@@ -490,11 +607,30 @@ def bench_patch(device: torch.device, repeats: int, quick: bool, profile: bool =
     }
     latency = statistics.median(samples) * 1e3
     return [
-        Row("patch_model latency", what, latency, "ms", "target", 50.0, "lower", target="< 50 ms", met=latency < 50,
-            extra={"unpatch_ms": statistics.median(unpatch_samples) * 1e3}),
-        Row("memory after patch_model", what, float(after_bytes), "bytes", "before", float(before_bytes), "lower",
-            target="no parameter memory added", met=after_bytes == before_bytes and same_params,
-            note="parameters and buffers: same storage (no copy), same buffers (no cos/sin cache)"),
+        Row(
+            "patch_model latency",
+            what,
+            latency,
+            "ms",
+            "target",
+            50.0,
+            "lower",
+            target="< 50 ms",
+            met=latency < 50,
+            extra={"unpatch_ms": statistics.median(unpatch_samples) * 1e3},
+        ),
+        Row(
+            "memory after patch_model",
+            what,
+            float(after_bytes),
+            "bytes",
+            "before",
+            float(before_bytes),
+            "lower",
+            target="no parameter memory added",
+            met=after_bytes == before_bytes and same_params,
+            note="parameters and buffers: same storage (no copy), same buffers (no cos/sin cache)",
+        ),
     ]
 
 
@@ -517,8 +653,14 @@ def bench_recipe(device: torch.device, repeats: int, quick: bool, profile: bool 
     steps = 3 if quick else 10
     runtimes: dict[str, list[float]] = {"recipe": [], "plain script": []}
     with tempfile.TemporaryDirectory() as tmp:
-        overrides: dict[str, Any] = {"max_steps": steps, "control": False, "output_dir": f"{tmp}/setup",
-                                     "logging_steps": steps, "save_steps": 10_000, "report_to": "none"}
+        overrides: dict[str, Any] = {
+            "max_steps": steps,
+            "control": False,
+            "output_dir": f"{tmp}/setup",
+            "logging_steps": steps,
+            "save_steps": 10_000,
+            "report_to": "none",
+        }
         if quick:
             overrides.update({"block_size": 64, "per_device_train_batch_size": 1})
         recipe = LoRARecipe.from_config("smollm2_135m_quick", overrides)
@@ -540,12 +682,20 @@ def bench_recipe(device: torch.device, repeats: int, quick: bool, profile: bool 
             hf_prope.patch_model(model, recipe.spec)
             la = recipe.lora_args
             torch.manual_seed(args0.seed)
-            peft_model = get_peft_model(model, LoraConfig(
-                r=la.lora_r, lora_alpha=la.lora_alpha, lora_dropout=la.lora_dropout,
-                target_modules=la.target_modules(), task_type="CAUSAL_LM"))
+            peft_model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=la.lora_r,
+                    lora_alpha=la.lora_alpha,
+                    lora_dropout=la.lora_dropout,
+                    target_modules=la.target_modules(),
+                    task_type="CAUSAL_LM",
+                ),
+            )
             args = dataclasses.replace(args0, output_dir=f"{tmp}/plain{rep}")
-            trainer = Trainer(model=peft_model, args=args, train_dataset=BlockDataset(blocks),
-                              data_collator=default_data_collator)
+            trainer = Trainer(
+                model=peft_model, args=args, train_dataset=BlockDataset(blocks), data_collator=default_data_collator
+            )
             trainer.train()
             return _runtime(trainer.state.log_history)
 
@@ -557,12 +707,22 @@ def bench_recipe(device: torch.device, repeats: int, quick: bool, profile: bool 
         tokens = steps * args0.per_device_train_batch_size * args0.gradient_accumulation_steps * blocks.shape[1]
     recipe_s = statistics.median(runtimes["recipe"])
     plain_s = statistics.median(runtimes["plain script"])
-    return [Row("LoRA recipe training", "recipe (Trainer + PEFT + callbacks)", tokens / recipe_s, "tokens/s",
-                "plain Trainer + PEFT script", tokens / plain_s, "higher", target=">= 0.98x",
-                met=plain_s / recipe_s >= 0.98,
-                note=f"SmolLM2-135M {recipe.spec.describe()}, LoRA r={recipe.lora_args.lora_r}, {steps} steps of "
-                     f"{args0.per_device_train_batch_size}x{blocks.shape[1]} tokens",
-                extra={"runtimes_s": runtimes})]
+    return [
+        Row(
+            "LoRA recipe training",
+            "recipe (Trainer + PEFT + callbacks)",
+            tokens / recipe_s,
+            "tokens/s",
+            "plain Trainer + PEFT script",
+            tokens / plain_s,
+            "higher",
+            target=">= 0.98x",
+            met=plain_s / recipe_s >= 0.98,
+            note=f"SmolLM2-135M {recipe.spec.describe()}, LoRA r={recipe.lora_args.lora_r}, {steps} steps of "
+            f"{args0.per_device_train_batch_size}x{blocks.shape[1]} tokens",
+            extra={"runtimes_s": runtimes},
+        )
+    ]
 
 
 _DISTILL_STEP = """
@@ -600,10 +760,14 @@ def distill_step(objective: str, device: torch.device, quick: bool) -> Callable[
     layers = 2 if quick else 30
     model = LlamaForCausalLM(_shape(quick, layers)).to(device)
     hf_prope.patch_model(model, "p-rope", p=0.75)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    model = get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    )
     model.train()
     batch, tokens = (1, 128) if quick else ((1, 2048) if device.type == "cpu" else (4, 4096))
-    ids = torch.randint(0, model.config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(1)).to(device)
+    ids = torch.randint(0, model.config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(1)).to(
+        device
+    )
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
@@ -611,8 +775,9 @@ def distill_step(objective: str, device: torch.device, quick: bool) -> Callable[
             loss = model(input_ids=ids, labels=ids).loss
         else:
             hidden = teacher_hidden_states(model, ids)
-            loss, _ = distillation_loss(model(input_ids=ids).logits, hidden, output_layer(model),
-                                        chunk_tokens=DEFAULT_CHUNK_TOKENS)
+            loss, _ = distillation_loss(
+                model(input_ids=ids).logits, hidden, output_layer(model), chunk_tokens=DEFAULT_CHUNK_TOKENS
+            )
         loss.backward()
 
     return step
@@ -635,18 +800,40 @@ def bench_distill(device: torch.device, repeats: int, quick: bool, profile: bool
         _profile("distill vs lm", fns, device)
     peaks = {}
     for objective in ("lm", "distill"):
-        out = subprocess.run([sys.executable, "-c", _DISTILL_STEP, objective, str(device), "1" if quick else "0"],
-                             capture_output=True, text=True, timeout=1800)
+        out = subprocess.run(
+            [sys.executable, "-c", _DISTILL_STEP, objective, str(device), "1" if quick else "0"],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
         if out.returncode != 0:
             raise RuntimeError(f"The {objective} memory probe failed:\n{out.stderr[-2000:]}")
         peaks[objective] = float(json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"])
     shape = "1 x 128, 2 layers" if quick else ("1 x 2048" if device.type == "cpu" else "4 x 4096") + ", 30 layers"
     note = f"SmolLM2-shaped, p=0.75, LoRA r=16 q/k/v/o, {shape}, fp32; teacher = the model itself"
     return [
-        Row("training step, objective", "distill (KL to the unpatched model)", times["distill"] * 1e3, "ms",
-            "lm (cross-entropy)", times["lm"] * 1e3, "lower", note=note),
-        Row("peak memory of a training step", "distill", peaks["distill"] / 2**20, "MiB", "lm", peaks["lm"] / 2**20,
-            "lower", target="<= 1.25x", met=peaks["distill"] <= 1.25 * peaks["lm"], note=note),
+        Row(
+            "training step, objective",
+            "distill (KL to the unpatched model)",
+            times["distill"] * 1e3,
+            "ms",
+            "lm (cross-entropy)",
+            times["lm"] * 1e3,
+            "lower",
+            note=note,
+        ),
+        Row(
+            "peak memory of a training step",
+            "distill",
+            peaks["distill"] / 2**20,
+            "MiB",
+            "lm",
+            peaks["lm"] / 2**20,
+            "lower",
+            target="<= 1.25x",
+            met=peaks["distill"] <= 1.25 * peaks["lm"],
+            note=note,
+        ),
     ]
 
 
@@ -658,7 +845,11 @@ def _runtime(log_history: list[dict[str, Any]]) -> float:
 
 
 RUNNERS: dict[str, Callable[..., list[Row]]] = {
-    "rotary": bench_rotary, "train": bench_train, "decode": bench_decode, "patch": bench_patch, "recipe": bench_recipe,
+    "rotary": bench_rotary,
+    "train": bench_train,
+    "decode": bench_decode,
+    "patch": bench_patch,
+    "recipe": bench_recipe,
     "distill": bench_distill,
 }
 
@@ -671,12 +862,18 @@ def machine() -> dict[str, Any]:
     import transformers
 
     info: dict[str, Any] = {
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
     }
     try:
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                           if line.startswith("model name"))
+        info["cpu"] = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     if torch.cuda.is_available():
@@ -691,8 +888,10 @@ def format_rows(rows: Sequence[Row]) -> str:
         met = "" if row.met is None else "yes" if row.met else "NO"
         value = f"{row.value:,.3f}" if row.value < 1000 else f"{row.value:,.0f}"
         base = f"{row.baseline_value:,.3f}" if row.baseline_value < 1000 else f"{row.baseline_value:,.0f}"
-        lines.append(f"{row.benchmark:<44}{row.variant:<34}{value:>14} {row.unit:<9}{base:>14}{row.ratio:>8.3f}  "
-                     f"{row.target:<28}{met:<5}")
+        lines.append(
+            f"{row.benchmark:<44}{row.variant:<34}{value:>14} {row.unit:<9}{base:>14}{row.ratio:>8.3f}  "
+            f"{row.target:<28}{met:<5}"
+        )
     return "\n".join(lines)
 
 
@@ -718,15 +917,23 @@ def steady_allocator() -> bool:
         return False
 
 
-def run(only: Sequence[str] = BENCHMARKS, *, device: str = "cpu", repeats: int = 5, quick: bool = False,
-        out: str | None = None, profile: bool = False) -> list[Row]:
+def run(
+    only: Sequence[str] = BENCHMARKS,
+    *,
+    device: str = "cpu",
+    repeats: int = 5,
+    quick: bool = False,
+    out: str | None = None,
+    profile: bool = False,
+) -> list[Row]:
     """Run the chosen benchmarks, print the table, and write it as JSON to ``out``."""
     unknown = [b for b in only if b not in RUNNERS]
     if unknown:
         from .spec import closest
 
-        raise ValueError(f"Unknown benchmark {unknown[0]!r}; benchmarks: {', '.join(BENCHMARKS)}."
-                         + closest(unknown[0], BENCHMARKS))
+        raise ValueError(
+            f"Unknown benchmark {unknown[0]!r}; benchmarks: {', '.join(BENCHMARKS)}." + closest(unknown[0], BENCHMARKS)
+        )
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: torch sees no GPU on this machine.")
@@ -736,10 +943,13 @@ def run(only: Sequence[str] = BENCHMARKS, *, device: str = "cpu", repeats: int =
         check_writable(Path(out).expanduser().resolve().parent)
     info = machine()
     info["steady_allocator"] = steady_allocator()
-    print(f"hf-prope bench on {info.get('gpu', info['cpu'])} ({info['threads']} threads), torch {info['torch']}, "
-          f"transformers {info['transformers']}; median of {repeats} interleaved repeats"
-          + ("; glibc malloc keeps freed memory (see steady_allocator)" if info["steady_allocator"] else ""),
-          file=sys.stderr, flush=True)
+    print(
+        f"hf-prope bench on {info.get('gpu', info['cpu'])} ({info['threads']} threads), torch {info['torch']}, "
+        f"transformers {info['transformers']}; median of {repeats} interleaved repeats"
+        + ("; glibc malloc keeps freed memory (see steady_allocator)" if info["steady_allocator"] else ""),
+        file=sys.stderr,
+        flush=True,
+    )
     rows: list[Row] = []
     for name in only:
         print(f"[{name}] ...", file=sys.stderr, flush=True)
@@ -748,8 +958,13 @@ def run(only: Sequence[str] = BENCHMARKS, *, device: str = "cpu", repeats: int =
         print(f"[{name}] {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     print(format_rows(rows))
     if out:
-        data = {"machine": info, "device": device, "repeats": repeats, "quick": quick,
-                "rows": [{**row.__dict__, "ratio": row.ratio} for row in rows]}
+        data = {
+            "machine": info,
+            "device": device,
+            "repeats": repeats,
+            "quick": quick,
+            "rows": [{**row.__dict__, "ratio": row.ratio} for row in rows],
+        }
         write_json(out, data)
         print(f"Wrote {out}")
     return rows

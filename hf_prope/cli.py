@@ -25,8 +25,9 @@ import argparse
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 # Reference figures (BRIEF section 4): last 16 windows of 512 tokens of python_docs_text(),
 # measured on Python 3.11 (the text changes between Python minor versions).
@@ -35,11 +36,19 @@ REFERENCE_PROTOCOL = {"window": 512, "n_windows": 16}
 REFERENCES: dict[tuple[str, bool], dict[str, str]] = {
     # (model, patch only full_attention layers) -> variant label -> perplexity
     ("smollm2-135m", False): {
-        "RoPE": "9.87", "p=0.75": "9.90", "p=0.5": "10.41", "p=0.25": "50.4", "NoPE": "197.7",
+        "RoPE": "9.87",
+        "p=0.75": "9.90",
+        "p=0.5": "10.41",
+        "p=0.25": "50.4",
+        "NoPE": "197.7",
         "highest 25% dropped": "89.2",
     },
     ("gemma-3-270m", False): {
-        "RoPE": "26.29", "p=0.75": "26.18", "p=0.5": "139.1", "p=0.25": "196.3", "NoPE": "1696",
+        "RoPE": "26.29",
+        "p=0.75": "26.18",
+        "p=0.5": "139.1",
+        "p=0.25": "196.3",
+        "NoPE": "1696",
         "highest 25% dropped": "188.5",
     },
     ("gemma-3-270m", True): {"RoPE": "26.29", "p=0.75": "26.28", "p=0.5": "26.21", "p=0.25": "26.99", "NoPE": "34.54"},
@@ -92,8 +101,13 @@ def _zero_shot(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model)
     # zero_shot_table checks every variant against the model before its first forward pass.
     rows = zero_shot_table(
-        model, tokenizer, _variants(args.layer_types), window=args.window, n_windows=args.n_windows,
-        text=python_docs_text(), batch_size=args.batch_size,
+        model,
+        tokenizer,
+        _variants(args.layer_types),
+        window=args.window,
+        n_windows=args.n_windows,
+        text=python_docs_text(),
+        batch_size=args.batch_size,
     )
     refs = _references(args)
     where = f"p-RoPE on {', '.join(args.layer_types)} layers only" if args.layer_types else "patch on every layer"
@@ -153,11 +167,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hf-prope {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser(
-        "run", help="run a recipe: hf-prope run {lora,eval,analyze,ablation} [--config FILE] [key=value ...] (see hf-prope run --help)",
+        "run",
+        help="run a recipe: hf-prope run {lora,eval,analyze,ablation} [--config FILE] [key=value ...] (see hf-prope run --help)",
         add_help=False,
     )
     sub.add_parser(
-        "analyze", add_help=False,
+        "analyze",
+        add_help=False,
         help="hf-prope analyze MODEL [--out DIR] [key=value ...]: frequency usage, positional heads and a "
         "suggested p, as a report with heat maps (see hf-prope analyze --help)",
     )
@@ -168,17 +184,27 @@ def _parser() -> argparse.ArgumentParser:
         "frequencies dropped, and measure its perplexity on the Python docs text after each.",
     )
     zs.add_argument(
-        "--model", default="smollm2-135m",
+        "--model",
+        default="smollm2-135m",
         help="smollm2-135m or gemma-3-270m (shipped in PyPI packages), a local .gguf file, a local model "
         "directory or a Hub model id (default: %(default)s)",
     )
     zs.add_argument("--window", type=_at_least(2), default=512, help="tokens per window (default: %(default)s)")
-    zs.add_argument("--n-windows", type=_at_least(1), default=16, help="number of windows, from the end of the text (default: %(default)s)")
     zs.add_argument(
-        "--layer-types", nargs="+", metavar="TYPE",
+        "--n-windows",
+        type=_at_least(1),
+        default=16,
+        help="number of windows, from the end of the text (default: %(default)s)",
+    )
+    zs.add_argument(
+        "--layer-types",
+        nargs="+",
+        metavar="TYPE",
         help="patch only layers of these types, e.g. full_attention on Gemma 3 (default: every layer)",
     )
-    zs.add_argument("--batch-size", type=_at_least(1), default=1, help="windows per forward pass (default: %(default)s)")
+    zs.add_argument(
+        "--batch-size", type=_at_least(1), default=1, help="windows per forward pass (default: %(default)s)"
+    )
     zs.add_argument("--out", metavar="FILE", help="also write the table as JSON to FILE")
     zs.set_defaults(func=_zero_shot)
 
@@ -192,13 +218,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     export.add_argument("model", metavar="MODEL", help="smollm2-135m, a local .gguf file, a model folder or a Hub id")
     export.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the GGUF file to write")
-    export.add_argument("--dtype", default="f16", choices=["f16", "bf16", "f32"], help="matrix precision (default: %(default)s)")
-    export.add_argument("--patch", choices=["p-rope", "freq-mask", "nope", "rope"], help="patch the model first with this patch")
+    export.add_argument(
+        "--dtype", default="f16", choices=["f16", "bf16", "f32"], help="matrix precision (default: %(default)s)"
+    )
+    export.add_argument(
+        "--patch", choices=["p-rope", "freq-mask", "nope", "rope"], help="patch the model first with this patch"
+    )
     export.add_argument("--p", type=float, help="with --patch p-rope: the fraction of frequency pairs that rotate")
-    export.add_argument("--keep", help="with --patch freq-mask: comma-separated indices of the pairs that rotate (0 = highest)")
+    export.add_argument(
+        "--keep", help="with --patch freq-mask: comma-separated indices of the pairs that rotate (0 = highest)"
+    )
     export.add_argument("--revision", help="Hub revision of MODEL")
     export.add_argument(
-        "--check", type=_at_least(2), metavar="N",
+        "--check",
+        type=_at_least(2),
+        metavar="N",
         help="then run the file in llama.cpp (needs llama-cpp-python) on the last N tokens of CPython's docs and "
         "compare its logits with the model's in transformers, and with a plain-RoPE GGUF of the same weights",
     )
@@ -230,8 +264,14 @@ MAIN_JOB = ["run", "lora", "--config", "smollm2_135m_quick"]
 def _bench(args: argparse.Namespace) -> int:
     from .benchmarks import run
 
-    run([b.strip() for b in args.only.split(",") if b.strip()], device=args.device, repeats=args.repeats,
-        quick=args.quick, out=args.out, profile=args.profile)
+    run(
+        [b.strip() for b in args.only.split(",") if b.strip()],
+        device=args.device,
+        repeats=args.repeats,
+        quick=args.quick,
+        out=args.out,
+        profile=args.profile,
+    )
     return 0
 
 
@@ -276,6 +316,7 @@ def _export(args: argparse.Namespace) -> int:
         tokenizer = vocabulary_for(model, hf_tokenizer)
     if args.patch is not None:
         patch_model(model, args.patch, **params)  # checks against this model before changing anything
+
     def progress(done: int, total: int) -> None:
         if done == total or done % max(1, total // 10) == 0:
             print(f"writing {args.gguf}: {done}/{total} tensors", file=sys.stderr, flush=True)
@@ -283,8 +324,10 @@ def _export(args: argparse.Namespace) -> int:
     result = export_gguf(model, args.gguf, tokenizer=tokenizer, dtype=args.dtype, progress=progress)
     what = result.spec.describe() if result.spec is not None else "no patch (plain RoPE)"
     factors = "no rope_freqs tensor" if result.rope_freqs is None else f"rope_freqs: {len(result.rope_freqs)} factors"
-    print(f"Wrote {result.path} ({result.architecture}, {result.dtype}, {result.n_tensors} tensors; {what}; {factors}) "
-          f"in {time.time() - started:.0f} s.")
+    print(
+        f"Wrote {result.path} ({result.architecture}, {result.dtype}, {result.n_tensors} tensors; {what}; {factors}) "
+        f"in {time.time() - started:.0f} s."
+    )
     if args.check is not None:
         _check_export(model, result.path, args.check, hf_tokenizer)
     return 0
@@ -298,8 +341,10 @@ def _check_export(model: Any, path: Path, n_tokens: int, tokenizer: Any) -> None
     report = check_in_llama_cpp(model, path, ids)
 
     def line(label: str, r: dict[str, float]) -> str:
-        return (f"  {label:<44} mean |d logit| {r['mean_abs_logit_diff']:.4f}   max {r['max_abs_logit_diff']:.3f}   "
-                f"argmax agreement {r['argmax_agreement']:.3f}")
+        return (
+            f"  {label:<44} mean |d logit| {r['mean_abs_logit_diff']:.4f}   max {r['max_abs_logit_diff']:.3f}   "
+            f"argmax agreement {r['argmax_agreement']:.3f}"
+        )
 
     print(f"llama.cpp against transformers (fp32), last {report['tokens']} tokens of CPython's docs:")
     print(line(f"this file ({path.name})", report))
@@ -357,9 +402,11 @@ def _run_recipe(argv: list[str]) -> int:
 def _analyze(argv: list[str]) -> int:
     """``analyze MODEL [--out DIR] [overrides]`` is ``run analyze model=MODEL output_dir=DIR [overrides]``."""
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: hf-prope analyze MODEL [--out DIR] [key=value | --key value ...]\n\n"
-              "MODEL: smollm2-135m, gemma-3-270m, a local .gguf file, a local model folder or a Hub model id.\n"
-              "DIR: where report.json, summary.md and the PNG heat maps go (default: report).\n")
+        print(
+            "usage: hf-prope analyze MODEL [--out DIR] [key=value | --key value ...]\n\n"
+            "MODEL: smollm2-135m, gemma-3-270m, a local .gguf file, a local model folder or a Hub model id.\n"
+            "DIR: where report.json, summary.md and the PNG heat maps go (default: report).\n"
+        )
         return _run_recipe(["analyze", "--help"]) if argv else 2
     model, rest = argv[0], argv[1:]
     if model.startswith("-") or "=" in model:

@@ -8,9 +8,10 @@ as the last ``n_windows`` windows of ``window`` tokens (:func:`last_windows`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -18,8 +19,15 @@ from .files import local_path
 
 PYTHON_DOCS = "python-docs"
 # datasets builder for each file extension a local source may have.
-_BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".csv": "csv",
-             ".parquet": "parquet"}
+_BUILDERS = {
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+}
 
 
 def python_docs_text() -> str:
@@ -44,9 +52,7 @@ def _local_files(source: str) -> list[Path] | None:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _BUILDERS)
         if not files:
-            raise FileNotFoundError(
-                f"The data folder {path} holds no {', '.join(sorted(_BUILDERS))} files."
-            )
+            raise FileNotFoundError(f"The data folder {path} holds no {', '.join(sorted(_BUILDERS))} files.")
         return files
     if path.is_file():
         return [path]
@@ -130,7 +136,9 @@ def join_documents(docs: Sequence[torch.Tensor], eos: int | None) -> torch.Tenso
     return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
 
 
-def tokenize_dataset(dataset: Any, tokenizer: Any, *, text_column: str = "text", num_proc: int | None = None) -> torch.Tensor:
+def tokenize_dataset(
+    dataset: Any, tokenizer: Any, *, text_column: str = "text", num_proc: int | None = None
+) -> torch.Tensor:
     """All documents as one 1-D tensor of ids, without BOS, joined by the EOS token.
 
     A single document tokenises exactly as :func:`tokenize_text` does, so
@@ -275,6 +283,8 @@ def split_long_documents(
         )
     heldout = torch.cat(held[::-1])
     return TokenSplit(
-        train_blocks=train[: n_blocks * block_size].reshape(n_blocks, block_size).clone(), heldout=heldout.clone(),
-        total_tokens=int(sum(len(d) for d in docs)), heldout_documents=len(used),
+        train_blocks=train[: n_blocks * block_size].reshape(n_blocks, block_size).clone(),
+        heldout=heldout.clone(),
+        total_tokens=int(sum(len(d) for d in docs)),
+        heldout_documents=len(used),
     )

@@ -22,7 +22,8 @@ a CPU, SmolLM2 shape, 2048 tokens)::
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -103,8 +104,15 @@ def distillation_loss(
     targets = (labels[:, 1:] if shift else labels) if labels is not None and lm_weight > 0 else None
     needs_grad = student_logits.requires_grad and torch.is_grad_enabled()
     loss, kl, ce = _FusedDistillation.apply(
-        student_logits, teacher_hidden, targets, teacher_logits, float(temperature), float(distill_weight),
-        int(chunk_tokens), positions, needs_grad,
+        student_logits,
+        teacher_hidden,
+        targets,
+        teacher_logits,
+        float(temperature),
+        float(distill_weight),
+        int(chunk_tokens),
+        positions,
+        needs_grad,
     )
     return loss, {"kl": kl.detach(), "lm": ce.detach()}
 

@@ -10,7 +10,8 @@ predicted token (positions 1..window-1 of each window).
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm

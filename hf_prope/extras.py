@@ -14,8 +14,12 @@ __all__ = ["EXTRAS", "MissingExtraError", "missing", "require"]
 #: extra -> (importable module, PyPI package) it must provide; the same lists as pyproject.toml's extras.
 EXTRAS: dict[str, tuple[tuple[str, str], ...]] = {
     "gguf": (("gguf", "gguf"),),
-    "recipes": (("datasets", "datasets"), ("accelerate", "accelerate"), ("yaml", "pyyaml"),
-                ("matplotlib", "matplotlib")),
+    "recipes": (
+        ("datasets", "datasets"),
+        ("accelerate", "accelerate"),
+        ("yaml", "pyyaml"),
+        ("matplotlib", "matplotlib"),
+    ),
     "mlx": (("mlx", "mlx"), ("mlx_lm", "mlx-lm")),
     "gpu": (("triton", "triton"),),
 }

@@ -16,8 +16,9 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 
 def local_path(source: str | os.PathLike[str], *, file_suffixes: Sequence[str] = ()) -> Path | None:

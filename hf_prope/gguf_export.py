@@ -26,19 +26,20 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
 from ._version import __version__
+from .extras import require
 from .files import atomic_path, check_writable
 from .patching import layer_frequencies, patch_model
 from .rope_types import base_rope_type
-from .extras import require
 from .spec import PatchSpec, rotated_pairs
 from .state import PatchState, is_peft_model, patch_state, unwrap
 
@@ -122,7 +123,9 @@ def _check_rope(state: PatchState, spec: PatchSpec | None) -> None:
                 "cannot carry."
             )
     head_dim = 2 * parts.n_pairs
-    config_head_dim = getattr(parts.config, "head_dim", None) or parts.config.hidden_size // parts.config.num_attention_heads
+    config_head_dim = (
+        getattr(parts.config, "head_dim", None) or parts.config.hidden_size // parts.config.num_attention_heads
+    )
     if head_dim != config_head_dim:
         raise GGUFExportError(
             f"This model rotates {head_dim} of its {config_head_dim} head channels (partial rotary); the exporter "
@@ -202,7 +205,9 @@ def _starts_or_ends_with(tokenizer: Any) -> tuple[bool, bool]:
     return bool(ids) and bos is not None and ids[0] == bos, bool(ids) and eos is not None and ids[-1] == eos
 
 
-def _vocab_from_tokenizer(tokenizer: Any, vocab_size: int, pre_tokenizer: str | None) -> tuple[dict[str, Any], str | None]:
+def _vocab_from_tokenizer(
+    tokenizer: Any, vocab_size: int, pre_tokenizer: str | None
+) -> tuple[dict[str, Any], str | None]:
     """GGUF tokenizer fields (key -> (value, value type name)) from a transformers byte-level BPE tokenizer."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
@@ -352,7 +357,11 @@ def _merged_state(root: nn.Module) -> dict[str, torch.Tensor]:
                 state[f"{name}.bias"] = base.bias.detach()
         elif hasattr(module, "modules_to_save") and hasattr(module, "original_module"):
             # PEFT's ModulesToSaveWrapper: the trained copy of the active adapter replaces the original.
-            active = [a for a in module.active_adapters if a in module.modules_to_save] if not module.disable_adapters else []
+            active = (
+                [a for a in module.active_adapters if a in module.modules_to_save]
+                if not module.disable_adapters
+                else []
+            )
             source = module.modules_to_save[active[0]] if active else module.original_module
             for key, value in source.state_dict().items():
                 state[f"{name}.{key}"] = value.detach()
@@ -600,8 +609,13 @@ def llama_cpp_logits(path: str | os.PathLike[str], ids: Sequence[int], *, f32_ca
         ) from None
     cache = {"type_k": 0, "type_v": 0} if f32_cache else {}  # 0 = GGML_TYPE_F32
     llm = Llama(
-        model_path=str(path), n_ctx=max(64, len(ids)), n_batch=min(512, max(64, len(ids))), logits_all=True,
-        verbose=False, seed=0, **cache,
+        model_path=str(path),
+        n_ctx=max(64, len(ids)),
+        n_batch=min(512, max(64, len(ids))),
+        logits_all=True,
+        verbose=False,
+        seed=0,
+        **cache,
     )
     try:
         llm.eval(list(ids))
@@ -673,7 +687,9 @@ def _recorded_spec(reader: Any) -> PatchSpec | None:
         return None
 
 
-def spec_from_factors(factors: Sequence[float], inv_freq: Sequence[float], recorded: PatchSpec | None = None) -> PatchSpec | None:
+def spec_from_factors(
+    factors: Sequence[float], inv_freq: Sequence[float], recorded: PatchSpec | None = None
+) -> PatchSpec | None:
     """The patch that stops the pairs whose factor is :data:`STOPPED_FACTOR`, or ``None`` when none is stopped.
 
     ``recorded`` (the spec an hf-prope export stored) is returned when it stops exactly those
@@ -703,7 +719,9 @@ def gguf_patch(model: nn.Module, path: str | os.PathLike[str]) -> PatchSpec | No
         return None
     parts = patch_state(model).parts
     if len(factors) != parts.n_pairs:
-        raise ValueError(f"{path} has {len(factors)} rope_freqs factors but the model has {parts.n_pairs} frequency pairs.")
+        raise ValueError(
+            f"{path} has {len(factors)} rope_freqs factors but the model has {parts.n_pairs} frequency pairs."
+        )
     scaled = [f for f in factors if f < STOPPED_ABOVE and abs(f - 1.0) > 1e-6]
     if scaled:
         warnings.warn(

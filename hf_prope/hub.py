@@ -48,8 +48,16 @@ from .state import PatchState, is_peft_model, patch_state
 
 SaveMethod = Literal["auto", "merged", "adapter"]
 
-__all__ = ["save_pretrained", "push_to_hub", "from_pretrained", "check_token", "PatchMismatchError", "PATCH_FILE",
-           "BASE_CONFIG_FILE", "SaveMethod"]
+__all__ = [
+    "save_pretrained",
+    "push_to_hub",
+    "from_pretrained",
+    "check_token",
+    "PatchMismatchError",
+    "PATCH_FILE",
+    "BASE_CONFIG_FILE",
+    "SaveMethod",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,7 +106,12 @@ def _write_folder(
     if gguf is not None:
         export_gguf(model, folder / GGUF_FILE, tokenizer=vocabulary_for(model, tokenizer), dtype=gguf)  # type: ignore[arg-type]
     card = model_card(
-        state, save_method=method, repo_id=repo_id, base_model=base_name, license=license, eval_results=eval_results,
+        state,
+        save_method=method,
+        repo_id=repo_id,
+        base_model=base_name,
+        license=license,
+        eval_results=eval_results,
         gguf_file=GGUF_FILE if gguf is not None else None,
     )
     card.save(folder / "README.md")
@@ -140,7 +153,14 @@ def save_pretrained(
     target = check_writable(save_directory)
     with atomic_path(target, folder=True) as tmp:
         _write_folder(
-            model, state, tmp, method, tokenizer=tokenizer, repo_id=repo_id, license=license, eval_results=eval_results,
+            model,
+            state,
+            tmp,
+            method,
+            tokenizer=tokenizer,
+            repo_id=repo_id,
+            license=license,
+            eval_results=eval_results,
             gguf=gguf,
         )
     return target
@@ -223,8 +243,15 @@ def push_to_hub(
         folder = Path(tmp) / "model"
         folder.mkdir()
         _write_folder(
-            model, state, folder, method, tokenizer=tokenizer, repo_id=repo_id, license=license,
-            eval_results=eval_results, gguf=gguf,
+            model,
+            state,
+            folder,
+            method,
+            tokenizer=tokenizer,
+            repo_id=repo_id,
+            license=license,
+            eval_results=eval_results,
+            gguf=gguf,
         )
         try:
             return api.upload_folder(

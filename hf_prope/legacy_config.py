@@ -75,8 +75,9 @@ def legacy_rope_keys(config: Any) -> dict[str, Any]:
             return {}
         out: dict[str, Any] = {
             "rope_theta": full.get("rope_theta"),
-            "rope_local_base_freq": sliding.get("rope_theta") if sliding == original.get(
-                "sliding_attention") else REFUSAL,
+            "rope_local_base_freq": sliding.get("rope_theta")
+            if sliding == original.get("sliding_attention")
+            else REFUSAL,
             "rope_scaling": _scaling(full),
         }
         period = _period(list(getattr(config, "layer_types", None) or []))

@@ -180,15 +180,19 @@ def serving_table(
     selective = spec.is_layer_selective
     rows: list[tuple[str, str]] = []
     if save_method == "adapter":
-        rows.append((
-            "PEFT with hf-prope imported (`PeftModel` / `AutoPeftModelForCausalLM.from_pretrained`)",
-            "exact: hf-prope puts this adapter's recorded patch on the base it is loaded on",
-        ))
-        rows.append((
-            "any engine loading the adapter on its base without hf-prope (PEFT alone, vLLM `--enable-lora`, ...)",
-            "**silently drops the patch**: the base config has plain RoPE. Serve a merged save "
-            "(`hf_prope.save_pretrained(model, path, save_method=\"merged\")`) instead.",
-        ))
+        rows.append(
+            (
+                "PEFT with hf-prope imported (`PeftModel` / `AutoPeftModelForCausalLM.from_pretrained`)",
+                "exact: hf-prope puts this adapter's recorded patch on the base it is loaded on",
+            )
+        )
+        rows.append(
+            (
+                "any engine loading the adapter on its base without hf-prope (PEFT alone, vLLM `--enable-lora`, ...)",
+                "**silently drops the patch**: the base config has plain RoPE. Serve a merged save "
+                '(`hf_prope.save_pretrained(model, path, save_method="merged")`) instead.',
+            )
+        )
     if native:
         # A native save holds the whole patch in rope_parameters (per layer type where the model nests them).
         rows.append(("transformers (no hf-prope)", "exact: native `proportional` rope type (transformers >= 5.5)"))
@@ -196,40 +200,55 @@ def serving_table(
         rows.append(("transformers (no hf-prope)", "refuses to load (unknown rope type `hf_prope`), loudly"))
     rows.append(("transformers + hf-prope", f'exact: `hf_prope.from_pretrained("{name}")`'))
     if native and not selective:
-        rows.append(("vLLM", "should be exact: it maps `proportional` to its p-RoPE rotary (read from its source, not run here)"))
+        rows.append(
+            (
+                "vLLM",
+                "should be exact: it maps `proportional` to its p-RoPE rotary (read from its source, not run here)",
+            )
+        )
     elif native:
         rows.append(("vLLM", "not checked for rope parameters nested by layer type"))
     if native:
-        rows.append((
-            "SGLang",
-            "probably **silently plain RoPE**: it reads `partial_rotary_factor` from the config's top level, where "
-            "transformers 5 does not put it (read from its source, not run here)",
-        ))
+        rows.append(
+            (
+                "SGLang",
+                "probably **silently plain RoPE**: it reads `partial_rotary_factor` from the config's top level, where "
+                "transformers 5 does not put it (read from its source, not run here)",
+            )
+        )
     else:
-        rows.append(("vLLM", "refuses the `hf_prope` rope type (\"Unknown RoPE scaling type\"), loudly (read from its source)"))
+        rows.append(
+            ("vLLM", 'refuses the `hf_prope` rope type ("Unknown RoPE scaling type"), loudly (read from its source)')
+        )
     rows.append(("mlx-lm", _mlx_lm_verdict(state, save_method)))
     if gguf_file is not None:
-        rows.append((
-            "llama.cpp (and Ollama, LM Studio, llama-cpp-python)",
-            f"exact with this repo's `{gguf_file}` (written by hf-prope: a `rope_freqs` tensor stops the unrotated "
-            "pairs). llama.cpp's own `convert_hf_to_gguf.py` on the safetensors **silently writes plain RoPE**.",
-        ))
+        rows.append(
+            (
+                "llama.cpp (and Ollama, LM Studio, llama-cpp-python)",
+                f"exact with this repo's `{gguf_file}` (written by hf-prope: a `rope_freqs` tensor stops the unrotated "
+                "pairs). llama.cpp's own `convert_hf_to_gguf.py` on the safetensors **silently writes plain RoPE**.",
+            )
+        )
     elif model_type in exportable_model_types() and not selective:
-        rows.append((
-            "llama.cpp (and Ollama, LM Studio, llama-cpp-python)",
-            f"exact with `hf-prope export {name} --gguf model.gguf` (a `rope_freqs` tensor stops the unrotated pairs; "
-            "logits checked against transformers). llama.cpp's own `convert_hf_to_gguf.py` **silently writes plain "
-            "RoPE** (it only logs \"Unknown RoPE type\").",
-        ))
+        rows.append(
+            (
+                "llama.cpp (and Ollama, LM Studio, llama-cpp-python)",
+                f"exact with `hf-prope export {name} --gguf model.gguf` (a `rope_freqs` tensor stops the unrotated pairs; "
+                "logits checked against transformers). llama.cpp's own `convert_hf_to_gguf.py` **silently writes plain "
+                'RoPE** (it only logs "Unknown RoPE type").',
+            )
+        )
     else:
         why = (
             "its graph shares one frequency-factor tensor across layers, so a layer-selective patch cannot be carried"
             if selective and model_type in exportable_model_types()
             else f"llama.cpp's {model_type} graph passes no frequency factors to its rotary op"
         )
-        rows.append((
-            "llama.cpp",
-            f"not servable with the patch: {why}; `hf-prope export` refuses it, and llama.cpp's own converter "
-            "**silently writes plain RoPE**",
-        ))
+        rows.append(
+            (
+                "llama.cpp",
+                f"not servable with the patch: {why}; `hf-prope export` refuses it, and llama.cpp's own converter "
+                "**silently writes plain RoPE**",
+            )
+        )
     return rows

@@ -13,13 +13,14 @@ patching one never leaks into another.
 from __future__ import annotations
 
 import contextlib
-import os
 import importlib
 import importlib.metadata
-import tempfile
 import importlib.util
+import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 

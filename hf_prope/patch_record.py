@@ -60,7 +60,9 @@ def read_patch_record(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
         if key not in record:
             raise ValueError(f"{path} is missing the field {key!r}.")
     if record["format_version"] != PATCH_FILE_VERSION:
-        raise ValueError(f"{path}: field 'format_version' is {record['format_version']!r}; expected {PATCH_FILE_VERSION}.")
+        raise ValueError(
+            f"{path}: field 'format_version' is {record['format_version']!r}; expected {PATCH_FILE_VERSION}."
+        )
     if record["spec"] is not None:
         try:
             PatchSpec.from_dict(record["spec"])

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -375,7 +376,8 @@ def _snapshot(rotary: nn.Module) -> dict[str, Any]:
         "attrs": {
             k: (v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v))
             for k, v in rotary.__dict__.items()
-            if not k.startswith("_") and k not in ("training",)
+            if not k.startswith("_")
+            and k not in ("training",)
             and (isinstance(v, (int, float, str, dict, list, tuple, torch.Tensor)) or v is None)
         },
         "config": rotary.config,
@@ -453,7 +455,9 @@ def patch_info(model: nn.Module) -> dict[str, Any]:
     # Rope entries of which only a prefix of pairs is rotated (hf_prope.rotation): entry -> pairs.
     info["prefix_rotation"] = {k or "all": r for k, r in taggers[0].rotated.items()} if taggers else {}
     info["hooked_layers"] = sorted(
-        i for i, att in parts.attentions.items() if any(isinstance(h, PositionMaskHook) for h in att._forward_pre_hooks.values())
+        i
+        for i, att in parts.attentions.items()
+        if any(isinstance(h, PositionMaskHook) for h in att._forward_pre_hooks.values())
     )
     return info
 

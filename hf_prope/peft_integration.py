@@ -27,8 +27,9 @@ import inspect
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from torch import nn
 
@@ -175,8 +176,11 @@ def reconcile(model: nn.Module, record: dict[str, Any] | None, *, mode: str = "r
     try:
         check_base_matches(record, patch_state(model))
     except PatchMismatchError as err:
-        warnings.warn(f"{err} The adapter's hf-prope patch ({want.describe()}) was not applied.", UserWarning,
-                      stacklevel=stacklevel)
+        warnings.warn(
+            f"{err} The adapter's hf-prope patch ({want.describe()}) was not applied.",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
         return False
     if have is None and mode == "restore":
         patch_model(model, want)

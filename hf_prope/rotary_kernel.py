@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 
-
 try:  # optional: without triton, hf-prope rotates with torch
     import triton
     import triton.language as tl
@@ -57,10 +56,27 @@ if triton is not None:
 
     @triton.jit
     def _prefix_rope(
-        q_ptr, k_ptr, cos_ptr, sin_ptr,
-        q_sb, q_sh, q_st, k_sb, k_sh, k_st, c_sb, c_st,
-        seq_len, n_qh, n_kh, half, r, sign,
-        BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_R: tl.constexpr,
+        q_ptr,
+        k_ptr,
+        cos_ptr,
+        sin_ptr,
+        q_sb,
+        q_sh,
+        q_st,
+        k_sb,
+        k_sh,
+        k_st,
+        c_sb,
+        c_st,
+        seq_len,
+        n_qh,
+        n_kh,
+        half,
+        r,
+        sign,
+        BLOCK_QH: tl.constexpr,
+        BLOCK_KH: tl.constexpr,
+        BLOCK_R: tl.constexpr,
     ):
         pid = tl.program_id(0)
         b = pid // seq_len
@@ -105,9 +121,7 @@ def supports(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     return c.dim() == 3 and c.shape[-2] == q.shape[-2] and c.shape[0] in (1, q.shape[0]) and c.shape[-1] == q.shape[-1]
 
 
-def _launch(
-    q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, r: int, sign: float
-) -> None:
+def _launch(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, r: int, sign: float) -> None:
     """One launch: every head of ``q`` and of ``k`` (``None``: q alone), one program per (batch, token)."""
     batch, n_qh, seq_len, head_dim = q.shape
     other = q if k is None else k
@@ -116,10 +130,27 @@ def _launch(
     s = _cos_sin_3d(sin, 1)
     c_sb = c.stride(0) if c.shape[0] > 1 else 0
     _prefix_rope[(batch * seq_len,)](
-        q, other, c, s,
-        q.stride(0), q.stride(1), q.stride(2), other.stride(0), other.stride(1), other.stride(2), c_sb, c.stride(1),
-        seq_len, n_qh, n_kh, head_dim // 2, r, sign,
-        BLOCK_QH=_next_pow2(n_qh), BLOCK_KH=_next_pow2(max(1, n_kh)), BLOCK_R=_next_pow2(r),
+        q,
+        other,
+        c,
+        s,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        other.stride(0),
+        other.stride(1),
+        other.stride(2),
+        c_sb,
+        c.stride(1),
+        seq_len,
+        n_qh,
+        n_kh,
+        head_dim // 2,
+        r,
+        sign,
+        BLOCK_QH=_next_pow2(n_qh),
+        BLOCK_KH=_next_pow2(max(1, n_kh)),
+        BLOCK_R=_next_pow2(r),
     )
 
 

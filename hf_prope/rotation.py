@@ -39,7 +39,8 @@ import contextlib
 import functools
 import importlib
 import inspect
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -68,7 +69,9 @@ def prefix_length(rotating: Sequence[bool]) -> int | None:
     return r
 
 
-def rotate_prefix(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, r: int, unsqueeze_dim: int = 1) -> torch.Tensor:
+def rotate_prefix(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, r: int, unsqueeze_dim: int = 1
+) -> torch.Tensor:
     """RoPE on the first ``r`` pairs of ``x`` (HF layout), the other channels passed through.
 
     ``cos``/``sin`` are what the rotary module returns (full width, ``(..., T, d)``); only

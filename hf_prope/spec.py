@@ -12,8 +12,9 @@ from __future__ import annotations
 import difflib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 PatchName = Literal["p-rope", "freq-mask", "nope", "rope"]
 PATCH_NAMES: tuple[str, ...] = ("p-rope", "freq-mask", "nope", "rope")
@@ -82,8 +83,7 @@ class PatchSpec:
         if extra:
             allowed = sorted(_ALLOWED_PARAMS[self.name]) or ["no parameters"]
             raise ValueError(
-                f"Patch {self.name!r} does not take {', '.join(sorted(extra))}; it takes "
-                f"{', '.join(allowed)}."
+                f"Patch {self.name!r} does not take {', '.join(sorted(extra))}; it takes {', '.join(allowed)}."
             )
         if self.name == "p-rope":
             self._check_p()
@@ -205,7 +205,7 @@ class PatchSpec:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PatchSpec":
+    def from_dict(cls, data: dict[str, Any]) -> PatchSpec:
         """Rebuild (and re-validate) a spec from :meth:`to_dict` output."""
         if not isinstance(data, dict):
             raise TypeError(f"A patch spec must be a JSON object, got {type(data).__name__}.")
@@ -234,7 +234,7 @@ class PatchSpec:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "PatchSpec":
+    def from_json(cls, text: str) -> PatchSpec:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
@@ -291,7 +291,7 @@ def _int_tuple(field: str, values: Any, *, unique: bool) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def make_spec(spec: "PatchSpec | str", **params: Any) -> PatchSpec:
+def make_spec(spec: PatchSpec | str, **params: Any) -> PatchSpec:
     """A spec from either a :class:`PatchSpec` or a name plus keyword parameters."""
     if isinstance(spec, PatchSpec):
         if params:

@@ -16,8 +16,9 @@ Nothing here changes a model.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from torch import nn
 

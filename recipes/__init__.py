@@ -25,7 +25,9 @@ from .context_eval import ContextEvalRecipe
 from .lora import LoRARecipe
 from .training import TrainingRecipe
 
-RECIPES: dict[str, type[Recipe]] = {recipe.name: recipe for recipe in (LoRARecipe, ContextEvalRecipe, AnalyzeRecipe, AblationRecipe)}
+RECIPES: dict[str, type[Recipe]] = {
+    recipe.name: recipe for recipe in (LoRARecipe, ContextEvalRecipe, AnalyzeRecipe, AblationRecipe)
+}
 
 
 def get_recipe(name: str) -> type[Recipe]:
@@ -35,5 +37,16 @@ def get_recipe(name: str) -> type[Recipe]:
     return RECIPES[name]
 
 
-__all__ = ["RECIPES", "Recipe", "TrainingRecipe", "LoRARecipe", "ContextEvalRecipe", "AnalyzeRecipe", "AblationRecipe", "get_recipe", "parse_config", "config_path",
-           "packaged_configs"]
+__all__ = [
+    "RECIPES",
+    "Recipe",
+    "TrainingRecipe",
+    "LoRARecipe",
+    "ContextEvalRecipe",
+    "AnalyzeRecipe",
+    "AblationRecipe",
+    "get_recipe",
+    "parse_config",
+    "config_path",
+    "packaged_configs",
+]

@@ -27,9 +27,10 @@ import shutil
 import statistics
 import textwrap
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from transformers import TrainingArguments
 
@@ -79,7 +80,9 @@ class AblationVariant:
         return f"{self.spec.p:g}-RoPE ({base})"
 
 
-_VARIANT = re.compile(r"^(?P<kind>rope|nope|p-rope-(?P<p>[0-9.]+)(?P<lowest>-lowest)?)(@(?P<theta>[0-9.eE+]+[kKmM]?))?$")
+_VARIANT = re.compile(
+    r"^(?P<kind>rope|nope|p-rope-(?P<p>[0-9.]+)(?P<lowest>-lowest)?)(@(?P<theta>[0-9.eE+]+[kKmM]?))?$"
+)
 
 
 def _short_number(value: float) -> str:
@@ -133,19 +136,28 @@ def parse_variant(name: str, default_theta: float) -> AblationVariant:
 class ScratchModelArguments:
     """The model trained from scratch (a transformers config built in code) and its tokenizer."""
 
-    model_type: str = field(default="llama", metadata={"help": "Architecture: any model type hf-prope supports "
-                            "(hf_prope.supported_model_types(): llama, mistral, gemma, gemma2, gemma3_text, qwen2, qwen3)."})
+    model_type: str = field(
+        default="llama",
+        metadata={
+            "help": "Architecture: any model type hf-prope supports "
+            "(hf_prope.supported_model_types(): llama, mistral, gemma, gemma2, gemma3_text, qwen2, qwen3)."
+        },
+    )
     hidden_size: int = field(default=192, metadata={"help": "Width of the residual stream."})
     num_hidden_layers: int = field(default=4, metadata={"help": "Decoder layers."})
     num_attention_heads: int = field(default=3, metadata={"help": "Query heads."})
-    num_key_value_heads: int | None = field(default=None, metadata={"help": "Key/value heads (default: as many as query heads)."})
+    num_key_value_heads: int | None = field(
+        default=None, metadata={"help": "Key/value heads (default: as many as query heads)."}
+    )
     head_dim: int = field(default=64, metadata={"help": "Size of a head: head_dim / 2 frequency pairs."})
     intermediate_size: int = field(default=576, metadata={"help": "Width of the MLP."})
     rope_theta: float = field(default=10_000.0, metadata={"help": "RoPE base of every variant without its own @theta."})
     tokenizer: str = field(
         default="bpe",
-        metadata={"help": "bpe (a byte-level BPE trained on the data with the tokenizers library), an embedded model "
-                  "name (smollm2-135m: its tokenizer), a local tokenizer folder or a Hub id."},
+        metadata={
+            "help": "bpe (a byte-level BPE trained on the data with the tokenizers library), an embedded model "
+            "name (smollm2-135m: its tokenizer), a local tokenizer folder or a Hub id."
+        },
     )
     vocab_size: int = field(default=4096, metadata={"help": "Vocabulary of the bpe tokenizer (ignored otherwise)."})
     attn_implementation: str = field(default="sdpa", metadata={"help": "Attention kernel: sdpa or eager."})
@@ -166,21 +178,32 @@ class AblationArguments:
 
     variants: list[str] = field(
         default_factory=lambda: list(DEFAULT_VARIANTS),
-        metadata={"help": "Positional encodings to train: rope, nope, p-rope-<p>, p-rope-<p>-lowest, each optionally "
-                  "@<theta> (rope@500k)."},
+        metadata={
+            "help": "Positional encodings to train: rope, nope, p-rope-<p>, p-rope-<p>-lowest, each optionally "
+            "@<theta> (rope@500k)."
+        },
     )
-    reference: str = field(default="rope", metadata={"help": "The variant every other is compared with (paired by seed)."})
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "One training run per seed and variant."})
+    reference: str = field(
+        default="rope", metadata={"help": "The variant every other is compared with (paired by seed)."}
+    )
+    seeds: list[int] = field(
+        default_factory=lambda: [0, 1, 2], metadata={"help": "One training run per seed and variant."}
+    )
     block_size: int = field(default=256, metadata={"help": "Training context (tokens per block)."})
     long_eval_window: int = field(
         default=1024, metadata={"help": "The longer evaluation context (a multiple of block_size)."}
     )
     long_eval_windows: int = field(
-        default=8, metadata={"help": "Held-out windows at the long context; the held-out text is long_eval_windows x "
-                             "long_eval_window tokens from the end of the data, also cut into block_size windows."}
+        default=8,
+        metadata={
+            "help": "Held-out windows at the long context; the held-out text is long_eval_windows x "
+            "long_eval_window tokens from the end of the data, also cut into block_size windows."
+        },
     )
     eval_batch_size: int = field(default=4, metadata={"help": "Windows per evaluation forward pass."})
-    save_models: bool = field(default=False, metadata={"help": "Save every trained model (with its patch) under runs/."})
+    save_models: bool = field(
+        default=False, metadata={"help": "Save every trained model (with its patch) under runs/."}
+    )
     resume: bool = field(default=False, metadata={"help": "Continue the run in output_dir: finished runs are kept."})
     overwrite: bool = field(default=False, metadata={"help": "Discard a previous run in output_dir."})
 
@@ -265,7 +288,9 @@ def _class_patch(model_type: str, spec: Any | None) -> Iterator[None]:
             revert_class_patches(model_type)
 
 
-def build_model(args: ScratchModelArguments, variant: AblationVariant, tokenizer: Any, *, seed: int, max_positions: int) -> Any:
+def build_model(
+    args: ScratchModelArguments, variant: AblationVariant, tokenizer: Any, *, seed: int, max_positions: int
+) -> Any:
     """``variant``'s freshly initialised model; the same ``seed`` gives the same weights in every variant."""
     from transformers import AutoModelForCausalLM, set_seed
 
@@ -285,7 +310,9 @@ def train_bpe_tokenizer(texts: Any, vocab_size: int) -> Any:
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     bpe.train_from_iterator(texts, trainer=trainer)
@@ -335,7 +362,9 @@ class AblationRecipe(TrainingRecipe):
     description = "Train one small model from scratch per positional encoding (RoPE, NoPE, p-RoPE), several seeds"
     default_config = "ablation_python_docs"
     arguments = {
-        "model_args": ScratchModelArguments, "data_args": DataArguments, "ablation_args": AblationArguments,
+        "model_args": ScratchModelArguments,
+        "data_args": DataArguments,
+        "ablation_args": AblationArguments,
         "training_args": TrainingArguments,
     }
     outputs = _OUTPUTS
@@ -361,10 +390,14 @@ class AblationRecipe(TrainingRecipe):
         ta, aa, ma = self.training_args, self.ablation_args, self.model_args
         _ = ta.device  # initialises the process group under torchrun / accelerate launch
         if ta.max_steps is None or ta.max_steps <= 0:
-            raise ValueError("Set max_steps (a positive number of optimizer steps): every variant gets the same budget.")
+            raise ValueError(
+                "Set max_steps (a positive number of optimizer steps): every variant gets the same budget."
+            )
         if ta.push_to_hub:
-            raise ValueError("The ablation recipe does not push (it trains many small models); set push_to_hub=false "
-                             "and publish a chosen run with hf_prope.push_to_hub.")
+            raise ValueError(
+                "The ablation recipe does not push (it trains many small models); set push_to_hub=false "
+                "and publish a chosen run with hf_prope.push_to_hub."
+            )
         get_architecture(ma.model_type)  # an unsupported architecture fails first, naming the supported ones
         self.variants = [parse_variant(name, ma.rope_theta) for name in aa.variants]
         for variant in self.variants:
@@ -388,7 +421,9 @@ class AblationRecipe(TrainingRecipe):
             self.say(f"Tokenizer: the run's own, {saved}")  # resumed runs see exactly the same tokens
             self.tokenizer = AutoTokenizer.from_pretrained(saved, local_files_only=True)
         else:
-            self.say("Tokenizer: " + ("training a byte-level BPE on the data" if ma.tokenizer == "bpe" else ma.tokenizer))
+            self.say(
+                "Tokenizer: " + ("training a byte-level BPE on the data" if ma.tokenizer == "bpe" else ma.tokenizer)
+            )
             self.tokenizer = load_tokenizer(ma, dataset, self.data_args.text_column)
         self.max_positions = aa.long_eval_window
         # One model is built now: a bad architecture or size fails before any training.
@@ -396,8 +431,12 @@ class AblationRecipe(TrainingRecipe):
         self.parameters = sum(p.numel() for p in probe.parameters())
         ids = tokenize_dataset(dataset, self.tokenizer, text_column=self.data_args.text_column)
         world = max(1, ta.world_size)
-        self.split = split_tail(ids, block_size=aa.block_size, heldout_tokens=aa.heldout_tokens,
-                                min_blocks=ta.per_device_train_batch_size * world)
+        self.split = split_tail(
+            ids,
+            block_size=aa.block_size,
+            heldout_tokens=aa.heldout_tokens,
+            min_blocks=ta.per_device_train_batch_size * world,
+        )
         heldout = self.split.heldout
         self.eval_blocks = heldout[: heldout.numel() // aa.block_size * aa.block_size].reshape(-1, aa.block_size)
         self.step_tokens = tokens_per_step = self.tokens_per_step(aa.block_size)
@@ -430,9 +469,11 @@ class AblationRecipe(TrainingRecipe):
             self.runs.setdefault(variant.name, {})[seed] = result
             if not result.get("loaded"):
                 spent = time.perf_counter() - started
-                self.say(f"[{n}/{len(jobs)}] {variant.name} seed {seed}: perplexity {result['perplexity']:.3f} at "
-                         f"{aa.block_size}, {result['perplexity_long']:.3f} at {aa.long_eval_window} ({spent:.0f} s; "
-                         f"about {spent * (len(jobs) - n) / 60:.0f} min left)")
+                self.say(
+                    f"[{n}/{len(jobs)}] {variant.name} seed {seed}: perplexity {result['perplexity']:.3f} at "
+                    f"{aa.block_size}, {result['perplexity_long']:.3f} at {aa.long_eval_window} ({spent:.0f} s; "
+                    f"about {spent * (len(jobs) - n) / 60:.0f} min left)"
+                )
 
     def _train_one(self, variant: AblationVariant, seed: int, tag: str) -> dict[str, Any]:
         from transformers.trainer_utils import get_last_checkpoint
@@ -449,7 +490,11 @@ class AblationRecipe(TrainingRecipe):
             return {**json.loads(record.read_text()), "loaded": True}
         model = build_model(self.model_args, variant, self.tokenizer, seed=seed, max_positions=self.max_positions)
         args = dataclasses.replace(
-            self.training_args, output_dir=str(folder), seed=seed, data_seed=seed, push_to_hub=False,
+            self.training_args,
+            output_dir=str(folder),
+            seed=seed,
+            data_seed=seed,
+            push_to_hub=False,
             eval_strategy="steps" if self.training_args.eval_steps else "no",
             per_device_eval_batch_size=aa.eval_batch_size,
         )
@@ -457,17 +502,29 @@ class AblationRecipe(TrainingRecipe):
             model, args, self.split.train_blocks, eval_blocks=self.eval_blocks if args.eval_strategy != "no" else None
         )
         last = get_last_checkpoint(str(folder)) if aa.resume and folder.is_dir() else None
-        self.say(f"{tag} {variant.name} seed {seed}: {variant.label}, {args.max_steps} steps"
-                 + (f", resuming from {last}" if last else ""))
+        self.say(
+            f"{tag} {variant.name} seed {seed}: {variant.label}, {args.max_steps} steps"
+            + (f", resuming from {last}" if last else "")
+        )
         trainer.train(resume_from_checkpoint=last)
         model.eval()
         result = {
             "variant": variant.name,
             "seed": seed,
-            "perplexity": perplexity(model, self.split.heldout, window=aa.block_size,
-                                     n_windows=aa.heldout_tokens // aa.block_size, batch_size=aa.eval_batch_size),
-            "perplexity_long": perplexity(model, self.split.heldout, window=aa.long_eval_window,
-                                          n_windows=aa.long_eval_windows, batch_size=aa.eval_batch_size),
+            "perplexity": perplexity(
+                model,
+                self.split.heldout,
+                window=aa.block_size,
+                n_windows=aa.heldout_tokens // aa.block_size,
+                batch_size=aa.eval_batch_size,
+            ),
+            "perplexity_long": perplexity(
+                model,
+                self.split.heldout,
+                window=aa.long_eval_window,
+                n_windows=aa.long_eval_windows,
+                batch_size=aa.eval_batch_size,
+            ),
             "train_loss": loss_curve(trainer.state.log_history, "loss"),
             "eval_loss": loss_curve(trainer.state.log_history, "eval_loss"),
             "frequencies": hf_prope.layer_frequencies(model)[0].tolist(),
@@ -511,16 +568,26 @@ class AblationRecipe(TrainingRecipe):
             variants[variant.name] = entry
         tokens_per_step = self.step_tokens
         self.summary = {
-            "model": {"model_type": ma.model_type, "hidden_size": ma.hidden_size, "num_hidden_layers": ma.num_hidden_layers,
-                      "num_attention_heads": ma.num_attention_heads, "head_dim": ma.head_dim,
-                      "parameters": self.parameters, "tokenizer": ma.tokenizer,
-                      "vocab_size": len(self.tokenizer)},
+            "model": {
+                "model_type": ma.model_type,
+                "hidden_size": ma.hidden_size,
+                "num_hidden_layers": ma.num_hidden_layers,
+                "num_attention_heads": ma.num_attention_heads,
+                "head_dim": ma.head_dim,
+                "parameters": self.parameters,
+                "tokenizer": ma.tokenizer,
+                "vocab_size": len(self.tokenizer),
+            },
             "reference": aa.reference,
             "contexts": {"train": aa.block_size, "long": aa.long_eval_window},
             "heldout": {"dataset": self.data_args.dataset, "tokens": int(self.split.heldout.numel())},
-            "training": {"max_steps": ta.max_steps, "tokens_per_step": tokens_per_step, "world_size": world,
-                         "train_tokens": self.split.train_tokens,
-                         "epochs": ta.max_steps * tokens_per_step / self.split.train_tokens},
+            "training": {
+                "max_steps": ta.max_steps,
+                "tokens_per_step": tokens_per_step,
+                "world_size": world,
+                "train_tokens": self.split.train_tokens,
+                "epochs": ta.max_steps * tokens_per_step / self.split.train_tokens,
+            },
             "variants": variants,
             "seconds": round(time.perf_counter() - self.started, 1),
             "settings": self.settings(),
@@ -603,8 +670,15 @@ def plot_results(summary: dict[str, Any], path: Path) -> None:
         for i, e in enumerate(entries):
             ax.plot([i] * len(e[key]["runs"]), e[key]["runs"], "k.", ms=5)
             top = max([means[i] + sds[i], *e[key]["runs"]])
-            ax.annotate(f"{means[i]:.2f}", (i, top), ha="center", va="bottom", xytext=(0, 3), textcoords="offset points",
-                        fontsize=8)
+            ax.annotate(
+                f"{means[i]:.2f}",
+                (i, top),
+                ha="center",
+                va="bottom",
+                xytext=(0, 3),
+                textcoords="offset points",
+                fontsize=8,
+            )
         ax.set_xticks(list(xs), [textwrap.fill(e["label"], 14) for e in entries], fontsize=8)
         low, high = min(min(e[key]["runs"]) for e in entries), max(max(e[key]["runs"]) for e in entries)
         if high / low > 3:
@@ -612,8 +686,15 @@ def plot_results(summary: dict[str, Any], path: Path) -> None:
         else:
             ax.set_ylim(low * 0.97, high * 1.05)
         ax.set_ylabel("held-out perplexity (lower is better)")
-        ax.set_title(f"evaluated at {context} tokens" + (" (training context)" if context == ctx["train"] else
-                     f" ({context // ctx['train']}x the training context)"), fontsize=10)
+        ax.set_title(
+            f"evaluated at {context} tokens"
+            + (
+                " (training context)"
+                if context == ctx["train"]
+                else f" ({context // ctx['train']}x the training context)"
+            ),
+            fontsize=10,
+        )
         ax.grid(axis="y", alpha=0.3)
     right = axes[2]
     for i, e in enumerate(entries):
@@ -631,8 +712,11 @@ def plot_results(summary: dict[str, Any], path: Path) -> None:
     if losses:
         right.set_ylim(min(losses) * 0.95, min(max(losses), min(losses) * 2.5))
     m, t = summary["model"], summary["training"]
-    fig.suptitle(f"From scratch on {summary['heldout']['dataset']}: {m['model_type']}, {m['parameters'] / 1e6:.1f}M parameters, "
-                 f"{t['max_steps']} steps x {t['tokens_per_step']:,} tokens, trained at {ctx['train']} tokens", fontsize=11)
+    fig.suptitle(
+        f"From scratch on {summary['heldout']['dataset']}: {m['model_type']}, {m['parameters'] / 1e6:.1f}M parameters, "
+        f"{t['max_steps']} steps x {t['tokens_per_step']:,} tokens, trained at {ctx['train']} tokens",
+        fontsize=11,
+    )
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -642,5 +726,16 @@ def load_results(folder: str | Path) -> dict[str, Any]:
     return json.loads((Path(folder) / RESULTS_FILE).read_text())
 
 
-__all__ = ["AblationRecipe", "ScratchModelArguments", "AblationArguments", "AblationVariant", "parse_variant", "build_model",
-           "scratch_config", "train_bpe_tokenizer", "format_table", "plot_results", "load_results"]
+__all__ = [
+    "AblationRecipe",
+    "ScratchModelArguments",
+    "AblationArguments",
+    "AblationVariant",
+    "parse_variant",
+    "build_model",
+    "scratch_config",
+    "train_bpe_tokenizer",
+    "format_table",
+    "plot_results",
+    "load_results",
+]

@@ -51,38 +51,53 @@ PPL_PLOT = "perplexity_vs_p.png"
 class AnalysisArguments:
     """What to measure, how much text, and where the report goes."""
 
-    window: int = field(default=DEFAULT_WINDOW, metadata={"help": "Tokens per window the model reads (each from scratch)."})
+    window: int = field(
+        default=DEFAULT_WINDOW, metadata={"help": "Tokens per window the model reads (each from scratch)."}
+    )
     n_windows: int = field(default=DEFAULT_WINDOWS, metadata={"help": "Windows measured, from the end of the text."})
     context_length: int | None = field(
         default=None,
-        metadata={"help": "Context the suggestion of p must hold at (default: window); also the window of the "
-                  "perplexity check."},
+        metadata={
+            "help": "Context the suggestion of p must hold at (default: window); also the window of the "
+            "perplexity check."
+        },
     )
     tolerance: float = field(
         default=DEFAULT_TOLERANCE,
-        metadata={"help": "Largest share of the attention-logit scale the stopped pairs may move (see "
-                  "hf_prope.analysis.suggest_p)."},
+        metadata={
+            "help": "Largest share of the attention-logit scale the stopped pairs may move (see "
+            "hf_prope.analysis.suggest_p)."
+        },
     )
     threshold: float = field(
-        default=DEFAULT_THRESHOLD, metadata={"help": "A head is positional when its mean attention on one position exceeds this."}
+        default=DEFAULT_THRESHOLD,
+        metadata={"help": "A head is positional when its mean attention on one position exceeds this."},
     )
     remove_highest: float = field(
         default=0.25,
-        metadata={"help": "The intervention: fraction of the highest frequencies removed when re-measuring the "
-                  "positional heads (0 = skip)."},
+        metadata={
+            "help": "The intervention: fraction of the highest frequencies removed when re-measuring the "
+            "positional heads (0 = skip)."
+        },
     )
     layer: int | None = field(
         default=None,
-        metadata={"help": "Layer of the head x pair heat map (default: the one with most positional heads, else the "
-                  "middle one)."},
+        metadata={
+            "help": "Layer of the head x pair heat map (default: the one with most positional heads, else the "
+            "middle one)."
+        },
     )
-    grid: list[float] = field(default_factory=lambda: list(DEFAULT_GRID), metadata={"help": "Values of p tried (1 = RoPE)."})
+    grid: list[float] = field(
+        default_factory=lambda: list(DEFAULT_GRID), metadata={"help": "Values of p tried (1 = RoPE)."}
+    )
     check: bool = field(default=True, metadata={"help": "Measure zero-shot perplexity over the grid (the check)."})
     output_dir: str = field(default="report", metadata={"help": "Where the report goes."})
 
     def __post_init__(self) -> None:
         if self.window < 2 or self.n_windows < 1:
-            raise ValueError(f"Need window >= 2 and n_windows >= 1, got window={self.window}, n_windows={self.n_windows}.")
+            raise ValueError(
+                f"Need window >= 2 and n_windows >= 1, got window={self.window}, n_windows={self.n_windows}."
+            )
         if self.context_length is not None and self.context_length < 2:
             raise ValueError(f"context_length must be at least 2 tokens, got {self.context_length}.")
         if not 0.0 < self.threshold < 1.0:
@@ -161,10 +176,18 @@ class AnalyzeRecipe(Recipe):
         if aa.check:
             for scope, suggestion in zip(scopes, suggestions):
                 where = f"{scope[0]} layers" if scope else "every layer"
-                self.say(f"Checking: zero-shot perplexity over p on {where}, {aa.n_windows} x {self.context} tokens ...")
+                self.say(
+                    f"Checking: zero-shot perplexity over p on {where}, {aa.n_windows} x {self.context} tokens ..."
+                )
                 rows = analysis.perplexity_by_p(
-                    self.model, self.tokenizer, self.ids, [*aa.grid, suggestion.p], layer_types=scope,
-                    window=self.context, n_windows=aa.n_windows, progress=True,
+                    self.model,
+                    self.tokenizer,
+                    self.ids,
+                    [*aa.grid, suggestion.p],
+                    layer_types=scope,
+                    window=self.context,
+                    n_windows=aa.n_windows,
+                    progress=True,
                 )
                 suggestion.check = analysis.mark_suggestion(rows, suggestion)
                 curves.append({"layer_types": scope, "rows": rows})
@@ -255,8 +278,14 @@ def plot_usage(usage: Any, model: str, path: Path, suggestion: Any | None = None
     fig, axes = plt.subplots(1, 3, figsize=(17, 5.2), gridspec_kw={"width_ratios": [1, 1, 1.1]})
     for ax, which in zip(axes[:2], ("query", "key")):
         share = usage.layer_share(which).numpy() * 100
-        image = ax.imshow(share, aspect="auto", cmap="viridis", interpolation="nearest", origin="lower",
-                          extent=(-0.5, n - 0.5, -0.5, len(usage.layers) - 0.5))
+        image = ax.imshow(
+            share,
+            aspect="auto",
+            cmap="viridis",
+            interpolation="nearest",
+            origin="lower",
+            extent=(-0.5, n - 0.5, -0.5, len(usage.layers) - 0.5),
+        )
         ax.set_yticks(range(len(usage.layers)))
         ax.set_yticklabels([str(i) for i in usage.layers], fontsize=6 if len(usage.layers) > 20 else 8)
         ax.set_ylabel("decoder layer")
@@ -269,15 +298,23 @@ def plot_usage(usage: Any, model: str, path: Path, suggestion: Any | None = None
         ax.plot(range(n), usage.model_share(which).numpy() * 100, label=which, color=colour)
     ax.axhline(100 / n, color="grey", linestyle=":", linewidth=1, label="uniform")
     if suggestion is not None and suggestion.rotated_pairs < n:
-        ax.axvline(suggestion.rotated_pairs - 0.5, color="tab:red", linestyle="--", linewidth=1,
-                   label=f"suggested cut: p={suggestion.p:g}\n(pairs right of it stop rotating)")
+        ax.axvline(
+            suggestion.rotated_pairs - 0.5,
+            color="tab:red",
+            linestyle="--",
+            linewidth=1,
+            label=f"suggested cut: p={suggestion.p:g}\n(pairs right of it stop rotating)",
+        )
     _pair_axis(ax, n)
     ax.set_ylabel("% of the whole model's norm")
     ax.set_title("whole model (layers averaged)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.suptitle(f"{model}: where the query/key norm sits, by RoPE frequency pair (before rotation; "
-                 f"{usage.tokens:,} tokens)\n{_wavelength_note(usage)}", fontsize=11)
+    fig.suptitle(
+        f"{model}: where the query/key norm sits, by RoPE frequency pair (before rotation; "
+        f"{usage.tokens:,} tokens)\n{_wavelength_note(usage)}",
+        fontsize=11,
+    )
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -290,19 +327,28 @@ def plot_layer(usage: Any, model: str, layer: int, path: Path, heads: Any | None
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
     for ax, which in zip(axes, ("query", "key")):
         share = usage.head_share(layer, which).numpy() * 100
-        image = ax.imshow(share, aspect="auto", cmap="viridis", interpolation="nearest", origin="lower",
-                          extent=(-0.5, n - 0.5, -0.5, share.shape[0] - 0.5))
+        image = ax.imshow(
+            share,
+            aspect="auto",
+            cmap="viridis",
+            interpolation="nearest",
+            origin="lower",
+            extent=(-0.5, n - 0.5, -0.5, share.shape[0] - 0.5),
+        )
         ax.set_yticks(range(share.shape[0]))
         if which == "query" and kinds:
-            ax.set_yticklabels([f"{h} ({kinds[h]})" if h in kinds else str(h) for h in range(share.shape[0])],
-                               fontsize=8)
+            ax.set_yticklabels(
+                [f"{h} ({kinds[h]})" if h in kinds else str(h) for h in range(share.shape[0])], fontsize=8
+            )
         ax.set_ylabel(f"{which} head" if which == "query" else "key/value head")
         _pair_axis(ax, n)
         ax.set_title(f"{which}: share of each head's norm per pair")
         fig.colorbar(image, ax=ax).set_label(f"% of the head's {which} norm")
     lt = f" ({usage.layer_types[usage.layers.index(layer)]})" if usage.layer_types else ""
-    fig.suptitle(f"{model}, layer {layer}{lt}: query/key norm by head and RoPE frequency pair "
-                 f"({usage.tokens:,} tokens)", fontsize=11)
+    fig.suptitle(
+        f"{model}, layer {layer}{lt}: query/key norm by head and RoPE frequency pair ({usage.tokens:,} tokens)",
+        fontsize=11,
+    )
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -318,11 +364,13 @@ def plot_heads(heads: Any, model: str, path: Path) -> None:
     cols = 2
     rows = len(panels) // cols
     n_layers, n_heads = heads.diagonal.shape
-    fig, axes = plt.subplots(rows, cols, figsize=(6 + 0.35 * n_heads * cols, 1.2 + rows * (1 + 0.16 * n_layers)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(6 + 0.35 * n_heads * cols, 1.2 + rows * (1 + 0.16 * n_layers)), squeeze=False
+    )
     for ax, (title, values) in zip(axes.flat, panels):
-        image = ax.imshow(values.numpy(), aspect="auto", cmap="magma", vmin=0, vmax=1, origin="lower",
-                          interpolation="nearest")
+        image = ax.imshow(
+            values.numpy(), aspect="auto", cmap="magma", vmin=0, vmax=1, origin="lower", interpolation="nearest"
+        )
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("query head")
         ax.set_ylabel("decoder layer")
@@ -334,8 +382,11 @@ def plot_heads(heads: Any, model: str, path: Path) -> None:
             kind_matches = ("diagonal" in title) == (h["kind"] == "diagonal")
             if kind_matches:
                 ax.scatter([h["head"]], [heads.layers.index(h["layer"])], s=40, facecolors="none", edgecolors="cyan")
-    fig.suptitle(f"{model}: positional heads (circled: above {heads.threshold:g} before the intervention; "
-                 f"{heads.tokens:,} tokens)", fontsize=11)
+    fig.suptitle(
+        f"{model}: positional heads (circled: above {heads.threshold:g} before the intervention; "
+        f"{heads.tokens:,} tokens)",
+        fontsize=11,
+    )
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -351,8 +402,16 @@ def plot_perplexity(curves: list[dict[str, Any]], suggestions: list[Any], model:
         label = f"p-RoPE on {curve['layer_types'][0]} layers" if curve["layer_types"] else "p-RoPE on every layer"
         line = ax.plot([r["p"] for r in rows], [r["perplexity"] for r in rows], marker="o", label=label)[0]
         chosen = next(r for r in rows if r["p"] == suggestion.p)
-        ax.scatter([chosen["p"]], [chosen["perplexity"]], s=160, marker="*", color=line.get_color(), zorder=5,
-                   edgecolors="black", label=f"suggested: p={suggestion.p:g} ({chosen['ratio_to_rope']:.3f} x RoPE)")
+        ax.scatter(
+            [chosen["p"]],
+            [chosen["perplexity"]],
+            s=160,
+            marker="*",
+            color=line.get_color(),
+            zorder=5,
+            edgecolors="black",
+            label=f"suggested: p={suggestion.p:g} ({chosen['ratio_to_rope']:.3f} x RoPE)",
+        )
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
     ax.set_xlabel("p (fraction of frequency pairs that keep rotating; 1 = RoPE, 0 = NoPE)")

@@ -10,17 +10,31 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from hf_prope.evaluation import rank_and_world
 from hf_prope.files import atomic_path, check_writable, write_atomic, write_json
 
-__all__ = ["ModelArguments", "DataArguments", "PatchArguments", "Recipe", "SECRET_KEYS", "RESULTS_FILE",
-           "is_main_process", "barrier", "pyplot", "save_figure", "check_writable", "write_atomic", "write_json"]
+__all__ = [
+    "ModelArguments",
+    "DataArguments",
+    "PatchArguments",
+    "Recipe",
+    "SECRET_KEYS",
+    "RESULTS_FILE",
+    "is_main_process",
+    "barrier",
+    "pyplot",
+    "save_figure",
+    "check_writable",
+    "write_atomic",
+    "write_json",
+]
 
 
 @dataclass
@@ -29,8 +43,10 @@ class ModelArguments:
 
     model: str = field(
         default="smollm2-135m",
-        metadata={"help": "An embedded name (smollm2-135m, gemma-3-270m), a local .gguf file, a local model "
-                  "folder, or a Hub model id."},
+        metadata={
+            "help": "An embedded name (smollm2-135m, gemma-3-270m), a local .gguf file, a local model "
+            "folder, or a Hub model id."
+        },
     )
     model_revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of a Hub model."})
     dtype: Literal["float32", "bfloat16", "float16"] = field(
@@ -50,8 +66,10 @@ class DataArguments:
 
     dataset: str = field(
         default="python-docs",
-        metadata={"help": "python-docs (CPython's documentation, always available), a local .txt/.md/.json/.jsonl/"
-                  ".csv/.parquet file or a folder of them, or a Hub dataset name."},
+        metadata={
+            "help": "python-docs (CPython's documentation, always available), a local .txt/.md/.json/.jsonl/"
+            ".csv/.parquet file or a folder of them, or a Hub dataset name."
+        },
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Config name of a Hub dataset."})
     dataset_split: str = field(default="train", metadata={"help": "Split of a Hub dataset to read."})
@@ -163,7 +181,7 @@ class Recipe:
         config: str | os.PathLike[str] | None = None,
         overrides: Sequence[str] | dict[str, Any] = (),
         **extra: Any,
-    ) -> "Recipe":
+    ) -> Recipe:
         from .config import parse_config
 
         values = parse_config(cls.settings_types(), config, overrides, defaults=cls.machine_defaults())

@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from hf_prope.spec import closest
 
@@ -113,7 +114,9 @@ def _coerce(key: str, value: Any, action: argparse.Action) -> Any:
     """A YAML value or a raw command-line string, converted with the parser's type for ``key``."""
     import yaml
 
-    if isinstance(value, str) and value.strip() in ("null", "~", "") + (("none", "None") if action.type is not str else ()):
+    if isinstance(value, str) and value.strip() in ("null", "~", "") + (
+        ("none", "None") if action.type is not str else ()
+    ):
         return None
     if value is None:
         return None

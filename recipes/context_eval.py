@@ -44,8 +44,10 @@ class ContextEvalArguments:
     )
     trained: list[str] | None = field(
         default=None,
-        metadata={"help": "Folders (or Hub ids) saved by the lora recipe / hf_prope.save_pretrained to evaluate "
-                  "too; adapters are put on this recipe's model."},
+        metadata={
+            "help": "Folders (or Hub ids) saved by the lora recipe / hf_prope.save_pretrained to evaluate "
+            "too; adapters are put on this recipe's model."
+        },
     )
     contexts: list[int] = field(
         default_factory=lambda: [256, 512, 1024, 2048, 4096, 8192],
@@ -118,7 +120,7 @@ class ContextEvalRecipe(Recipe):
             raise ValueError(
                 f"The data has {ids.numel()} tokens but eval_tokens={ea.eval_tokens}; use more text or lower eval_tokens."
             )
-        self.ids = ids[-ea.eval_tokens:]
+        self.ids = ids[-ea.eval_tokens :]
 
     def _fetch_trained(self, path: str) -> Path:
         """A trained save as a local folder (a Hub id is downloaded now), checked against this recipe's model."""
@@ -148,7 +150,11 @@ class ContextEvalRecipe(Recipe):
         for context in self.eval_args.contexts:
             n = self.eval_args.eval_tokens // context
             out[context] = perplexity(
-                model, self.ids, window=context, n_windows=n, batch_size=self.eval_args.batch_size,
+                model,
+                self.ids,
+                window=context,
+                n_windows=n,
+                batch_size=self.eval_args.batch_size,
                 progress=f"{label} @ {context}",
             )
         return out
@@ -165,7 +171,13 @@ class ContextEvalRecipe(Recipe):
                 unpatch_model(self.model)
             else:
                 patch_model(self.model, spec)
-            rows.append({"variant": label, "spec": spec.to_dict() if spec else None, "perplexity": self._scores(self.model, label)})
+            rows.append(
+                {
+                    "variant": label,
+                    "spec": spec.to_dict() if spec else None,
+                    "perplexity": self._scores(self.model, label),
+                }
+            )
         unpatch_model(self.model)
         for path, folder in self.trained:
             # An adapter goes on (a copy of) this recipe's model; a full save is its own base.
@@ -174,7 +186,9 @@ class ContextEvalRecipe(Recipe):
             spec = get_patch(trained)
             name = Path(path).parent.name if Path(path).name in ("adapter", "merged") else Path(path).name
             label = f"trained: {name}"
-            rows.append({"variant": label, "spec": spec.to_dict() if spec else None, "perplexity": self._scores(trained, label)})
+            rows.append(
+                {"variant": label, "spec": spec.to_dict() if spec else None, "perplexity": self._scores(trained, label)}
+            )
             del trained
         limit = getattr(self.model.config, "max_position_embeddings", None)
         self.summary = {
@@ -204,13 +218,19 @@ class ContextEvalRecipe(Recipe):
             left.plot(contexts, [row["perplexity"][c] for c in contexts], marker="o", label=row["variant"])
         left.set_ylabel("held-out perplexity (log scale)")
         left.set_yscale("log")
-        left.set_title(f"{s['model']}: perplexity by context length\n(last {s['eval_tokens']:,} tokens of "
-                       f"{s['dataset']}, each window from scratch)")
+        left.set_title(
+            f"{s['model']}: perplexity by context length\n(last {s['eval_tokens']:,} tokens of "
+            f"{s['dataset']}, each window from scratch)"
+        )
         if base:
             right = axes[0][1]
             for row in s["rows"]:
-                right.plot(contexts, [row["perplexity"][c] / base["perplexity"][c] for c in contexts], marker="o",
-                           label=row["variant"])
+                right.plot(
+                    contexts,
+                    [row["perplexity"][c] / base["perplexity"][c] for c in contexts],
+                    marker="o",
+                    label=row["variant"],
+                )
             right.set_ylabel("perplexity / unchanged model's (log scale)")
             right.set_yscale("log")
             right.set_title("relative to the unchanged model at the same length")
@@ -225,8 +245,15 @@ class ContextEvalRecipe(Recipe):
             ax.set_xlabel("context length (tokens per window)")
             if s["training_length"]:
                 ax.axvline(s["training_length"], color="grey", linestyle="--", linewidth=1)
-                ax.annotate("training length", (s["training_length"], ax.get_ylim()[1]), rotation=90, va="top",
-                            ha="right", fontsize=8, color="grey")
+                ax.annotate(
+                    "training length",
+                    (s["training_length"], ax.get_ylim()[1]),
+                    rotation=90,
+                    va="top",
+                    ha="right",
+                    fontsize=8,
+                    color="grey",
+                )
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=8)
         fig.tight_layout()

@@ -24,9 +24,10 @@ import dataclasses
 import json
 import textwrap
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from transformers import TrainerCallback, TrainingArguments
@@ -79,12 +80,15 @@ class LoraRecipeArguments:
 
     objective: Literal["lm", "distill", "mix"] = field(
         default="lm",
-        metadata={"help": "lm: the language-model loss on the data; distill: match the unpatched model's predictions "
-                  "(self-distillation: KL over the full vocabulary); mix: distill_weight x distill + the rest x lm."},
+        metadata={
+            "help": "lm: the language-model loss on the data; distill: match the unpatched model's predictions "
+            "(self-distillation: KL over the full vocabulary); mix: distill_weight x distill + the rest x lm."
+        },
     )
     distill_weight: float = field(default=0.5, metadata={"help": "mix: weight of the distillation term, in [0, 1]."})
     distill_temperature: float = field(
-        default=1.0, metadata={"help": "distill/mix: softmax temperature of teacher and student (the KL is scaled by T^2)."}
+        default=1.0,
+        metadata={"help": "distill/mix: softmax temperature of teacher and student (the KL is scaled by T^2)."},
     )
     distill_chunk_tokens: int = field(
         default=1024, metadata={"help": "distill/mix: tokens per chunk of the vocabulary-wide KL (bounds its memory)."}
@@ -96,14 +100,18 @@ class LoraRecipeArguments:
     eval_windows: int = field(default=16, metadata={"help": "Held-out windows, taken from the end of the data."})
     eval_contexts: list[int] | None = field(
         default=None,
-        metadata={"help": "Context lengths to evaluate at: the held-out tokens cut into windows of each length, each "
-                  "from scratch (default: [eval_window]). Longer than the model's training length is allowed and "
-                  "marked as extrapolation."},
+        metadata={
+            "help": "Context lengths to evaluate at: the held-out tokens cut into windows of each length, each "
+            "from scratch (default: [eval_window]). Longer than the model's training length is allowed and "
+            "marked as extrapolation."
+        },
     )
     heldout_documents: Literal["tail", "long"] = field(
         default="tail",
-        metadata={"help": "tail: the held-out split is the last tokens of the data (documents joined); long: whole "
-                  "documents at least as long as the longest eval context, from the end of the data, none trained on."},
+        metadata={
+            "help": "tail: the held-out split is the last tokens of the data (documents joined); long: whole "
+            "documents at least as long as the longest eval context, from the end of the data, none trained on."
+        },
     )
     eval_batch_size: int = field(default=1, metadata={"help": "Windows per evaluation forward pass."})
     control: bool = field(
@@ -114,9 +122,11 @@ class LoraRecipeArguments:
     )
     gguf: str | None = field(
         default=None,
-        metadata={"help": "Also write the trained model, LoRA merged, as a llama.cpp GGUF that carries the patch "
-                  "(model.gguf beside the saved model, and in the push): f16, bf16 or f32. Llama and Mistral with a "
-                  "patch on every layer; checked before training."},
+        metadata={
+            "help": "Also write the trained model, LoRA merged, as a llama.cpp GGUF that carries the patch "
+            "(model.gguf beside the saved model, and in the push): f16, bf16 or f32. Llama and Mistral with a "
+            "patch on every layer; checked before training."
+        },
     )
     resume: bool = field(default=False, metadata={"help": "Continue the run in output_dir after an interruption."})
     overwrite: bool = field(default=False, metadata={"help": "Discard a previous run in output_dir."})
@@ -166,8 +176,11 @@ class LoraRecipeArguments:
         if self.objective == "lm":
             return None
         weight = 1.0 if self.objective == "distill" else self.distill_weight
-        return {"distill_weight": weight, "temperature": self.distill_temperature,
-                "chunk_tokens": self.distill_chunk_tokens}
+        return {
+            "distill_weight": weight,
+            "temperature": self.distill_temperature,
+            "chunk_tokens": self.distill_chunk_tokens,
+        }
 
 
 class LoRARecipe(TrainingRecipe):
@@ -183,8 +196,12 @@ class LoRARecipe(TrainingRecipe):
     description = "LoRA-adapt a patched model, evaluate it against an unpatched control, save and push it"
     default_config = "smollm2_135m_p_rope_lora"
     arguments = {
-        "model_args": ModelArguments, "data_args": DataArguments, "patch_args": PatchArguments,
-        "lora_args": LoraArguments, "recipe_args": LoraRecipeArguments, "training_args": TrainingArguments,
+        "model_args": ModelArguments,
+        "data_args": DataArguments,
+        "patch_args": PatchArguments,
+        "lora_args": LoraArguments,
+        "recipe_args": LoraRecipeArguments,
+        "training_args": TrainingArguments,
     }
     outputs = _OUTPUTS
     run_settings = "recipe_args"
@@ -244,16 +261,25 @@ class LoRARecipe(TrainingRecipe):
         min_blocks = ta.per_device_train_batch_size * max(1, ta.world_size)
         if ra.heldout_documents == "long":
             self.split = split_long_documents(
-                docs, self.tokenizer.eos_token_id, block_size=ra.block_size, heldout_tokens=ra.heldout_tokens,
-                window=max(ra.contexts), min_blocks=min_blocks,
+                docs,
+                self.tokenizer.eos_token_id,
+                block_size=ra.block_size,
+                heldout_tokens=ra.heldout_tokens,
+                window=max(ra.contexts),
+                min_blocks=min_blocks,
             )
         else:
             self.split = split_tail(
-                join_documents(docs, self.tokenizer.eos_token_id), block_size=ra.block_size,
-                heldout_tokens=ra.heldout_tokens, min_blocks=min_blocks,
+                join_documents(docs, self.tokenizer.eos_token_id),
+                block_size=ra.block_size,
+                heldout_tokens=ra.heldout_tokens,
+                min_blocks=min_blocks,
             )
-        where = (f"from {self.split.heldout_documents} documents of at least {max(ra.contexts):,} tokens"
-                 if self.split.heldout_documents else "at the end of the data")
+        where = (
+            f"from {self.split.heldout_documents} documents of at least {max(ra.contexts):,} tokens"
+            if self.split.heldout_documents
+            else "at the end of the data"
+        )
         self.say(
             f"Data: {self.split.total_tokens:,} tokens; training on {self.split.train_blocks.shape[0]:,} blocks of "
             f"{ra.block_size}, held out {self.split.heldout.numel():,} {where}; evaluated at "
@@ -328,8 +354,11 @@ class LoRARecipe(TrainingRecipe):
         la = self.lora_args
         set_seed(self.training_args.seed)  # same LoRA initialisation for both stages
         config = LoraConfig(
-            r=la.lora_r, lora_alpha=la.lora_alpha, lora_dropout=la.lora_dropout,
-            target_modules=la.target_modules(), task_type="CAUSAL_LM",
+            r=la.lora_r,
+            lora_alpha=la.lora_alpha,
+            lora_dropout=la.lora_dropout,
+            target_modules=la.target_modules(),
+            task_type="CAUSAL_LM",
         )
         return get_peft_model(model, config)
 
@@ -368,8 +397,13 @@ class LoRARecipe(TrainingRecipe):
             self.histories[stage] = json.loads(record.read_text())["log_history"]
             return peft_model
         args = dataclasses.replace(self.training_args, output_dir=str(stage_dir), push_to_hub=False)
-        trainer = self.make_trainer(peft_model, args, self.split.train_blocks, callbacks=self.callbacks,
-                                    distillation=self.recipe_args.distillation)
+        trainer = self.make_trainer(
+            peft_model,
+            args,
+            self.split.train_blocks,
+            callbacks=self.callbacks,
+            distillation=self.recipe_args.distillation,
+        )
         last = get_last_checkpoint(str(stage_dir)) if self.recipe_args.resume and stage_dir.is_dir() else None
         what = "control: unpatched model + LoRA" if stage == "control" else f"patched: {self.spec.describe()} + LoRA"
         what += f", objective {self.recipe_args.objective}"
@@ -397,8 +431,12 @@ class LoRARecipe(TrainingRecipe):
         model = model if model is not None else getattr(self, "peft_model", self.model)
         return {
             context: perplexity(
-                model, self.split.heldout, window=context, n_windows=ra.heldout_tokens // context,
-                batch_size=ra.eval_batch_size, progress=f"{label} @ {context}",
+                model,
+                self.split.heldout,
+                window=context,
+                n_windows=ra.heldout_tokens // context,
+                batch_size=ra.eval_batch_size,
+                progress=f"{label} @ {context}",
             )
             for context in ra.contexts
         }
@@ -433,13 +471,21 @@ class LoRARecipe(TrainingRecipe):
             "training_length": limit,
             "perplexity": per_context,
             "headline": {"metric": metric, "by_context": {k: v[metric] for k, v in per_context.items()}},
-            "heldout": {"dataset": self.data_args.dataset, "window": ra.eval_window,
-                        "n_windows": ra.eval_windows, "tokens": int(self.split.heldout.numel()),
-                        "documents": ra.heldout_documents, "long_documents": self.split.heldout_documents},
+            "heldout": {
+                "dataset": self.data_args.dataset,
+                "window": ra.eval_window,
+                "n_windows": ra.eval_windows,
+                "tokens": int(self.split.heldout.numel()),
+                "documents": ra.heldout_documents,
+                "long_documents": self.split.heldout_documents,
+            },
             "training": {
-                "max_steps": ta.max_steps, "world_size": max(1, ta.world_size),
-                "tokens_per_step": self.tokens_per_step(ra.block_size), "block_size": ra.block_size,
-                "train_blocks": int(self.split.train_blocks.shape[0]), "device": str(ta.device),
+                "max_steps": ta.max_steps,
+                "world_size": max(1, ta.world_size),
+                "tokens_per_step": self.tokens_per_step(ra.block_size),
+                "block_size": ra.block_size,
+                "train_blocks": int(self.split.train_blocks.shape[0]),
+                "device": str(ta.device),
             },
             "loss_curves": {stage: loss_curve(history) for stage, history in self.histories.items()},
             "seconds": round(time.perf_counter() - self.started, 1),
@@ -459,7 +505,9 @@ class LoRARecipe(TrainingRecipe):
             out[f"held-out perplexity {at}, patched + LoRA ({steps} steps)"] = p["patched_after_training"]
             out[f"cost of the patch {at} (patched + LoRA / base)"] = p["cost_over_base"]
             if p["control_after_training"] is not None:
-                out[f"held-out perplexity {at}, control: RoPE + same LoRA ({steps} steps)"] = p["control_after_training"]
+                out[f"held-out perplexity {at}, control: RoPE + same LoRA ({steps} steps)"] = p[
+                    "control_after_training"
+                ]
                 out[f"gap {at} (patched / control)"] = p["gap_over_control"]
         return out
 
@@ -470,8 +518,13 @@ class LoRARecipe(TrainingRecipe):
             return None
         folder = self.out / self.recipe_args.save_method
         hf_prope.save_pretrained(
-            self.peft_model, folder, save_method=self.recipe_args.save_method, tokenizer=self.tokenizer,
-            eval_results=self.card_results(), repo_id=self.training_args.hub_model_id, gguf=self.recipe_args.gguf,
+            self.peft_model,
+            folder,
+            save_method=self.recipe_args.save_method,
+            tokenizer=self.tokenizer,
+            eval_results=self.card_results(),
+            repo_id=self.training_args.hub_model_id,
+            gguf=self.recipe_args.gguf,
         )
         print(f"Saved the {self.recipe_args.save_method} model to {folder}", flush=True)
         return folder
@@ -483,8 +536,14 @@ class LoRARecipe(TrainingRecipe):
         if not ta.hub_model_id or not is_main_process():
             return None
         info = hf_prope.push_to_hub(
-            self.peft_model, ta.hub_model_id, tokenizer=self.tokenizer, save_method=self.recipe_args.save_method,
-            private=ta.hub_private_repo, token=ta.hub_token, eval_results=self.card_results(), gguf=self.recipe_args.gguf,
+            self.peft_model,
+            ta.hub_model_id,
+            tokenizer=self.tokenizer,
+            save_method=self.recipe_args.save_method,
+            private=ta.hub_private_repo,
+            token=ta.hub_token,
+            eval_results=self.card_results(),
+            gguf=self.recipe_args.gguf,
         )
         print(f"Pushed to {ta.hub_model_id}: {getattr(info, 'commit_url', info)}", flush=True)
         return info
@@ -525,8 +584,11 @@ def plot_results(summary: dict[str, Any], path: Path) -> None:
     s = summary
     contexts = list(s["perplexity"])
     steps = s["training"]["max_steps"]
-    rows = [(key, label, colour) for key, label, colour in _ROWS
-            if any(s["perplexity"][c][key] is not None for c in contexts)]
+    rows = [
+        (key, label, colour)
+        for key, label, colour in _ROWS
+        if any(s["perplexity"][c][key] is not None for c in contexts)
+    ]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.4))
     width = 0.8 / len(rows)
     for i, (key, label, colour) in enumerate(rows):
@@ -542,8 +604,11 @@ def plot_results(summary: dict[str, Any], path: Path) -> None:
     left.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
     left.yaxis.set_minor_formatter(ticker.NullFormatter())
     left.set_ylabel("held-out perplexity (log scale, lower is better)")
-    left.set_title(textwrap.fill(f"{s['model']}: {s['patch_description']}", 70) + f"\nobjective {s['objective']}, "
-                   f"{steps} LoRA steps; {s['heldout']['tokens']:,} tokens held out", fontsize=10)
+    left.set_title(
+        textwrap.fill(f"{s['model']}: {s['patch_description']}", 70) + f"\nobjective {s['objective']}, "
+        f"{steps} LoRA steps; {s['heldout']['tokens']:,} tokens held out",
+        fontsize=10,
+    )
     left.legend(fontsize=8)
     for stage, points in s["loss_curves"].items():
         if points:
@@ -553,8 +618,10 @@ def plot_results(summary: dict[str, Any], path: Path) -> None:
     right.set_ylabel(f"training loss ({loss_name[s['objective']]}, nats/token)")
     metric = s["headline"]["metric"]
     name = "cost (c)/(a)" if metric == "cost_over_base" else "gap (c)/(d)"
-    right.set_title("training loss; " + name + ": " + ", ".join(
-        f"{v:.3f} @ {c}" for c, v in s["headline"]["by_context"].items()), fontsize=10)
+    right.set_title(
+        "training loss; " + name + ": " + ", ".join(f"{v:.3f} @ {c}" for c, v in s["headline"]["by_context"].items()),
+        fontsize=10,
+    )
     if any(s["loss_curves"].values()):
         right.legend()
     right.grid(alpha=0.3)
@@ -567,8 +634,10 @@ def format_table(summary: dict[str, Any]) -> str:
     p = summary["perplexity"]
     contexts = list(p)
     steps = summary["training"]["max_steps"]
-    names = {"patched_after_training": f"(c) patched + LoRA, {steps} steps",
-             "control_after_training": f"(d) control: RoPE + LoRA, {steps} steps"}
+    names = {
+        "patched_after_training": f"(c) patched + LoRA, {steps} steps",
+        "control_after_training": f"(d) control: RoPE + LoRA, {steps} steps",
+    }
     rows = [(key, names.get(key, label)) for key, label, _ in _ROWS]
     ratio_rows = [("cost_over_base", "(c)/(a) cost of the patch"), ("gap_over_control", "(c)/(d) gap to the control")]
     width = max(len(name) for _, name in rows + ratio_rows) + 2

@@ -16,16 +16,24 @@ from __future__ import annotations
 import contextlib
 import shutil
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar
 
 import torch
 from transformers import Trainer, TrainerCallback
 
 from .base import Recipe, is_main_process
 
-__all__ = ["BlockDataset", "PatchRecordCallback", "DistillationTrainer", "TrainingRecipe", "has_accelerator",
-           "loss_curve", "quiet_library_warnings"]
+__all__ = [
+    "BlockDataset",
+    "PatchRecordCallback",
+    "DistillationTrainer",
+    "TrainingRecipe",
+    "has_accelerator",
+    "loss_curve",
+    "quiet_library_warnings",
+]
 
 
 class BlockDataset(torch.utils.data.Dataset):
@@ -153,9 +161,12 @@ class TrainingRecipe(Recipe):
 
         trainer_class: Any = Trainer if distillation is None else DistillationTrainer
         return trainer_class(
-            model=model, args=args, train_dataset=BlockDataset(train_blocks),
+            model=model,
+            args=args,
+            train_dataset=BlockDataset(train_blocks),
             eval_dataset=BlockDataset(eval_blocks) if eval_blocks is not None else None,
-            data_collator=default_data_collator, callbacks=[PatchRecordCallback(), *callbacks],
+            data_collator=default_data_collator,
+            callbacks=[PatchRecordCallback(), *callbacks],
             **(distillation or {}),
         )
 
@@ -187,8 +198,13 @@ class DistillationTrainer(Trainer):
         hidden = teacher_hidden_states(student, ids)
         outputs = model(input_ids=ids, use_cache=False)
         loss, parts = distillation_loss(
-            outputs.logits, hidden, output_layer(student), temperature=self.temperature,
-            labels=inputs.get("labels"), distill_weight=self.distill_weight, chunk_tokens=self.chunk_tokens,
+            outputs.logits,
+            hidden,
+            output_layer(student),
+            temperature=self.temperature,
+            labels=inputs.get("labels"),
+            distill_weight=self.distill_weight,
+            chunk_tokens=self.chunk_tokens,
         )
         if model.training:
             self._parts["distill_kl"].append(float(parts["kl"]))

@@ -539,6 +539,7 @@ class LocalHub:
 
     def _refs(self, repo: Repo, include_prs: bool) -> dict:
         with self._lock:
+
             def refs(prefix: str) -> list[dict]:
                 return [
                     {"name": ref[len(prefix) :], "ref": ref, "targetCommit": oid}
@@ -789,8 +790,15 @@ def point_client_at(hub: LocalHub, monkeypatch: Any, home: str | os.PathLike[str
     }
     for name, value in settings.items():
         monkeypatch.setenv(name, value)
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-                 "HUGGINGFACE_HUB_CACHE", "HF_TOKEN_PATH"):
+    for name in (
+        "HF_TOKEN",
+        "HUGGING_FACE_HUB_TOKEN",
+        "HF_OIDC_RESOURCE",
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "HUGGINGFACE_HUB_CACHE",
+        "HF_TOKEN_PATH",
+    ):
         monkeypatch.delenv(name, raising=False)
     if xet:
         monkeypatch.delenv("HF_HUB_DISABLE_XET", raising=False)

@@ -57,7 +57,11 @@ def measured_frequencies(model) -> dict[str | None, torch.Tensor]:
     """Angle per token of each pair, read from what the rotary module hands the attention at position 1."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     rotary = inner.model.rotary_emb
-    layer_types = sorted(set(getattr(inner.config, "layer_types", None) or [])) if inner.config.model_type == "gemma3_text" else [None]
+    layer_types = (
+        sorted(set(getattr(inner.config, "layer_types", None) or []))
+        if inner.config.model_type == "gemma3_text"
+        else [None]
+    )
     x = torch.zeros(1, 1, HEAD_DIM)
     out = {}
     for layer_type in layer_types:
@@ -68,8 +72,16 @@ def measured_frequencies(model) -> dict[str | None, torch.Tensor]:
 
 
 def tiny_args(model_type: str = "llama", **extra) -> ScratchModelArguments:
-    return ScratchModelArguments(model_type=model_type, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                 head_dim=HEAD_DIM, intermediate_size=48, vocab_size=300, **extra)
+    return ScratchModelArguments(
+        model_type=model_type,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        head_dim=HEAD_DIM,
+        intermediate_size=48,
+        vocab_size=300,
+        **extra,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -91,11 +103,20 @@ def test_each_variant_rotates_exactly_the_frequencies_its_name_promises(model_ty
     theta = 500_000.0 if "@500k" in name else 1e6 if "@1m" in name else 25_000.0 if "@2.5e4" in name else 10_000.0
     model = build_model(tiny_args(model_type), variant, tokenizer, seed=0, max_positions=LONG)
     for layer_type, angles in measured_frequencies(model).items():
-        torch.testing.assert_close(angles, expected_frequencies(name, theta), rtol=1e-6, atol=1e-7,
-                                   msg=f"{name} on {model_type} ({layer_type})")
+        torch.testing.assert_close(
+            angles,
+            expected_frequencies(name, theta),
+            rtol=1e-6,
+            atol=1e-7,
+            msg=f"{name} on {model_type} ({layer_type})",
+        )
     # hf-prope's own report agrees with the measurement on every layer.
-    torch.testing.assert_close(hf_prope.layer_frequencies(model).double(),
-                               expected_frequencies(name, theta).expand(2, -1), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        hf_prope.layer_frequencies(model).double(),
+        expected_frequencies(name, theta).expand(2, -1),
+        rtol=1e-6,
+        atol=1e-7,
+    )
 
 
 def test_building_variants_leaves_no_class_patch_behind(tokenizer) -> None:
@@ -109,13 +130,23 @@ def test_building_variants_leaves_no_class_patch_behind(tokenizer) -> None:
         hf_prope.revert_class_patches()
     build_model(tiny_args(), parse_variant("p-rope-0.25", 1e4), tokenizer, seed=0, max_positions=LONG)
     assert hf_prope.class_patches() == {}
-    plain = LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, head_dim=HEAD_DIM,
-                                         intermediate_size=48, vocab_size=300))
+    plain = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            head_dim=HEAD_DIM,
+            intermediate_size=48,
+            vocab_size=300,
+        )
+    )
     assert (measured_frequencies(plain)[None] > 0).all()
 
 
 def test_same_seed_gives_every_variant_the_same_initial_weights(tokenizer) -> None:
-    models = [build_model(tiny_args(), parse_variant(n, 1e4), tokenizer, seed=3, max_positions=LONG) for n in DEFAULT_VARIANTS]
+    models = [
+        build_model(tiny_args(), parse_variant(n, 1e4), tokenizer, seed=3, max_positions=LONG) for n in DEFAULT_VARIANTS
+    ]
     first = models[0].state_dict()
     for model in models[1:]:
         for key, value in model.state_dict().items():
@@ -149,12 +180,30 @@ def text_file(tmp_path_factory) -> Path:
 
 def overrides(text_file: Path, out: Path, **extra) -> dict:
     values = {
-        "model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-        "head_dim": HEAD_DIM, "intermediate_size": 48, "vocab_size": 300, "dataset": str(text_file),
-        "variants": ["rope", "nope", "p-rope-0.25", "p-rope-0.75-lowest"], "seeds": [0, 1],
-        "block_size": BLOCK, "long_eval_window": LONG, "long_eval_windows": LONG_WINDOWS, "eval_batch_size": 2,
-        "per_device_train_batch_size": 2, "learning_rate": 3e-3, "max_steps": 6, "logging_steps": 2, "eval_steps": 3,
-        "save_steps": 3, "report_to": "none", "disable_tqdm": True, "save_models": True, "output_dir": str(out),
+        "model_type": "llama",
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "head_dim": HEAD_DIM,
+        "intermediate_size": 48,
+        "vocab_size": 300,
+        "dataset": str(text_file),
+        "variants": ["rope", "nope", "p-rope-0.25", "p-rope-0.75-lowest"],
+        "seeds": [0, 1],
+        "block_size": BLOCK,
+        "long_eval_window": LONG,
+        "long_eval_windows": LONG_WINDOWS,
+        "eval_batch_size": 2,
+        "per_device_train_batch_size": 2,
+        "learning_rate": 3e-3,
+        "max_steps": 6,
+        "logging_steps": 2,
+        "eval_steps": 3,
+        "save_steps": 3,
+        "report_to": "none",
+        "disable_tqdm": True,
+        "save_models": True,
+        "output_dir": str(out),
     }
     values.update(extra)
     return values
@@ -187,9 +236,15 @@ def test_recipe_figures_are_those_of_the_models_it_saved(ablation, text_file) ->
         for i, seed in enumerate(entry["seeds"]):
             model = hf_prope.from_pretrained(out / "runs" / name / f"seed{seed}" / "model")
             # The saved, reloaded model has the variant's frequencies (measured, against the formula).
-            torch.testing.assert_close(measured_frequencies(model)[None], expected_frequencies(name, 1e4), rtol=1e-6, atol=1e-7)
-            assert entry["perplexity"]["runs"][i] == pytest.approx(loss_perplexity(model, ids, BLOCK, heldout // BLOCK), rel=1e-5)
-            assert entry["perplexity_long"]["runs"][i] == pytest.approx(loss_perplexity(model, ids, LONG, LONG_WINDOWS), rel=1e-5)
+            torch.testing.assert_close(
+                measured_frequencies(model)[None], expected_frequencies(name, 1e4), rtol=1e-6, atol=1e-7
+            )
+            assert entry["perplexity"]["runs"][i] == pytest.approx(
+                loss_perplexity(model, ids, BLOCK, heldout // BLOCK), rel=1e-5
+            )
+            assert entry["perplexity_long"]["runs"][i] == pytest.approx(
+                loss_perplexity(model, ids, LONG, LONG_WINDOWS), rel=1e-5
+            )
 
 
 def test_statistics_and_paired_ratios_recomputed_from_the_runs(ablation) -> None:
@@ -245,8 +300,15 @@ def test_resume_keeps_finished_runs_and_retrains_the_rest_identically(ablation, 
 
 
 def test_gemma_style_model_trains(text_file, tmp_path) -> None:
-    values = overrides(text_file, tmp_path / "out", model_type="gemma", variants=["rope", "p-rope-0.75"], seeds=[0],
-                       max_steps=2, save_models=False)
+    values = overrides(
+        text_file,
+        tmp_path / "out",
+        model_type="gemma",
+        variants=["rope", "p-rope-0.75"],
+        seeds=[0],
+        max_steps=2,
+        save_models=False,
+    )
     del values["eval_steps"]  # no evaluation during training: curves are training loss only
     summary = AblationRecipe.from_config(None, values).run()
     assert summary["variants"]["rope"]["eval_loss"] == []
@@ -298,8 +360,19 @@ def test_two_processes_with_torchrun_through_the_cli(text_file, tmp_path) -> Non
     out = tmp_path / "out"
     values = overrides(text_file, out, variants=["rope", "nope"], seeds=[0], max_steps=3, eval_steps=3)
     args = [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in values.items()]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "hf_prope", "run", "ablation", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "hf_prope",
+        "run",
+        "ablation",
+        *args,
+    ]
     # CPU and gloo whatever the machine: with one GPU visible, two processes would share it.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)

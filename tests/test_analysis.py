@@ -109,7 +109,9 @@ def test_patched_and_peft_models() -> None:
     hf_prope.unpatch_model(model)
 
     torch.manual_seed(3)
-    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "k_proj"], init_lora_weights=False))
+    peft_model = get_peft_model(
+        copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "k_proj"], init_lora_weights=False)
+    )
     wrapped = analysis.frequency_usage(peft_model, tok, TEXT, window=WINDOW, n_windows=N_WINDOWS)
     merged = analysis.frequency_usage(peft_model.merge_and_unload(), tok, TEXT, window=WINDOW, n_windows=N_WINDOWS)
     torch.testing.assert_close(wrapped.query, merged.query, rtol=1e-4, atol=1e-6)
@@ -166,7 +168,9 @@ def test_constructed_positional_heads_are_found_and_only_they(model_type) -> Non
     others = torch.ones_like(found.diagonal, dtype=torch.bool)
     others[1, 0] = others[3, 2] = False
     if model_type == "llama":
-        torch.testing.assert_close(found.diagonal[others], torch.full((int(others.sum()),), uniform), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            found.diagonal[others], torch.full((int(others.sum()),), uniform), rtol=1e-4, atol=1e-6
+        )
     assert float(found.diagonal[others].max()) < 0.5 and float(found.previous[others].max()) < 0.5
     # The paper's intervention: without the highest frequencies these heads lose their position
     # (here every logit becomes equal: exactly uniform attention).
@@ -184,10 +188,18 @@ def test_intervention_keeps_the_models_own_patch() -> None:
     assert hf_prope.get_patch(model) == PatchSpec("p-rope", p=0.5)
     # p=0.5 keeps the highest pairs, which the constructed heads use.
     assert {(h["layer"], h["head"]) for h in found.heads} == {(1, 0), (3, 2)}
-    as_dict = analysis.positional_heads(model, char_tokenizer(), TEXT, window=WINDOW, n_windows=N_WINDOWS,
-                                        intervention=analysis.DEFAULT_INTERVENTION.to_dict())
+    as_dict = analysis.positional_heads(
+        model,
+        char_tokenizer(),
+        TEXT,
+        window=WINDOW,
+        n_windows=N_WINDOWS,
+        intervention=analysis.DEFAULT_INTERVENTION.to_dict(),
+    )
     assert torch.equal(as_dict.diagonal_after, found.diagonal_after)
-    skipped = analysis.positional_heads(model, char_tokenizer(), TEXT, window=WINDOW, n_windows=N_WINDOWS, intervention=None)
+    skipped = analysis.positional_heads(
+        model, char_tokenizer(), TEXT, window=WINDOW, n_windows=N_WINDOWS, intervention=None
+    )
     assert skipped.diagonal_after is None and skipped.intervention is None
 
 
@@ -203,8 +215,15 @@ def test_drift_closed_forms() -> None:
 def _usage_with(query: torch.Tensor, key: torch.Tensor, freqs: torch.Tensor, spans=None, layer_types=None):
     n_layers = query.shape[0]
     return analysis.FrequencyUsage(
-        model_type="llama", layers=list(range(n_layers)), layer_types=layer_types, query=query, key=key,
-        frequencies=freqs, original_frequencies=freqs, attention_span=spans or [None] * n_layers, tokens=100,
+        model_type="llama",
+        layers=list(range(n_layers)),
+        layer_types=layer_types,
+        query=query,
+        key=key,
+        frequencies=freqs,
+        original_frequencies=freqs,
+        attention_span=spans or [None] * n_layers,
+        tokens=100,
         window=512,
     )
 
@@ -298,16 +317,30 @@ def test_analyze_command_writes_a_readable_report(tmp_path, capsys) -> None:
     data = tmp_path / "text.txt"
     data.write_text(TEXT * 3)
     out = tmp_path / "report"
-    code = main([
-        "analyze", str(model_dir), "--out", str(out), f"dataset={data}", "window=48", "n_windows=3",
-        "grid=[0,0.25,0.5,0.75,1]",
-    ])
+    code = main(
+        [
+            "analyze",
+            str(model_dir),
+            "--out",
+            str(out),
+            f"dataset={data}",
+            "window=48",
+            "n_windows=3",
+            "grid=[0,0.25,0.5,0.75,1]",
+        ]
+    )
     assert code == 0
     files = sorted(p.name for p in out.iterdir())
-    assert files == sorted([
-        "report.json", "summary.md", "frequency_usage.png", "frequency_usage_layer3.png", "positional_heads.png",
-        "perplexity_vs_p.png",
-    ])
+    assert files == sorted(
+        [
+            "report.json",
+            "summary.md",
+            "frequency_usage.png",
+            "frequency_usage_layer3.png",
+            "positional_heads.png",
+            "perplexity_vs_p.png",
+        ]
+    )
     report = json.loads((out / "report.json").read_text())
     assert [s["layer_types"] for s in report["suggestions"]] == [None, ["full_attention"], ["sliding_attention"]]
     usage = analysis.FrequencyUsage.from_dict(report["usage"])

@@ -13,7 +13,6 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Llam
 import hf_prope
 from hf_prope import PatchSpec
 
-
 # -- the spec -------------------------------------------------------------------------------
 
 
@@ -129,7 +128,16 @@ def test_unsupported_and_non_rope_models() -> None:
         hf_prope.patch_model(gpt2, "p-rope", p=0.5)
     from transformers import PhiConfig, PhiForCausalLM
 
-    phi = PhiForCausalLM(PhiConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, vocab_size=50, intermediate_size=64, pad_token_id=0))
+    phi = PhiForCausalLM(
+        PhiConfig(
+            num_hidden_layers=1,
+            hidden_size=32,
+            num_attention_heads=2,
+            vocab_size=50,
+            intermediate_size=64,
+            pad_token_id=0,
+        )
+    )
     with pytest.raises(hf_prope.UnsupportedModelError, match="llama, mistral, qwen2, qwen3"):
         hf_prope.patch_model(phi, "p-rope", p=0.5)
     with pytest.raises(TypeError, match="transformers model"):
@@ -208,8 +216,14 @@ def test_class_level_patch_leaves_the_callers_config_alone(model_type) -> None:
 
     arch = get_architecture(model_type)
     module = importlib.import_module(arch.modeling_module)
-    classes = [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, PreTrainedModel)
-               and c.__module__ == module.__name__ and "__init__" in c.__dict__]
+    classes = [
+        c
+        for c in vars(module).values()
+        if isinstance(c, type)
+        and issubclass(c, PreTrainedModel)
+        and c.__module__ == module.__name__
+        and "__init__" in c.__dict__
+    ]
     name = "gemma3" if model_type == "gemma3_text" else model_type
     handle = getattr(hf_prope, f"apply_p_rope_to_{name}")(p=0.5)
     try:
@@ -229,8 +243,14 @@ def test_class_level_patch_leaves_the_callers_config_alone(model_type) -> None:
     assert all(getattr(c.__init__, "__wrapped__", None) is None for c in classes)
 
 
-@pytest.mark.parametrize("scaling", [{"rope_type": "linear", "factor": 10.0}, {"rope_type": "dynamic", "factor": 10.0},
-                                     {"rope_type": "yarn", "factor": 10.0}])
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        {"rope_type": "linear", "factor": 10.0},
+        {"rope_type": "dynamic", "factor": 10.0},
+        {"rope_type": "yarn", "factor": 10.0},
+    ],
+)
 def test_class_level_identity_keeps_rope_scaling_set_later(scaling) -> None:
     """transformers' own test_model_rope_scaling_from_config, under a class-level p=1.0 patch (the identity)."""
     from transformers import LlamaModel
@@ -307,9 +327,16 @@ def test_patch_state_reads_what_the_model_carries(model_type: str) -> None:
     plain = hf_prope.patch_state(model)
     assert plain.spec is None and not plain.patched and plain.native
     assert plain.rope_parameters == original == plain.original_rope_parameters
-    assert plain.base == {"model_type": model_type, "architectures": [type(model).__name__], "head_dim": 16,
-                          "num_hidden_layers": 6, "hidden_size": 64}
-    assert plain.layer_types == (tuple(model.config.layer_types) if getattr(model.config, "layer_types", None) else None)
+    assert plain.base == {
+        "model_type": model_type,
+        "architectures": [type(model).__name__],
+        "head_dim": 16,
+        "num_hidden_layers": 6,
+        "hidden_size": 64,
+    }
+    assert plain.layer_types == (
+        tuple(model.config.layer_types) if getattr(model.config, "layer_types", None) else None
+    )
     hf_prope.patch_model(model, "freq-mask", keep=[0, 2])  # not a prefix: hf-prope's own rope type
     state = hf_prope.patch_state(model)
     assert state.spec == PatchSpec("freq-mask", keep=(0, 2)) and state.patched and not state.native

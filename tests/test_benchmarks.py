@@ -27,8 +27,12 @@ def test_quick_benchmarks_report_every_variant_against_its_baseline(tmp_path, ca
         assert train["hf-prope p=0.25"]["target"] == ">= 0.99x"  # a CPU's; a GPU's is 1.03x
     # Without a GPU (or triton's interpreter) there is no kernel to time, no backward, no CUDA memory.
     assert {r["benchmark"] for r in rows} == {
-        "rotary forward, SmolLM2-135M", "rotary forward, Llama-3-8B", "training step, SmolLM2-shaped",
-        "training step, Llama-3-8B-shaped", "decoding with KV cache"}
+        "rotary forward, SmolLM2-135M",
+        "rotary forward, Llama-3-8B",
+        "training step, SmolLM2-shaped",
+        "training step, Llama-3-8B-shaped",
+        "decoding with KV cache",
+    }
     for r in rows:
         assert r["value"] > 0 and r["baseline_value"] > 0
         assert r["ratio"] == pytest.approx(r["value"] / r["baseline_value"])
@@ -80,14 +84,22 @@ def test_rotary_benchmark_sets_the_kernel_against_liger_and_transformers_under_t
 
     out = tmp_path / "bench.json"
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, "-m", "hf_prope", "bench", "--quick", "--repeats", "1", "--only", "rotary",
-                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-m", "hf_prope", "bench", "--quick", "--repeats", "1", "--only", "rotary", "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     for shape in ("SmolLM2-135M", "Llama-3-8B"):
         for mode in ("forward", "forward+backward"):
-            kernel = {r["variant"]: r for r in rows if r["benchmark"] == f"rotary {mode}, {shape}"
-                      and r["baseline"] == "Liger-Kernel"}
+            kernel = {
+                r["variant"]: r
+                for r in rows
+                if r["benchmark"] == f"rotary {mode}, {shape}" and r["baseline"] == "Liger-Kernel"
+            }
             assert list(kernel) == ["p=1, kernel", "p=0.75, kernel", "p=0.5, kernel", "p=0.25, kernel"]
             assert kernel["p=1, kernel"]["target"] == "<= 1.05x" and kernel["p=0.25, kernel"]["target"] == "<= 0.4x"
             ours = [r for r in rows if r["benchmark"] == f"rotary {mode}, {shape}" and r["baseline"] == "transformers"]

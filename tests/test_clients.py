@@ -33,6 +33,14 @@ def _texts() -> list[str]:
     return [t[:240] for t in list(topics.values())[:16]]
 
 
+def _tokenized(tok):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"text": _texts()}).map(
+        lambda b: tok(b["text"], truncation=True, max_length=64), batched=True, remove_columns=["text"]
+    )
+
+
 def _base(folder: Path, name: str) -> torch.nn.Module:
     """A tiny Llama saved to ``folder`` (plain RoPE, with its tokenizer), loaded from there and patched."""
     tiny_model("llama", initializer_range=0.3).save_pretrained(folder)
@@ -85,12 +93,23 @@ def test_trl_sft_trainer_save_model_and_checkpoints_carry_the_patch(name, tmp_pa
     base = _base(tmp_path / "base", name)
     spec = hf_prope.get_patch(base)
     args = trl.SFTConfig(
-        output_dir=str(tmp_path / "run"), max_steps=3, save_steps=2, per_device_train_batch_size=2, max_length=64,
-        learning_rate=1e-3, report_to=[], use_cpu=True, bf16=False, logging_steps=1,
+        output_dir=str(tmp_path / "run"),
+        max_steps=3,
+        save_steps=2,
+        per_device_train_batch_size=2,
+        max_length=64,
+        learning_rate=1e-3,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        logging_steps=1,
     )
     trainer = trl.SFTTrainer(
-        model=base, args=args, train_dataset=Dataset.from_dict({"text": _texts()}),
-        processing_class=char_tokenizer(), peft_config=_lora(),
+        model=base,
+        args=args,
+        train_dataset=Dataset.from_dict({"text": _texts()}),
+        processing_class=char_tokenizer(),
+        peft_config=_lora(),
     )
     trainer.train()
     assert hf_prope.get_patch(trainer.model) == spec  # TRL trained with the patch in effect
@@ -107,19 +126,25 @@ def test_trl_sft_trainer_save_model_and_checkpoints_carry_the_patch(name, tmp_pa
 
 
 def test_trainer_with_get_peft_model_and_peft_save(tmp_path) -> None:
-    from datasets import Dataset
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
     base = _base(tmp_path / "base", "p-rope")
     spec = hf_prope.get_patch(base)
     model = get_peft_model(base, _lora())
     tok = char_tokenizer()
-    data = Dataset.from_dict({"text": _texts()}).map(lambda b: tok(b["text"], truncation=True, max_length=64),
-                                                      batched=True, remove_columns=["text"])
-    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, save_steps=2, per_device_train_batch_size=2,
-                             learning_rate=1e-3, report_to=[], use_cpu=True)
-    trainer = Trainer(model=model, args=args, train_dataset=data,
-                      data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
+    data = _tokenized(tok)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        save_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        report_to=[],
+        use_cpu=True,
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=data, data_collator=DataCollatorForLanguageModeling(tok, mlm=False)
+    )
     trainer.train()
     ids = tokens()
     expected = logits(model.eval(), ids)
@@ -145,8 +170,11 @@ def test_peft_save_of_several_adapters_and_non_main_process(tmp_path) -> None:
 def test_peft_save_of_an_unpatched_base_is_left_as_peft_wrote_it(tmp_path) -> None:
     model = get_peft_model(tiny_model("llama"), _lora())
     model.save_pretrained(tmp_path / "a")
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["README.md", "adapter_config.json",
-                                                                  ADAPTER_WEIGHTS_FILE]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        ADAPTER_WEIGHTS_FILE,
+    ]
     assert record_from_safetensors(tmp_path / "a" / ADAPTER_WEIGHTS_FILE) is None
 
 
@@ -161,8 +189,14 @@ def test_from_pretrained_refuses_base_model_for_a_full_model(tmp_path) -> None:
 def _run(script: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
     import os
 
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, **env})
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
+    )
 
 
 @pytest.mark.parametrize("mode", ["warn", "0"])
@@ -198,7 +232,6 @@ def test_peft_modes_warn_and_off(mode, tmp_path) -> None:
 
 def test_trainer_push_to_hub_uploads_the_record(tmp_path, monkeypatch) -> None:
     """``Trainer.push_to_hub`` (what TRL users call) through the real client to the local Hub, then PEFT's load."""
-    from datasets import Dataset
     from hub_server import local_hub_fixture
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
@@ -208,13 +241,20 @@ def test_trainer_push_to_hub_uploads_the_record(tmp_path, monkeypatch) -> None:
         spec = hf_prope.get_patch(base)
         model = get_peft_model(base, _lora())
         tok = char_tokenizer()
-        data = Dataset.from_dict({"text": _texts()}).map(lambda b: tok(b["text"], truncation=True, max_length=64),
-                                                          batched=True, remove_columns=["text"])
-        args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=2,
-                                 report_to=[], use_cpu=True, push_to_hub=True, hub_model_id="user/trained",
-                                 save_strategy="no")
-        trainer = Trainer(model=model, args=args, train_dataset=data,
-                          data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
+        data = _tokenized(tok)
+        args = TrainingArguments(
+            output_dir=str(tmp_path / "run"),
+            max_steps=1,
+            per_device_train_batch_size=2,
+            report_to=[],
+            use_cpu=True,
+            push_to_hub=True,
+            hub_model_id="user/trained",
+            save_strategy="no",
+        )
+        trainer = Trainer(
+            model=model, args=args, train_dataset=data, data_collator=DataCollatorForLanguageModeling(tok, mlm=False)
+        )
         trainer.train()
         trainer.push_to_hub()
         ids = tokens()

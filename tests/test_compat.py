@@ -28,7 +28,7 @@ def test_kv_cache_generation_equals_full_recomputation(model_type, patch) -> Non
     steps = torch.stack(out.logits, dim=1)[0]
     recomputed = full[0, ids.shape[1] - 1 : -1]
     torch.testing.assert_close(steps, recomputed, atol=1e-4, rtol=1e-4)
-    assert torch.equal(out.sequences[0, ids.shape[1]:], recomputed.argmax(-1))
+    assert torch.equal(out.sequences[0, ids.shape[1] :], recomputed.argmax(-1))
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma3_text"])
@@ -104,7 +104,9 @@ def test_torch_compile_smoke() -> None:
 
 @pytest.mark.parametrize("order", ["patch-then-peft", "peft-then-patch"])
 def test_peft_wrapped_models(order) -> None:
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    lora = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False
+    )
     reference = tiny_model("llama")
     model = tiny_model("llama")
     torch.manual_seed(5)

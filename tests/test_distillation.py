@@ -21,7 +21,9 @@ from hf_prope.patching import original_rope
 
 def _peft(model):
     torch.manual_seed(3)
-    peft = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft = get_peft_model(
+        model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     return peft
 
 
@@ -74,8 +76,9 @@ def test_loss_equals_the_kl_written_out_from_two_independent_models(temperature)
             if "lora_B" in name:
                 param.zero_()
     hidden = teacher_hidden_states(student, ids)
-    got, parts = distillation_loss(student(input_ids=ids).logits, hidden, output_layer(student),
-                                   temperature=temperature, chunk_tokens=7)
+    got, parts = distillation_loss(
+        student(input_ids=ids).logits, hidden, output_layer(student), temperature=temperature, chunk_tokens=7
+    )
     assert want.item() > 0.1  # the patch changes the predictions: the check can fail
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
     assert parts["kl"].item() == pytest.approx(want.item(), rel=1e-5)
@@ -88,8 +91,15 @@ def test_chunked_equals_unchunked_in_value_and_gradient() -> None:
     results = []
     for chunk in (5, 10_000):
         model.zero_grad()
-        loss, parts = distillation_loss(model(input_ids=ids).logits, hidden, output_layer(model), temperature=1.5,
-                                        labels=ids, distill_weight=0.7, chunk_tokens=chunk)
+        loss, parts = distillation_loss(
+            model(input_ids=ids).logits,
+            hidden,
+            output_layer(model),
+            temperature=1.5,
+            labels=ids,
+            distill_weight=0.7,
+            chunk_tokens=chunk,
+        )
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((loss.item(), parts["lm"].item(), grads))
@@ -103,11 +113,14 @@ def test_chunked_equals_unchunked_in_value_and_gradient() -> None:
     assert lm1 == pytest.approx(model(input_ids=ids, labels=ids).loss.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"temperature": 0.0}, "temperature must be positive"),
-    ({"distill_weight": 1.5}, r"distill_weight must be in \[0, 1\]"),
-    ({"distill_weight": 0.5}, "needs labels"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"temperature": 0.0}, "temperature must be positive"),
+        ({"distill_weight": 1.5}, r"distill_weight must be in \[0, 1\]"),
+        ({"distill_weight": 0.5}, "needs labels"),
+    ],
+)
 def test_bad_arguments(kwargs, match) -> None:
     x = torch.zeros(1, 3, 5)
     with pytest.raises(ValueError, match=match):
@@ -122,8 +135,9 @@ def test_gradient_equals_autograd_of_the_loss_written_out(distill_weight, temper
     hidden = torch.randn(2, 6, 5, generator=g)
     head = torch.nn.Linear(5, 11)
     labels = torch.randint(0, 11, (2, 6), generator=g)
-    loss, _ = distillation_loss(student, hidden, head, temperature=temperature, labels=labels,
-                                distill_weight=distill_weight, chunk_tokens=4)
+    loss, _ = distillation_loss(
+        student, hidden, head, temperature=temperature, labels=labels, distill_weight=distill_weight, chunk_tokens=4
+    )
     loss.backward()
     got = student.grad.clone()
     plain = student.detach().clone().requires_grad_()

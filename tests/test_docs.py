@@ -59,6 +59,6 @@ def test_readme_fits_a_screen_and_its_commands_are_cis() -> None:
     for command in tests[1:-1]:
         quiet = command.replace("pip install ", "pip install -q ", 1)
         assert quiet in ci_lines, f"{command!r} is not what .ci/run runs"
-    assert any(line.startswith("if [ -n \"$marks\" ]; then python -m pytest") for line in ci_lines)
+    assert any(line.startswith('if [ -n "$marks" ]; then python -m pytest') for line in ci_lines)
     # the main job installs what the tests install, but the recipes extra instead of the test extra
     assert [c for c in main_job[1:-1] if "-e" not in c] == [c for c in tests[1:-1] if "-e" not in c]

@@ -55,9 +55,17 @@ def forward_passes():
 
 def lora_args(source, out: Path, **extra: str) -> list[str]:
     values = {
-        "model": str(source["llama"]), "dataset": str(source["text"]), "output_dir": str(out), "p": "0.25",
-        "block_size": "32", "eval_window": "32", "eval_windows": "2", "per_device_train_batch_size": "2",
-        "max_steps": "2", "report_to": "none", "lora_r": "2",
+        "model": str(source["llama"]),
+        "dataset": str(source["text"]),
+        "output_dir": str(out),
+        "p": "0.25",
+        "block_size": "32",
+        "eval_window": "32",
+        "eval_windows": "2",
+        "per_device_train_batch_size": "2",
+        "max_steps": "2",
+        "report_to": "none",
+        "lora_r": "2",
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
@@ -68,8 +76,19 @@ def lora_args(source, out: Path, **extra: str) -> list[str]:
 
 
 def test_zero_shot_rejects_a_layer_type_typo_before_any_forward_pass(source, capsys, forward_passes) -> None:
-    code = main(["zero-shot", "--model", str(source["gemma3"]), "--layer-types", "full_atention",
-                 "--window", "16", "--n-windows", "2"])
+    code = main(
+        [
+            "zero-shot",
+            "--model",
+            str(source["gemma3"]),
+            "--layer-types",
+            "full_atention",
+            "--window",
+            "16",
+            "--n-windows",
+            "2",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert "Unknown layer type 'full_atention'" in err and "Did you mean 'full_attention'" in err
@@ -93,8 +112,15 @@ def test_lora_run_with_bad_input_creates_no_output_folder(case, source, tmp_path
 
 def test_eval_recipe_with_bad_input_creates_nothing(source, tmp_path, capsys, forward_passes) -> None:
     out = tmp_path / "eval"
-    args = ["run", "eval", f"model={source['gemma3']}", f"dataset={source['text']}", f"output_dir={out}",
-            "contexts=[8,16]", "eval_tokens=64"]
+    args = [
+        "run",
+        "eval",
+        f"model={source['gemma3']}",
+        f"dataset={source['text']}",
+        f"output_dir={out}",
+        "contexts=[8,16]",
+        "eval_tokens=64",
+    ]
     assert main([*args, "layer_types=[global]"]) == 2
     assert "Unknown layer type 'global'" in capsys.readouterr().err
     assert main([*args, f"trained=[{tmp_path / 'no-such-save'}]"]) == 2
@@ -120,8 +146,10 @@ def test_analyze_of_a_missing_model_creates_no_folder_and_says_what_was_tried(lo
 
 def test_zero_shot_out_file_is_written_whole(source, tmp_path) -> None:
     out = tmp_path / "results" / "zs.json"
-    assert main(["zero-shot", "--model", str(source["llama"]), "--window", "16", "--n-windows", "2",
-                 "--out", str(out)]) == 0
+    assert (
+        main(["zero-shot", "--model", str(source["llama"]), "--window", "16", "--n-windows", "2", "--out", str(out)])
+        == 0
+    )
     rows = json.loads(out.read_text())["rows"]
     assert [r["variant"] for r in rows][0] == "RoPE" and len(rows) == 6
     assert [p.name for p in out.parent.iterdir()] == ["zs.json"]  # no temporary file left beside it
@@ -135,8 +163,9 @@ def test_settings_keep_every_key_but_credentials(source, tmp_path) -> None:
     from hf_prope.recipes import AblationRecipe, ContextEvalRecipe, LoRARecipe
 
     secret = "hf_this_must_never_be_written"
-    lora = LoRARecipe.from_config(None, {"model": str(source["llama"]), "output_dir": str(tmp_path / "l"),
-                                         "max_steps": 1, "hub_token": secret})
+    lora = LoRARecipe.from_config(
+        None, {"model": str(source["llama"]), "output_dir": str(tmp_path / "l"), "max_steps": 1, "hub_token": secret}
+    )
     settings = lora.settings()
     assert "hub_token" not in settings and secret not in json.dumps(settings, default=str)
     assert settings["max_steps"] == 1 and settings["lora_target_modules"]
@@ -152,8 +181,11 @@ def test_recipes_are_built_from_named_settings() -> None:
     from hf_prope.recipes.base import DataArguments, ModelArguments
     from hf_prope.recipes.context_eval import ContextEvalArguments
 
-    recipe = ContextEvalRecipe(model_args=ModelArguments(), data_args=DataArguments(),
-                               eval_args=ContextEvalArguments(contexts=[64], eval_tokens=128))
+    recipe = ContextEvalRecipe(
+        model_args=ModelArguments(),
+        data_args=DataArguments(),
+        eval_args=ContextEvalArguments(contexts=[64], eval_tokens=128),
+    )
     assert recipe.eval_args.contexts == [64] and recipe.model_args.model == "smollm2-135m"
     with pytest.raises(TypeError, match="model_args=ModelArguments"):
         ContextEvalRecipe(ModelArguments(), DataArguments(), ContextEvalArguments())  # type: ignore[misc]
@@ -223,14 +255,22 @@ socket.socket.connect = connect
 
 
 def test_import_makes_no_network_request() -> None:
-    script = _RECORD_CONNECTIONS + """
+    script = (
+        _RECORD_CONNECTIONS
+        + """
 import hf_prope, hf_prope.recipes, hf_prope.cli
 from peft import PeftModel
 print(len(attempts), getattr(PeftModel.from_pretrained, "_hf_prope_wrapped", False),
       getattr(PeftModel.save_pretrained, "_hf_prope_wrapped", False))
 """
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                         env={**_clean_env(), "HF_HUB_OFFLINE": ""})
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**_clean_env(), "HF_HUB_OFFLINE": ""},
+    )
     assert out.stdout.split() == ["0", "True", "True"], out.stderr[-2000:]
 
 
@@ -242,8 +282,13 @@ import hf_prope
 after = (peft.PeftModel.from_pretrained.__func__, peft.PeftModel.save_pretrained, peft.PeftModel.load_adapter)
 print(all(a is b for a, b in zip(before, after)))
 """
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                         env={**_clean_env(), "HF_PROPE_PEFT_CHECK": "0"})
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**_clean_env(), "HF_PROPE_PEFT_CHECK": "0"},
+    )
     assert out.stdout.strip() == "True", out.stderr[-2000:]
 
 
@@ -299,8 +344,9 @@ importlib.util.find_spec = lambda name, *a: None if name == "matplotlib" else re
 from hf_prope.cli import main
 raise SystemExit(main([]))
 """
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path,
-                         env=_clean_env())
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=_clean_env()
+    )
     assert out.returncode != 0
     assert "pip install 'hf-prope[recipes]'" in out.stderr and "matplotlib" in out.stderr, out.stderr[-2000:]
     assert list(tmp_path.iterdir()) == []

@@ -58,7 +58,6 @@ def _hf_logits(model, ids: list[int]) -> np.ndarray:
         return model(torch.tensor([ids])).logits[0].float().numpy()
 
 
-
 # -- structure ------------------------------------------------------------------------------------
 
 
@@ -67,7 +66,11 @@ def _hf_logits(model, ids: list[int]) -> np.ndarray:
     [
         ("p-rope", {"p": 0.25}, [1, 1] + [STOPPED_FACTOR] * 6),
         ("p-rope", {"p": 0.75}, [1] * 6 + [STOPPED_FACTOR] * 2),
-        ("freq-mask", {"keep": [0, 3, 5]}, [1, STOPPED_FACTOR, STOPPED_FACTOR, 1, STOPPED_FACTOR, 1, STOPPED_FACTOR, STOPPED_FACTOR]),
+        (
+            "freq-mask",
+            {"keep": [0, 3, 5]},
+            [1, STOPPED_FACTOR, STOPPED_FACTOR, 1, STOPPED_FACTOR, 1, STOPPED_FACTOR, STOPPED_FACTOR],
+        ),
         ("nope", {}, [STOPPED_FACTOR] * 8),
     ],
 )
@@ -103,7 +106,7 @@ def test_unpatched_model_is_a_plain_gguf(tokenizer, tmp_path) -> None:
     assert all(tokens[i] == t for t, i in vocab.items())
     types = _field(reader, "tokenizer.ggml.token_type")
     assert types[vocab["<|endoftext|>"]] == 3  # control
-    assert types[len(vocab):] == [5] * (VOCAB - len(vocab))  # padding rows of the embedding: unused
+    assert types[len(vocab) :] == [5] * (VOCAB - len(vocab))  # padding rows of the embedding: unused
 
 
 def test_plain_transformers_drops_the_patch_and_hf_prope_restores_it(tokenizer, tmp_path) -> None:
@@ -139,17 +142,25 @@ def test_a_mask_from_another_writer_comes_back_as_the_patch(tmp_path) -> None:
     assert spec_from_factors([1.0] * 8, inv) is None
     assert spec_from_factors([1.0] * 2 + [s] * 6, inv) == hf_prope.PatchSpec("p-rope", p=0.25)
     assert spec_from_factors([s] * 8, inv) == hf_prope.PatchSpec("nope")
-    assert spec_from_factors([1.0, s, 1.0] + [s] * 5, inv) == hf_prope.PatchSpec("freq-mask", mask=(True, False, True) + (False,) * 5)
+    assert spec_from_factors([1.0, s, 1.0] + [s] * 5, inv) == hf_prope.PatchSpec(
+        "freq-mask", mask=(True, False, True) + (False,) * 5
+    )
     # A recorded spec that stops other pairs than the factors do is not believed.
-    assert spec_from_factors([1.0] * 2 + [s] * 6, inv, hf_prope.PatchSpec("p-rope", p=0.5)) == hf_prope.PatchSpec("p-rope", p=0.25)
+    assert spec_from_factors([1.0] * 2 + [s] * 6, inv, hf_prope.PatchSpec("p-rope", p=0.5)) == hf_prope.PatchSpec(
+        "p-rope", p=0.25
+    )
 
 
 def test_llama3_scaling_multiplies_into_the_factors(tokenizer, tmp_path) -> None:
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     llama3 = {
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
     }
     model = _tiny(rope_parameters=dict(llama3))
     hf_prope.patch_model(model, "p-rope", p=0.5)
@@ -202,7 +213,9 @@ def test_lora_adapters_are_merged_and_the_model_is_left_alone(tokenizer, tmp_pat
 
     model = _tiny()
     hf_prope.patch_model(model, "p-rope", p=0.25)
-    config = LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"], modules_to_save=["lm_head"], init_lora_weights=False)
+    config = LoraConfig(
+        r=4, target_modules=["q_proj", "k_proj", "v_proj"], modules_to_save=["lm_head"], init_lora_weights=False
+    )
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
         peft_model.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)  # a trained head
@@ -214,7 +227,10 @@ def test_lora_adapters_are_merged_and_the_model_is_left_alone(tokenizer, tmp_pat
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).state_dict()
     for key, value in loaded.items():
         torch.testing.assert_close(value, merged[key], rtol=0, atol=1e-6)
-    assert not torch.equal(loaded["model.layers.0.self_attn.q_proj.weight"], before["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"])
+    assert not torch.equal(
+        loaded["model.layers.0.self_attn.q_proj.weight"],
+        before["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"],
+    )
     assert torch.equal(loaded["lm_head.weight"], 1.5 * model.lm_head.original_module.weight)
 
 
@@ -237,7 +253,9 @@ def _assert_nothing_written(tmp_path) -> None:
 def test_architectures_whose_graph_ignores_factors_are_refused(model_type, tokenizer, tmp_path) -> None:
     model = _tiny(model_type)
     hf_prope.patch_model(model, "p-rope", p=0.25)
-    with pytest.raises(GGUFExportError, match=f"llama.cpp's {model_type} graph passes no frequency factors.*llama, mistral"):
+    with pytest.raises(
+        GGUFExportError, match=f"llama.cpp's {model_type} graph passes no frequency factors.*llama, mistral"
+    ):
         export_gguf(model, tmp_path / "m.gguf", tokenizer=tokenizer)
     _assert_nothing_written(tmp_path)
 
@@ -246,12 +264,27 @@ def test_architectures_whose_graph_ignores_factors_are_refused(model_type, token
     "build,match",
     [
         (lambda: hf_prope.patch_model(_tiny(), "p-rope", p=0.25, layers=[0, 1]), "applies only to some layers"),
-        (lambda: hf_prope.patch_model(
-            _tiny(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-                                   "original_max_position_embeddings": 64}), "p-rope", p=0.5), "'yarn'"),
-        (lambda: hf_prope.patch_model(
-            _tiny(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}), "p-rope", p=0.5),
-         "'dynamic'"),
+        (
+            lambda: hf_prope.patch_model(
+                _tiny(
+                    rope_parameters={
+                        "rope_type": "yarn",
+                        "rope_theta": 10000.0,
+                        "factor": 4.0,
+                        "original_max_position_embeddings": 64,
+                    }
+                ),
+                "p-rope",
+                p=0.5,
+            ),
+            "'yarn'",
+        ),
+        (
+            lambda: hf_prope.patch_model(
+                _tiny(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}), "p-rope", p=0.5
+            ),
+            "'dynamic'",
+        ),
     ],
     ids=["layer-selective", "yarn", "dynamic"],
 )
@@ -270,7 +303,9 @@ def test_bad_arguments_and_tokenizers_are_refused_before_writing(tokenizer, tmp_
         export_gguf(model, tmp_path / "m.gguf", tokenizer=tokenizer, dtype="q4")
     with pytest.raises(ValueError, match="must end in .gguf"):
         export_gguf(model, tmp_path / "m.bin", tokenizer=tokenizer)
-    word_level = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")))
+    word_level = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    )
     with pytest.raises(GGUFExportError, match="byte-level BPE"):
         export_gguf(model, tmp_path / "m.gguf", tokenizer=word_level)
     with pytest.raises(GGUFExportError, match="No tokenizer found"):
@@ -285,7 +320,9 @@ def test_bad_arguments_and_tokenizers_are_refused_before_writing(tokenizer, tmp_
 
 
 def _cli(*args: str, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hf_prope", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "hf_prope", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_exports_a_saved_folder_and_reexports_a_gguf(tokenizer, tmp_path) -> None:
@@ -300,8 +337,19 @@ def test_cli_exports_a_saved_folder_and_reexports_a_gguf(tokenizer, tmp_path) ->
     assert read_rope_factors(tmp_path / "a.gguf") == pytest.approx([1, 1] + [float(np.float32(STOPPED_FACTOR))] * 6)
 
     # A GGUF in, a GGUF out: the patch comes back from rope_freqs, the vocabulary is copied as is, and --patch re-patches.
-    done = _cli("export", str(tmp_path / "a.gguf"), "--gguf", str(tmp_path / "b.gguf"), "--patch", "freq-mask",
-                "--keep", "0,3", "--dtype", "f32", cwd=tmp_path)
+    done = _cli(
+        "export",
+        str(tmp_path / "a.gguf"),
+        "--gguf",
+        str(tmp_path / "b.gguf"),
+        "--patch",
+        "freq-mask",
+        "--keep",
+        "0,3",
+        "--dtype",
+        "f32",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     a, b = _reader(tmp_path / "a.gguf"), _reader(tmp_path / "b.gguf")
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.pre"):
@@ -327,9 +375,21 @@ TINY_MAX = 2e-5
     ["p-rope", "freq-mask", "unpatched", "llama3+p-rope", "mistral"],
 )
 def test_llama_cpp_runs_the_export_as_transformers_runs_the_patched_model(case, tokenizer, tmp_path) -> None:
-    llama3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-              "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
-    model = _tiny("mistral", sliding_window=None) if case == "mistral" else _tiny(rope_parameters=llama3) if "llama3" in case else _tiny()
+    llama3 = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    }
+    model = (
+        _tiny("mistral", sliding_window=None)
+        if case == "mistral"
+        else _tiny(rope_parameters=llama3)
+        if "llama3" in case
+        else _tiny()
+    )
     ids = [int(i) for i in torch.randint(0, VOCAB, (48,), generator=torch.Generator().manual_seed(0))]
     plain = copy.deepcopy(model)
     if case == "freq-mask":
@@ -362,7 +422,9 @@ def test_llama_cpp_runs_exported_smollm2_with_its_patch(tmp_path) -> None:
     assert np.abs(plain_cpp - plain_logits).mean() < 0.02
     reader = _reader(tmp_path / "plain.gguf")
     assert _field(reader, "tokenizer.ggml.pre") == "smollm"
-    assert _field(reader, "tokenizer.ggml.tokens") == _field(_reader(embedded_gguf_path("smollm2-135m")), "tokenizer.ggml.tokens")
+    assert _field(reader, "tokenizer.ggml.tokens") == _field(
+        _reader(embedded_gguf_path("smollm2-135m")), "tokenizer.ggml.tokens"
+    )
 
     for name, params in [("p-rope", {"p": 0.25}), ("freq-mask", {"keep": [0, 1, 2, 5, 9, 14, 20, 31]})]:
         hf_prope.patch_model(model, name, **params)
@@ -421,7 +483,9 @@ def test_card_serving_rows_follow_the_patch(tmp_path) -> None:
     # Adapters: PEFT with hf-prope restores the patch; every engine that loads them on the base without it drops it.
     from peft import LoraConfig, get_peft_model
 
-    adapter = get_peft_model(hf_prope.patch_model(_tiny(), "p-rope", p=0.25), LoraConfig(r=2, target_modules=["q_proj"]))
+    adapter = get_peft_model(
+        hf_prope.patch_model(_tiny(), "p-rope", p=0.25), LoraConfig(r=2, target_modules=["q_proj"])
+    )
     adapter_rows = _serving(adapter, "adapter")
     assert any("silently drops the patch" in v for v in adapter_rows.values())
     assert any(k.startswith("PEFT with hf-prope") and v.startswith("exact") for k, v in adapter_rows.items())
@@ -436,8 +500,21 @@ def test_cli_check_compares_llama_cpp_with_transformers(tokenizer, tmp_path) -> 
     model = _tiny()
     hf_prope.save_pretrained(model, tmp_path / "saved")
     tokenizer.save_pretrained(tmp_path / "saved")
-    done = _cli("export", str(tmp_path / "saved"), "--gguf", str(tmp_path / "a.gguf"), "--patch", "p-rope", "--p", "0.25",
-                "--dtype", "f32", "--check", "40", cwd=tmp_path)
+    done = _cli(
+        "export",
+        str(tmp_path / "saved"),
+        "--gguf",
+        str(tmp_path / "a.gguf"),
+        "--patch",
+        "p-rope",
+        "--p",
+        "0.25",
+        "--dtype",
+        "f32",
+        "--check",
+        "40",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stdout.splitlines() if "mean |d logit|" in line]
     assert len(lines) == 2 and "a.gguf" in lines[0] and "plain-RoPE" in lines[1]
@@ -465,8 +542,12 @@ def test_llama_quantize_keeps_rope_freqs(tokenizer, tmp_path) -> None:
     export_gguf(model, tmp_path / "f16.gguf", tokenizer=tokenizer)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = 7  # LLAMA_FTYPE_MOSTLY_Q8_0
-    assert llama_cpp.llama_model_quantize(str(tmp_path / "f16.gguf").encode(), str(tmp_path / "q8.gguf").encode(),
-                                          ctypes.byref(params)) == 0
+    assert (
+        llama_cpp.llama_model_quantize(
+            str(tmp_path / "f16.gguf").encode(), str(tmp_path / "q8.gguf").encode(), ctypes.byref(params)
+        )
+        == 0
+    )
     kinds = {t.name: t.tensor_type.name for t in _reader(tmp_path / "q8.gguf").tensors}
     assert kinds["blk.0.attn_q.weight"] == "Q8_0" and kinds["rope_freqs.weight"] == "F32"
     assert read_rope_factors(tmp_path / "q8.gguf") == read_rope_factors(tmp_path / "f16.gguf")
@@ -492,10 +573,14 @@ def test_cli_exports_an_adapter_on_the_embedded_smollm2_with_its_own_vocabulary(
     assert done.returncode == 0, done.stderr[-3000:]
     reader = _reader(tmp_path / "a.gguf")
     assert _field(reader, "tokenizer.ggml.pre") == "smollm"  # the base file's own, not a guess from the tokenizer
-    assert _field(reader, "tokenizer.ggml.merges") == _field(_reader(embedded_gguf_path("smollm2-135m")), "tokenizer.ggml.merges")
+    assert _field(reader, "tokenizer.ggml.merges") == _field(
+        _reader(embedded_gguf_path("smollm2-135m")), "tokenizer.ggml.merges"
+    )
     assert read_rope_factors(tmp_path / "a.gguf") == pytest.approx([1.0] * 8 + [float(np.float32(STOPPED_FACTOR))] * 24)
     # The adapter is in the file: its q_proj differs from the base's by the LoRA delta.
     from_gguf = hf_prope.from_pretrained(tmp_path / "a.gguf")
     merged = peft_model.merge_and_unload()
-    torch.testing.assert_close(from_gguf.model.layers[0].self_attn.q_proj.weight,
-                               merged.model.layers[0].self_attn.q_proj.weight.to(torch.float16).float())
+    torch.testing.assert_close(
+        from_gguf.model.layers[0].self_attn.q_proj.weight,
+        merged.model.layers[0].self_attn.q_proj.weight.to(torch.float16).float(),
+    )

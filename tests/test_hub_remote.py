@@ -30,7 +30,11 @@ def _commit_posts(hub) -> int:
 
 
 def _uploads(hub) -> list:
-    return [(m, p) for m, p in hub.requests if m == "POST" and ("/commit/" in p or "/preupload/" in p or p.endswith("/create"))]
+    return [
+        (m, p)
+        for m, p in hub.requests
+        if m == "POST" and ("/commit/" in p or "/preupload/" in p or p.endswith("/create"))
+    ]
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
@@ -144,7 +148,7 @@ def test_plain_peft_load_from_the_hub_restores_the_patch_from_the_cache(local_hu
     plain_base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
     before = list(local_hub.requests)
     loaded = PeftModel.from_pretrained(plain_base, "user/a").eval()
-    fetched = [p for m, p in local_hub.requests[len(before):] if PATCH_FILE in p]
+    fetched = [p for m, p in local_hub.requests[len(before) :] if PATCH_FILE in p]
     assert not fetched, fetched  # the record came from the weights' metadata PEFT downloaded
     assert hf_prope.get_patch(plain_base) == hf_prope.get_patch(model)
     assert torch.equal(logits(loaded, ids), logits(model, ids))

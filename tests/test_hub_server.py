@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-
 import importlib.util
 import json
 import threading
@@ -11,13 +10,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-# huggingface_hub >= 2 talks through httpx2, 1.x through httpx; an environment may hold both.
-_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = ()
-for _name in ("httpx2", "httpx"):
-    try:
-        _TRANSPORT_ERRORS += (importlib.import_module(_name).TransportError,)
-    except ImportError:
-        pass
 import pytest
 from hub_server import LocalHub, git_blob_sha1, local_hub_env, local_hub_fixture
 from huggingface_hub import (
@@ -38,6 +30,14 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.utils._runtime import is_xet_available
+
+# huggingface_hub >= 2 talks through httpx2, 1.x through httpx; an environment may hold both.
+_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = ()
+for _name in ("httpx2", "httpx"):
+    try:
+        _TRANSPORT_ERRORS += (importlib.import_module(_name).TransportError,)
+    except ImportError:
+        pass
 
 GOOD = "hf_good"
 HAS_XET = importlib.util.find_spec("hf_xet") is not None
@@ -166,8 +166,9 @@ def test_revision_on_a_new_branch(any_hub, tmp_path) -> None:
     read = lambda rev: Path(hf_hub_download("user/branchy", "config.json", revision=rev)).read_bytes()  # noqa: E731
     assert read("main") == v1["config.json"] and read("dev") == v2["config.json"]
     assert read(first.oid) == v1["config.json"] and read(second.oid) == v2["config.json"]
-    assert read_tree(snapshot_download("user/branchy", revision="dev"))["weights/model.safetensors"] == (
-        v2["weights/model.safetensors"]
+    assert (
+        read_tree(snapshot_download("user/branchy", revision="dev"))["weights/model.safetensors"]
+        == (v2["weights/model.safetensors"])
     )
     assert api.model_info("user/branchy", revision="dev").sha == second.oid
     # Only the changed files went into the branch commit (preupload returned the remote oids).

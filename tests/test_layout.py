@@ -11,11 +11,10 @@ import re
 from pathlib import Path
 
 import pytest
+from tiny import ARCHS, tiny_model
 
 import hf_prope
 from hf_prope.registry import ARCHITECTURES, supported_model_types
-
-from tiny import ARCHS, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # Repository folder -> installed package (pyproject's package-dir).
@@ -119,7 +118,7 @@ def test_import_graph_has_no_cycles() -> None:
         state[node] = 1
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                cycles.append(" -> ".join(path[path.index(nxt):] + [nxt]))
+                cycles.append(" -> ".join(path[path.index(nxt) :] + [nxt]))
             elif nxt not in state:
                 visit(nxt, path + [nxt])
         state[node] = 2
@@ -150,7 +149,7 @@ def test_every_module_says_what_it_holds() -> None:
 
 def test_contributing_layout_names_every_module() -> None:
     text = (ROOT / "CONTRIBUTING.md").read_text()
-    layout = text[text.index("## Layout"):]
+    layout = text[text.index("## Layout") :]
     layout = layout[: layout.index("\n## ", 5)] if "\n## " in layout[5:] else layout
     names = {p.name for m, p in MODULES.items() if p.stem not in ("__init__", "__main__", "_version")}
     missing = sorted(n for n in names if not re.search(rf"`{re.escape(n)}`", layout))

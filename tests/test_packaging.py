@@ -41,14 +41,19 @@ def test_wheel_imports_in_a_fresh_venv(wheel: Path, tmp_path: Path) -> None:
     py = env_dir / "bin" / "python"
     # Dependencies come from this environment's site-packages through a plain path entry: .pth
     # files there (the editable hf_prope) are not processed, so only the wheel provides hf_prope.
-    site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True, check=True).stdout.strip()
+    site = subprocess.run(
+        [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     subprocess.run([py, "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], check=True)
     script = (
         "import importlib.util, hf_prope, hf_prope.patches.gemma, hf_prope.recipes\n"
-        "assert hf_prope.__file__.startswith(%r), hf_prope.__file__\n"
+        f"assert hf_prope.__file__.startswith({str(env_dir)!r}), hf_prope.__file__\n"
         "assert importlib.util.find_spec('patches') is None and importlib.util.find_spec('recipes') is None\n"
-        "print(sorted(hf_prope.supported_model_types()))\n" % str(env_dir)
+        "print(sorted(hf_prope.supported_model_types()))\n"
     )
     result = subprocess.run([py, "-c", script], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]

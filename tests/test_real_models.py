@@ -43,8 +43,14 @@ def _check_generation_matches_recomputation(model: Any, ids: torch.Tensor, new_t
     """Greedy decoding with the KV cache must pick what a full uncached forward picks."""
     with torch.no_grad():
         out = model.generate(
-            ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
-            output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+            ids,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=True,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
         )
     generated = out.sequences[0, ids.shape[1] :]
     assert generated.numel() == new_tokens
@@ -87,7 +93,9 @@ def test_smollm2_zero_shot_ordering(smollm2: tuple[Any, Any]) -> None:
         ("nope", PatchSpec("nope")),
         ("highest dropped", PatchSpec("p-rope", p=0.75, rotate="lowest")),
     ]
-    rows = zero_shot_table(model, tokenizer, variants, window=512, n_windows=16, text=python_docs_text(), progress=False)
+    rows = zero_shot_table(
+        model, tokenizer, variants, window=512, n_windows=16, text=python_docs_text(), progress=False
+    )
     ppl = {r["variant"]: r["perplexity"] for r in rows}
 
     assert hf_prope.get_patch(model) is None  # the table leaves the model as it found it
@@ -137,10 +145,20 @@ def test_lora_recipe_on_smollm2(smollm2: tuple[Any, Any], tmp_path) -> None:
     from hf_prope.recipes import LoRARecipe
 
     out = tmp_path / "out"
-    recipe = LoRARecipe.from_config("smollm2_135m_quick", {
-        "max_steps": 2, "block_size": 64, "per_device_train_batch_size": 2, "eval_window": 512, "eval_windows": 2,
-        "eval_contexts": [256, 512], "output_dir": str(out), "disable_tqdm": True, "overwrite": False,
-    })
+    recipe = LoRARecipe.from_config(
+        "smollm2_135m_quick",
+        {
+            "max_steps": 2,
+            "block_size": 64,
+            "per_device_train_batch_size": 2,
+            "eval_window": 512,
+            "eval_windows": 2,
+            "eval_contexts": [256, 512],
+            "output_dir": str(out),
+            "disable_tqdm": True,
+            "overwrite": False,
+        },
+    )
     summary = recipe.run()
     model, tokenizer = smollm2
     ids = tokenizer(python_docs_text(), add_special_tokens=False, return_tensors="pt").input_ids[0]
@@ -162,7 +180,9 @@ def test_lora_recipe_on_smollm2(smollm2: tuple[Any, Any], tmp_path) -> None:
         assert p["patched_after_training"] == pytest.approx(loss_ppl(reloaded, context), rel=1e-4)
         assert p["cost_over_base"] == pytest.approx(p["patched_after_training"] / p["base"])
     # The saved adapter names the embedded base, and hf_prope.from_pretrained rebuilds it from there.
-    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == "smollm2-135m"
+    assert (
+        json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == "smollm2-135m"
+    )
     # The main job distils: the headline is the cost over the original model.
     assert summary["objective"] == "distill" and summary["headline"]["metric"] == "cost_over_base"
 

@@ -23,8 +23,19 @@ def test_yaml_then_overrides_with_types(tmp_path) -> None:
     cfg = tmp_path / "c.yaml"
     # YAML 1.1 reads 5e-4 as a string: the parser's float type must mend it.
     cfg.write_text("model: smollm2-135m\np: 0.5\nlearning_rate: 5e-4\nlora_target_modules: [q_proj]\nmax_steps: 7\n")
-    recipe = _lora(cfg, ["p=0.25", "--lora_target_modules", "[q_proj, v_proj]", "lora_mlp=true", "--no_control",
-                         "--bf16", "--max-steps=9", "layer_types=full_attention,sliding_attention"])
+    recipe = _lora(
+        cfg,
+        [
+            "p=0.25",
+            "--lora_target_modules",
+            "[q_proj, v_proj]",
+            "lora_mlp=true",
+            "--no_control",
+            "--bf16",
+            "--max-steps=9",
+            "layer_types=full_attention,sliding_attention",
+        ],
+    )
     assert recipe.patch_args.p == 0.25 and isinstance(recipe.patch_args.p, float)
     assert recipe.lora_args.lora_target_modules == ["q_proj", "v_proj"]
     assert recipe.lora_args.target_modules() == ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
@@ -106,7 +117,8 @@ def test_packaged_configs_start_with_their_command_and_parse(path) -> None:
 
 def test_parse_config_returns_dataclasses() -> None:
     model, patch, lora, recipe, training = parse_config(
-        (ModelArguments, PatchArguments, LoraArguments, LoraRecipeArguments, TrainingArguments), None,
+        (ModelArguments, PatchArguments, LoraArguments, LoraRecipeArguments, TrainingArguments),
+        None,
         {"lora_r": "4", "output_dir": "x"},
     )
     assert lora.lora_r == 4 and training.output_dir == "x" and model.model == "smollm2-135m"

@@ -44,11 +44,23 @@ def source(tmp_path_factory) -> dict[str, Path]:
 
 def overrides(source: dict[str, Path], out: Path, **extra) -> dict:
     values = {
-        "model": str(source["model"]), "dataset": str(source["text"]), "output_dir": str(out),
-        "p": 0.25, "block_size": BLOCK, "eval_window": WINDOW, "eval_windows": N_WINDOWS,
-        "per_device_train_batch_size": 2, "learning_rate": 3e-3, "max_steps": 6, "save_steps": 3,
-        "logging_steps": 1, "seed": 0, "report_to": "none", "disable_tqdm": True,
-        "lora_r": 4, "lora_alpha": 8,
+        "model": str(source["model"]),
+        "dataset": str(source["text"]),
+        "output_dir": str(out),
+        "p": 0.25,
+        "block_size": BLOCK,
+        "eval_window": WINDOW,
+        "eval_windows": N_WINDOWS,
+        "per_device_train_batch_size": 2,
+        "learning_rate": 3e-3,
+        "max_steps": 6,
+        "save_steps": 3,
+        "logging_steps": 1,
+        "seed": 0,
+        "report_to": "none",
+        "disable_tqdm": True,
+        "lora_r": 4,
+        "lora_alpha": 8,
     }
     values.update(extra)
     return values
@@ -140,7 +152,9 @@ def test_lora_recipe_outputs(trained) -> None:
 
 
 def test_without_control_and_merged_save(source, tmp_path) -> None:
-    summary = LoRARecipe.from_config(None, overrides(source, tmp_path, control=False, save_method="merged", max_steps=2)).run()
+    summary = LoRARecipe.from_config(
+        None, overrides(source, tmp_path, control=False, save_method="merged", max_steps=2)
+    ).run()
     assert at(summary)["control_after_training"] is None and at(summary)["gap_over_control"] is None
     assert summary["headline"]["metric"] == "cost_over_base"
     assert not (tmp_path / "control").exists()
@@ -151,14 +165,17 @@ def test_without_control_and_merged_save(source, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("objective", ["lm", "distill"])
-def test_gradient_checkpointing_and_accumulation_do_not_change_training(objective, source, sharp_model, tmp_path) -> None:
+def test_gradient_checkpointing_and_accumulation_do_not_change_training(
+    objective, source, sharp_model, tmp_path
+) -> None:
     """Same examples per step: 2 x 1 accumulated, or 1 x 2 with checkpointing, or 2 in one batch."""
     # Distillation needs a model whose patch changes its predictions measurably (sharp_model).
     model = str(source["model"] if objective == "lm" else sharp_model)
 
     def run(name, **extra):
-        values = overrides(source, tmp_path / name, control=False, max_steps=3, objective=objective, model=model,
-                           **extra)
+        values = overrides(
+            source, tmp_path / name, control=False, max_steps=3, objective=objective, model=model, **extra
+        )
         return LoRARecipe.from_config(None, values).run()
 
     plain = run("plain")
@@ -166,8 +183,7 @@ def test_gradient_checkpointing_and_accumulation_do_not_change_training(objectiv
     accumulated = run("acc", per_device_train_batch_size=1, gradient_accumulation_steps=2)
     for other in (checkpointed, accumulated):
         assert _losses(other) == pytest.approx(_losses(plain), rel=1e-4)
-        assert at(other)["patched_after_training"] == pytest.approx(
-            at(plain)["patched_after_training"], rel=1e-4)
+        assert at(other)["patched_after_training"] == pytest.approx(at(plain)["patched_after_training"], rel=1e-4)
     assert at(plain)["patched_after_training"] < at(plain)["patched_before_training"]
 
 
@@ -178,8 +194,12 @@ def test_bf16_mixed_precision_trains(source, tmp_path) -> None:
 
 
 def test_bf16_distillation_trains(source, sharp_model, tmp_path) -> None:
-    summary = LoRARecipe.from_config(None, overrides(source, tmp_path, model=str(sharp_model), objective="distill",
-                                                     max_steps=3, bf16=True, save_method="merged")).run()
+    summary = LoRARecipe.from_config(
+        None,
+        overrides(
+            source, tmp_path, model=str(sharp_model), objective="distill", max_steps=3, bf16=True, save_method="merged"
+        ),
+    ).run()
     assert all(math.isfinite(v) for _, v in summary["loss_curves"]["patched"])
     merged = hf_prope.from_pretrained(tmp_path / "merged")  # a merged save of a distilled model, with its patch
     assert hf_prope.get_patch(merged) == hf_prope.PatchSpec("p-rope", p=0.25)
@@ -213,8 +233,9 @@ def test_kill_and_resume_matches_uninterrupted_run(objective, source, tmp_path) 
     has_control = objective != "distill"  # a distillation's control is the original model itself
     script = tmp_path / "kill.py"
     script.write_text(_KILL_SCRIPT)
-    killed = subprocess.run([sys.executable, str(script), json.dumps(values)], capture_output=True, text=True,
-                            env=_env(), timeout=600)
+    killed = subprocess.run(
+        [sys.executable, str(script), json.dumps(values)], capture_output=True, text=True, env=_env(), timeout=600
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     out = Path(values["output_dir"])
     assert (out / "control" / "stage.json").is_file() == has_control and (out / "patched" / "checkpoint-4").is_dir()
@@ -289,8 +310,9 @@ def test_two_processes_split_the_data_and_only_rank0_writes_and_pushes(
     records.mkdir()
     out = tmp_path / "out"
     steps, batch = 3, 2
-    values = overrides(source, out, model="user/tiny-base", max_steps=steps, hub_model_id="user/tiny-p25",
-                       objective=objective)
+    values = overrides(
+        source, out, model="user/tiny-base", max_steps=steps, hub_model_id="user/tiny-p25", objective=objective
+    )
     stages = ("control", "patched") if objective == "lm" else ("patched",)
     script = tmp_path / "ddp.py"
     script.write_text(_DDP_SCRIPT)
@@ -299,11 +321,29 @@ def test_two_processes_split_the_data_and_only_rank0_writes_and_pushes(
     else:
         # accelerate's --cpu mode starts one process (several need an MPI hostfile); --multi_gpu starts
         # torchrun-style workers, and the recipe picks the CPU (gloo) backend when there is no GPU.
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port())]
-    result = subprocess.run([*cmd, str(script), str(records), json.dumps(values)], capture_output=True, text=True,
-                            env={**_env(), "HF_TOKEN": TOKEN}, timeout=300)
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(_free_port()),
+        ]
+    result = subprocess.run(
+        [*cmd, str(script), str(records), json.dumps(values)],
+        capture_output=True,
+        text=True,
+        env={**_env(), "HF_TOKEN": TOKEN},
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert TOKEN not in result.stdout + result.stderr
     for stage in stages:
@@ -329,8 +369,16 @@ def test_lora_recipe_writes_and_pushes_a_gguf_that_carries_the_patch(local_hub, 
     source = {"model": save_tiny(tmp_path / "tiny-bpe", vocab_size=320), "text": tmp_path / "docs.txt"}
     source["text"].write_text(python_docs_text()[:30_000])
     out = tmp_path / "out"
-    values = overrides(source, out, control=False, max_steps=2, gguf="f32", hub_model_id="user/tiny-gguf",
-                       hub_token=TOKEN, push_to_hub=True)
+    values = overrides(
+        source,
+        out,
+        control=False,
+        max_steps=2,
+        gguf="f32",
+        hub_model_id="user/tiny-gguf",
+        hub_token=TOKEN,
+        push_to_hub=True,
+    )
     LoRARecipe.from_config(None, values).run()
     saved = out / "adapter" / "model.gguf"
     assert read_rope_factors(saved) == pytest.approx([1, 1] + [float(torch.tensor(STOPPED_FACTOR).item())] * 6)
@@ -390,8 +438,19 @@ def _bad_cases(source, tmp_path, gpt2_folder):
     }
 
 
-@pytest.mark.parametrize("case", ["missing data file", "empty dataset", "block too long", "unsupported model",
-                                  "unwritable output", "too little data", "lora target typo", "bad layer"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing data file",
+        "empty dataset",
+        "block too long",
+        "unsupported model",
+        "unwritable output",
+        "too little data",
+        "lora target typo",
+        "bad layer",
+    ],
+)
 def test_bad_input_fails_before_training(case, source, tmp_path, gpt2_folder) -> None:
     extra, error, message = _bad_cases(source, tmp_path, gpt2_folder)[case]
     out = tmp_path / "out"
@@ -427,10 +486,18 @@ def test_hub_token_checked_before_training(source, local_hub, tmp_path) -> None:
 
 def test_eval_recipe_by_context_against_independent_measurements(source, trained, tmp_path) -> None:
     out = tmp_path / "eval"
-    recipe = ContextEvalRecipe.from_config(None, {
-        "model": str(source["model"]), "dataset": str(source["text"]), "output_dir": str(out),
-        "p": [1.0, 0.5], "contexts": [8, 16, 64], "eval_tokens": 128, "trained": [str(trained["out"] / "adapter")],
-    })
+    recipe = ContextEvalRecipe.from_config(
+        None,
+        {
+            "model": str(source["model"]),
+            "dataset": str(source["text"]),
+            "output_dir": str(out),
+            "p": [1.0, 0.5],
+            "contexts": [8, 16, 64],
+            "eval_tokens": 128,
+            "trained": [str(trained["out"] / "adapter")],
+        },
+    )
     summary = recipe.run()
     ids = stream(source)
     rows = {r["variant"]: r["perplexity"] for r in summary["rows"]}
@@ -466,10 +533,18 @@ def test_recipes_load_a_saved_layer_selective_model_with_its_hooks(source, tmp_p
     assert hf_prope.get_patch(loaded) == hf_prope.get_patch(patched)
     assert loss_perplexity(loaded, ids, 64, 2) == pytest.approx(expected, rel=1e-6)
     out = tmp_path / "eval"
-    summary = ContextEvalRecipe.from_config(None, {
-        "model": str(model_dir), "dataset": str(source["text"]), "output_dir": str(out),
-        "p": [1.0], "contexts": [64], "eval_tokens": 128, "trained": [str(saved)],
-    }).run()
+    summary = ContextEvalRecipe.from_config(
+        None,
+        {
+            "model": str(model_dir),
+            "dataset": str(source["text"]),
+            "output_dir": str(out),
+            "p": [1.0],
+            "contexts": [64],
+            "eval_tokens": 128,
+            "trained": [str(saved)],
+        },
+    ).run()
     rows = {r["variant"]: r["perplexity"] for r in summary["rows"]}
     assert rows["trained: selective"][64] == pytest.approx(expected, rel=1e-5)
     assert rows["RoPE"][64] == pytest.approx(plain, rel=1e-5)
@@ -478,10 +553,15 @@ def test_recipes_load_a_saved_layer_selective_model_with_its_hooks(source, tmp_p
 def test_eval_recipe_bad_input(source, tmp_path) -> None:
     with pytest.raises(ValueError, match="exceeds eval_tokens"):
         ContextEvalRecipe.from_config(None, {"contexts": [64, 512], "eval_tokens": 256})
-    recipe = ContextEvalRecipe.from_config(None, {
-        "model": str(source["model"]), "dataset": str(source["text"]), "output_dir": str(tmp_path),
-        "layer_types": ["full_attention"],
-    })
+    recipe = ContextEvalRecipe.from_config(
+        None,
+        {
+            "model": str(source["model"]),
+            "dataset": str(source["text"]),
+            "output_dir": str(tmp_path),
+            "layer_types": ["full_attention"],
+        },
+    )
     with pytest.raises(ValueError, match="layer"):
         recipe.setup()
 
@@ -500,19 +580,23 @@ def test_overwrite_discards_the_old_run_only_after_every_check_passed(source, tm
 
 @pytest.mark.parametrize(
     "model_type, patch",
-    [("gemma3_text", {"layer_types": ["full_attention"]}),  # native per-layer-type config (Gemma 4 layout)
-     ("qwen2", {"layers": [1, 4]})],                       # per-layer hooks, which a config cannot carry
+    [
+        ("gemma3_text", {"layer_types": ["full_attention"]}),  # native per-layer-type config (Gemma 4 layout)
+        ("qwen2", {"layers": [1, 4]}),
+    ],  # per-layer hooks, which a config cannot carry
 )
 def test_lora_recipe_with_layer_selective_patches(model_type, patch, source, tmp_path) -> None:
     model_dir = save_tiny(tmp_path / model_type, model_type)
     out = tmp_path / "out"
-    summary = LoRARecipe.from_config(None, overrides(
-        source, out, model=str(model_dir), control=False, max_steps=2, **patch)).run()
+    summary = LoRARecipe.from_config(
+        None, overrides(source, out, model=str(model_dir), control=False, max_steps=2, **patch)
+    ).run()
     expected = hf_prope.PatchSpec("p-rope", p=0.25, **{k: tuple(v) for k, v in patch.items()})
     reloaded = hf_prope.from_pretrained(out / "adapter")
     assert hf_prope.get_patch(reloaded) == expected
     assert at(summary)["patched_after_training"] == pytest.approx(
-        loss_perplexity(reloaded, stream(source, model_dir)), rel=1e-5)
+        loss_perplexity(reloaded, stream(source, model_dir)), rel=1e-5
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -538,9 +622,18 @@ def test_distill_recipe_moves_the_patched_model_back_to_the_original(sharp_model
     text = tmp_path / "short.txt"
     text.write_text(python_docs_text()[: WINDOW * N_WINDOWS + 2 * BLOCK + 8])
     out = tmp_path / "distill"
-    values = overrides({"model": sharp_model, "text": text}, out, objective="distill", eval_contexts=[16, WINDOW],
-                       max_steps=20, learning_rate=3e-3, lr_scheduler_type="constant", lora_r=8, lora_alpha=16,
-                       save_steps=10)
+    values = overrides(
+        {"model": sharp_model, "text": text},
+        out,
+        objective="distill",
+        eval_contexts=[16, WINDOW],
+        max_steps=20,
+        learning_rate=3e-3,
+        lr_scheduler_type="constant",
+        lora_r=8,
+        lora_alpha=16,
+        save_steps=10,
+    )
     recipe = LoRARecipe.from_config(None, values)
     summary = recipe.run()
     ids = stream({"text": text}, sharp_model)
@@ -572,8 +665,9 @@ def test_distill_recipe_moves_the_patched_model_back_to_the_original(sharp_model
 
 def test_mix_objective_logs_both_parts(source, tmp_path) -> None:
     out = tmp_path / "mix"
-    summary = LoRARecipe.from_config(None, overrides(source, out, objective="mix", distill_weight=0.3, max_steps=2,
-                                                     control=False)).run()
+    summary = LoRARecipe.from_config(
+        None, overrides(source, out, objective="mix", distill_weight=0.3, max_steps=2, control=False)
+    ).run()
     history = json.loads((out / "patched" / "stage.json").read_text())["log_history"]
     logged = [e for e in history if "loss" in e]
     assert logged and all("distill_kl" in e and "lm_loss" in e for e in logged)
@@ -583,12 +677,15 @@ def test_mix_objective_logs_both_parts(source, tmp_path) -> None:
     assert summary["distillation"]["distill_weight"] == 0.3
 
 
-@pytest.mark.parametrize("extra,message", [
-    ({"objective": "distil"}, "Did you mean 'distill'"),
-    ({"objective": "distill", "distill_temperature": 0}, "distill_temperature must be positive"),
-    ({"objective": "mix", "distill_weight": 1.5}, r"distill_weight must be in \[0, 1\]"),
-    ({"eval_contexts": [32, 256]}, r"eval_contexts \[256\] are longer than the held-out tokens"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ({"objective": "distil"}, "Did you mean 'distill'"),
+        ({"objective": "distill", "distill_temperature": 0}, "distill_temperature must be positive"),
+        ({"objective": "mix", "distill_weight": 1.5}, r"distill_weight must be in \[0, 1\]"),
+        ({"eval_contexts": [32, 256]}, r"eval_contexts \[256\] are longer than the held-out tokens"),
+    ],
+)
 def test_bad_distillation_settings_fail_before_anything(extra, message, source, tmp_path) -> None:
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=message):
@@ -619,12 +716,24 @@ def test_heldout_long_documents_in_the_recipe(source, tmp_path) -> None:
         (docs / f"{i:02d}.txt").write_text(text[start : start + size])
         start += size
     out = tmp_path / "out"
-    recipe = LoRARecipe.from_config(None, overrides(source, out, dataset=str(docs), heldout_documents="long",
-                                                    eval_contexts=[16, WINDOW], control=False, max_steps=1))
+    recipe = LoRARecipe.from_config(
+        None,
+        overrides(
+            source,
+            out,
+            dataset=str(docs),
+            heldout_documents="long",
+            eval_contexts=[16, WINDOW],
+            control=False,
+            max_steps=1,
+        ),
+    )
     summary = recipe.run()
     tokenizer = AutoTokenizer.from_pretrained(source["model"])
-    ids = [torch.tensor(tokenizer((docs / f"{i:02d}.txt").read_text(), add_special_tokens=False)["input_ids"])
-           for i in range(len(sizes))]
+    ids = [
+        torch.tensor(tokenizer((docs / f"{i:02d}.txt").read_text(), add_special_tokens=False)["input_ids"])
+        for i in range(len(sizes))
+    ]
     # From the end: doc 6 (40 tokens: 1 window of 32), doc 5 (70: 2 windows), doc 4 (3000: the last window) = 128.
     want = torch.cat([ids[4][:32], ids[5][:64], ids[6][:32]])
     assert torch.equal(recipe.split.heldout, want)
@@ -636,7 +745,8 @@ def test_heldout_long_documents_in_the_recipe(source, tmp_path) -> None:
     adapter = hf_prope.from_pretrained(out / "adapter")
     for context in (16, WINDOW):
         assert at(summary, context)["patched_after_training"] == pytest.approx(
-            loss_perplexity(adapter, want, context, 128 // context), rel=1e-5)
+            loss_perplexity(adapter, want, context, 128 // context), rel=1e-5
+        )
     with pytest.raises(ValueError, match="must be a multiple of it"):
         LoRARecipe.from_config(None, overrides(source, tmp_path / "bad", heldout_documents="long", eval_contexts=[48]))
     assert not (tmp_path / "bad").exists()

@@ -102,10 +102,7 @@ def test_patched_attention_inputs_match_paper_definition(model_type, patch) -> N
     for layer in range(model.config.num_hidden_layers):
         lt = model.config.layer_types[layer] if getattr(model.config, "layer_types", None) else None
         theta = 1e6 if (model_type == "gemma3_text" and lt == "full_attention") else 1e4
-        applies = (
-            (spec.layers is None or layer in spec.layers)
-            and (spec.layer_types is None or lt in spec.layer_types)
-        )
+        applies = (spec.layers is None or layer in spec.layers) and (spec.layer_types is None or lt in spec.layer_types)
         if not applies:
             kept = [True] * n
         elif spec.name == "p-rope":

@@ -32,8 +32,13 @@ def test_kernel_suite_under_the_triton_interpreter() -> None:
     if not _has_triton():
         pytest.skip("triton is not installed (pip install hf-prope[gpu] or triton)")
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
-                         capture_output=True, text=True, env=env, timeout=1200)
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1200,
+    )
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert " passed" in out.stdout and "skipped" in out.stdout  # the driver skips itself there
 
@@ -41,8 +46,18 @@ def test_kernel_suite_under_the_triton_interpreter() -> None:
 interpreted = pytest.mark.skipif(not INTERPRETING, reason="runs under TRITON_INTERPRET=1 (see the driver test)")
 
 
-def _case(batch: int, heads: int, kv_heads: int, tokens: int, head_dim: int, r: int, *, batched_cos: bool = True,
-          dtype: torch.dtype = torch.float32, seed: int = 0):
+def _case(
+    batch: int,
+    heads: int,
+    kv_heads: int,
+    tokens: int,
+    head_dim: int,
+    r: int,
+    *,
+    batched_cos: bool = True,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+):
     g = torch.Generator().manual_seed(seed)
     # As the attention makes them: (batch, tokens, heads, d) projections viewed as (batch, heads, tokens, d).
     q = torch.randn(batch, tokens, heads, head_dim, generator=g).to(dtype).transpose(1, 2)
@@ -64,11 +79,11 @@ def _reference(q, k, cos, sin):
 
 SHAPES = [
     # batch, heads, kv heads, tokens, head_dim, r
-    (2, 4, 2, 5, 16, 2),     # GQA, p=0.25
-    (1, 3, 3, 7, 16, 6),     # p=0.75
-    (2, 4, 1, 1, 32, 4),     # one-token decoding, multi-query
-    (1, 2, 2, 3, 16, 8),     # every pair: plain RoPE
-    (1, 5, 5, 4, 64, 11),    # r not a power of two
+    (2, 4, 2, 5, 16, 2),  # GQA, p=0.25
+    (1, 3, 3, 7, 16, 6),  # p=0.75
+    (2, 4, 1, 1, 32, 4),  # one-token decoding, multi-query
+    (1, 2, 2, 3, 16, 8),  # every pair: plain RoPE
+    (1, 5, 5, 4, 64, 11),  # r not a power of two
 ]
 
 
@@ -154,8 +169,10 @@ def test_patched_model_with_the_kernel_equals_native_and_trains() -> None:
     for name, grad in grads.items():
         torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, rtol=1e-6, atol=1e-7)
     if has_native_proportional():
-        native = tiny_model("llama", rope_parameters={"rope_type": "proportional", "rope_theta": 10_000.0,
-                                                      "partial_rotary_factor": 0.25})
+        native = tiny_model(
+            "llama",
+            rope_parameters={"rope_type": "proportional", "rope_theta": 10_000.0, "partial_rotary_factor": 0.25},
+        )
         torch.testing.assert_close(kernel, logits(native, ids), rtol=1e-5, atol=1e-5)
 
 
@@ -230,8 +247,9 @@ def test_torch_backend_and_auto_on_the_cpu(shape) -> None:
 # ------------------------------------------------------------------------------------------------
 # On a GPU (skipped without one): the kernel compiled for the device, and a patched model in bf16
 
-on_gpu = pytest.mark.skipif(INTERPRETING or not torch.cuda.is_available() or not _has_triton(),
-                            reason="needs a CUDA GPU and triton")
+on_gpu = pytest.mark.skipif(
+    INTERPRETING or not torch.cuda.is_available() or not _has_triton(), reason="needs a CUDA GPU and triton"
+)
 
 
 @on_gpu
@@ -262,8 +280,14 @@ def test_patched_model_on_the_gpu_in_bf16_equals_native_proportional() -> None:
     if not has_native_proportional():
         pytest.skip("transformers < 5.5 has no native proportional rope type")
     model = hf_prope.patch_model(tiny_model("llama"), "p-rope", p=0.25).cuda().to(torch.bfloat16)
-    native = tiny_model("llama", rope_parameters={"rope_type": "proportional", "rope_theta": 10_000.0,
-                                                  "partial_rotary_factor": 0.25}).cuda().to(torch.bfloat16)
+    native = (
+        tiny_model(
+            "llama",
+            rope_parameters={"rope_type": "proportional", "rope_theta": 10_000.0, "partial_rotary_factor": 0.25},
+        )
+        .cuda()
+        .to(torch.bfloat16)
+    )
     ids = tokens().cuda()
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits.float(), native(ids).logits.float(), atol=5e-2, rtol=5e-2)

@@ -40,7 +40,9 @@ def test_rotate_prefix_equals_the_full_formula_with_stopped_pairs(r: int, dtype:
     got = rotation.rotate_prefix(q, cos, sin, r)
     assert got.dtype == dtype and torch.equal(got, expected)
     # The channels of stopped pairs are the input's, bit for bit.
-    assert torch.equal(got[..., r : d // 2], q[..., r : d // 2]) and torch.equal(got[..., d // 2 + r :], q[..., d // 2 + r :])
+    assert torch.equal(got[..., r : d // 2], q[..., r : d // 2]) and torch.equal(
+        got[..., d // 2 + r :], q[..., d // 2 + r :]
+    )
     if r:
         assert not torch.equal(got[..., :r], q[..., :r])
 
@@ -161,8 +163,15 @@ def test_other_masks_and_scaled_rope_take_the_general_path(calls) -> None:
         model(ids)
     assert calls["n"] == 0
     # YaRN scales every channel (attention_scaling != 1), rotated or not: general path.
-    yarn = tiny_model("llama", rope_parameters={"rope_type": "yarn", "rope_theta": 10_000.0, "factor": 4.0,
-                                                 "original_max_position_embeddings": 64})
+    yarn = tiny_model(
+        "llama",
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10_000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    )
     hf_prope.patch_model(yarn, "p-rope", p=0.25)
     assert yarn.model.rotary_emb.attention_scaling != 1.0
     reference = clone_with_config(yarn, yarn.config)

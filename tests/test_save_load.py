@@ -143,7 +143,9 @@ def test_missing_extra_names_the_extra(monkeypatch) -> None:
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
-    with pytest.raises(MissingExtraError, match=r"matplotlib \(hf-prope's \[recipes\] extra\).*pip install 'hf-prope\[recipes\]'"):
+    with pytest.raises(
+        MissingExtraError, match=r"matplotlib \(hf-prope's \[recipes\] extra\).*pip install 'hf-prope\[recipes\]'"
+    ):
         require("recipes", "The recipes")
 
 

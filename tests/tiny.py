@@ -128,6 +128,7 @@ def bpe_tokenizer(vocab_size: int = 320) -> Any:
     What llama.cpp's GGUF vocabulary expects (``hf_prope.gguf_export``).
     """
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -135,11 +136,14 @@ def bpe_tokenizer(vocab_size: int = 320) -> Any:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - 2, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size - 2,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(list(topics.values())[:30], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
 
 
 def save_tiny(folder: Any, model_type: str = "llama", *, seed: int = 0, **overrides: Any) -> Any:
@@ -149,5 +153,7 @@ def save_tiny(folder: Any, model_type: str = "llama", *, seed: int = 0, **overri
     """
     model = tiny_model(model_type, seed=seed, **overrides)
     model.save_pretrained(folder)
-    (bpe_tokenizer(model.config.vocab_size) if model.config.vocab_size > VOCAB else char_tokenizer()).save_pretrained(folder)
+    (bpe_tokenizer(model.config.vocab_size) if model.config.vocab_size > VOCAB else char_tokenizer()).save_pretrained(
+        folder
+    )
     return folder
