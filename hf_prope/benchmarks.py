@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 from .files import check_writable, write_json
+from .spec import rotated_pairs
 
-BENCHMARKS = ("rotary", "train", "decode", "patch", "recipe", "distill")
 ROTARY_PS = (1.0, 0.75, 0.5, 0.25)
 
 
@@ -337,7 +337,7 @@ def bench_rotary(device: torch.device, repeats: int, quick: bool, profile: bool 
         )
         n = shape.head_dim // 2
         for p in ROTARY_PS:
-            r = int(p * shape.head_dim // 2)
+            r = rotated_pairs(p, shape.head_dim)
             freq = shape.theta ** (-torch.arange(n, dtype=torch.float32) * 2 / shape.head_dim)
             freq[r:] = 0
             angles = torch.arange(shape.tokens, dtype=torch.float32)[:, None] * freq
@@ -852,6 +852,8 @@ RUNNERS: dict[str, Callable[..., list[Row]]] = {
     "recipe": bench_recipe,
     "distill": bench_distill,
 }
+#: The benchmark names, in the order they run: the one list (the CLI's help and choices come from it).
+BENCHMARKS: tuple[str, ...] = tuple(RUNNERS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -929,7 +931,7 @@ def run(
     """Run the chosen benchmarks, print the table, and write it as JSON to ``out``."""
     unknown = [b for b in only if b not in RUNNERS]
     if unknown:
-        from .spec import closest
+        from .suggestions import closest
 
         raise ValueError(
             f"Unknown benchmark {unknown[0]!r}; benchmarks: {', '.join(BENCHMARKS)}." + closest(unknown[0], BENCHMARKS)

@@ -15,7 +15,7 @@ after training, at 512 and 2048 tokens. Other commands:
 * ``hf-prope export MODEL --gguf OUT.gguf [--dtype f16|bf16|f32] [--patch p-rope --p 0.25]``: a GGUF
   file that llama.cpp runs with the model's patch (:mod:`hf_prope.gguf_export`); MODEL is loaded
   with its recorded patch, ``--patch`` patches it first.
-* ``hf-prope bench [--only rotary,train,decode,patch,recipe] [--device cuda] [--profile]``: speed
+* ``hf-prope bench [--only NAME,...] [--device cuda] [--profile]``: speed
   and memory against transformers' native path, measured side by side (:mod:`hf_prope.benchmarks`).
 """
 
@@ -56,18 +56,19 @@ REFERENCES: dict[tuple[str, bool], dict[str, str]] = {
 
 
 def _variants(layer_types: list[str] | None) -> list[tuple[str, Any]]:
-    from .spec import PatchSpec
+    from .spec import PatchSpec, label_of
 
     where: dict[str, Any] = {"layer_types": tuple(layer_types)} if layer_types else {}
-    return [
-        ("RoPE", None),
-        ("p=0.75", PatchSpec("p-rope", p=0.75, **where)),
-        ("p=0.5", PatchSpec("p-rope", p=0.5, **where)),
-        ("p=0.25", PatchSpec("p-rope", p=0.25, **where)),
-        ("NoPE", PatchSpec("nope", **where)),
+    specs = [
+        None,
+        PatchSpec("p-rope", p=0.75, **where),
+        PatchSpec("p-rope", p=0.5, **where),
+        PatchSpec("p-rope", p=0.25, **where),
+        PatchSpec("nope", **where),
         # The paper's control: same number of rotating pairs as p=0.75, but the slowest ones.
-        ("highest 25% dropped", PatchSpec("p-rope", p=0.75, rotate="lowest", **where)),
+        PatchSpec("p-rope", p=0.75, rotate="lowest", **where),
     ]
+    return [(label_of(spec), spec) for spec in specs]
 
 
 def _references(args: argparse.Namespace) -> dict[str, str]:
@@ -156,6 +157,7 @@ def _at_least(low: int) -> Any:
 
 def _parser() -> argparse.ArgumentParser:
     from ._version import __version__
+    from .spec import PATCH_NAMES
 
     parser = argparse.ArgumentParser(
         prog="hf-prope",
@@ -180,8 +182,8 @@ def _parser() -> argparse.ArgumentParser:
     zs = sub.add_parser(
         "zero-shot",
         help="perplexity of a model, unchanged and under p-RoPE variants, with no training",
-        description="Patch a model in place with RoPE, p=0.75, p=0.5, p=0.25, NoPE and the highest 25% of "
-        "frequencies dropped, and measure its perplexity on the Python docs text after each.",
+        description=f"Patch a model in place with each of {', '.join(label for label, _ in _variants(None))} (the "
+        "paper's control), and measure its perplexity on the Python docs text after each.",
     )
     zs.add_argument(
         "--model",
@@ -221,9 +223,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--dtype", default="f16", choices=["f16", "bf16", "f32"], help="matrix precision (default: %(default)s)"
     )
-    export.add_argument(
-        "--patch", choices=["p-rope", "freq-mask", "nope", "rope"], help="patch the model first with this patch"
-    )
+    export.add_argument("--patch", choices=PATCH_NAMES, help="patch the model first with this patch")
     export.add_argument("--p", type=float, help="with --patch p-rope: the fraction of frequency pairs that rotate")
     export.add_argument(
         "--keep", help="with --patch freq-mask: comma-separated indices of the pairs that rotate (0 = highest)"
@@ -248,7 +248,9 @@ def _parser() -> argparse.ArgumentParser:
         "SmolLM2-shaped model), decode (KV-cache decoding), patch (patch_model latency and memory on SmolLM2), "
         "recipe (the LoRA recipe against a plain Trainer + PEFT script).",
     )
-    bench.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated benchmarks (default: all)")
+    bench.add_argument(
+        "--only", default=",".join(BENCHMARKS), help=f"comma-separated, of {', '.join(BENCHMARKS)} (default: all)"
+    )
     bench.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     bench.add_argument("--repeats", type=_at_least(1), default=5, help="repeats per variant (default: %(default)s)")
     bench.add_argument("--quick", action="store_true", help="small shapes, for a smoke test (figures not meaningful)")

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import last_windows, python_docs_text, tokenize_text
+from .distributed import rank_and_world
 from .patching import check_patch, patch_model, unpatch_model
 from .spec import PatchSpec
 from .state import get_patch
@@ -24,7 +25,7 @@ from .state import get_patch
 # (label, spec): spec None = the unpatched model; a dict is read with PatchSpec.from_dict.
 LabelledSpec = tuple[str, "PatchSpec | dict[str, Any] | None"]
 
-__all__ = ["perplexity", "zero_shot_table", "rank_and_world", "tokenize_text", "LabelledSpec"]
+__all__ = ["perplexity", "zero_shot_table", "tokenize_text", "LabelledSpec"]
 
 
 def _nll_sum(model: Any, windows: torch.Tensor, batch_size: int, bar: Any) -> tuple[float, int]:
@@ -81,13 +82,6 @@ def perplexity(
         torch.distributed.all_reduce(sums)
         nll, count = float(sums[0]), int(sums[1])
     return math.exp(nll / count)
-
-
-def rank_and_world() -> tuple[int, int]:
-    """``(rank, world_size)`` of this process: ``(0, 1)`` unless ``torch.distributed`` is initialised."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def zero_shot_table(

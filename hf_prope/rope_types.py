@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from transformers import modeling_rope_utils as mru
 
+from .spec import rotated_pairs
+
 CUSTOM_TYPE = "hf_prope"
 CUSTOM_DYNAMIC_TYPE = "hf_prope_dynamic"
 CUSTOM_TYPES = (CUSTOM_TYPE, CUSTOM_DYNAMIC_TYPE)
@@ -186,7 +188,7 @@ def patched_rope_parameters(
         r = sum(keep)
         if keep == [i < r for i in range(len(keep))]:
             p = 2 * r / head_dim
-            if int(p * head_dim // 2) == r:
+            if rotated_pairs(p, head_dim) == r:
                 out = {"rope_type": NATIVE_TYPE, "rope_theta": original["rope_theta"], "partial_rotary_factor": p}
                 return out
     out = {k: v for k, v in original.items() if k not in ("type",)}

@@ -136,7 +136,7 @@ def use_backend(name: str) -> Iterator[None]:
 
 def _check_backend(name: str) -> None:
     if name not in BACKENDS:
-        from .spec import closest
+        from .suggestions import closest
 
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {name!r}." + closest(str(name), BACKENDS))
 

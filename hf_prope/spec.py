@@ -9,31 +9,27 @@ model (its head size, its own frequencies) only when applied.
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
+from .suggestions import closest
+
+#: The patch names: the one list (CLI choices, help texts and checks are derived from it).
 PatchName = Literal["p-rope", "freq-mask", "nope", "rope"]
-PATCH_NAMES: tuple[str, ...] = ("p-rope", "freq-mask", "nope", "rope")
+PATCH_NAMES: tuple[str, ...] = get_args(PatchName)
 SPEC_FORMAT_VERSION = 1
 
-# Which optional fields each patch accepts; anything else set is a conflict.
-_ALLOWED_PARAMS: dict[str, frozenset[str]] = {
-    "p-rope": frozenset({"p", "rotate"}),
-    "freq-mask": frozenset({"keep", "mask", "max_wavelength"}),
-    "nope": frozenset(),
-    "rope": frozenset(),
-}
+# Which optional fields each patch accepts (in PATCH_NAMES' order); anything else set is a conflict.
+_ALLOWED_PARAMS: dict[str, frozenset[str]] = dict(
+    zip(
+        PATCH_NAMES,
+        (frozenset({"p", "rotate"}), frozenset({"keep", "mask", "max_wavelength"}), frozenset(), frozenset()),
+    )
+)
 _PARAM_FIELDS = ("p", "rotate", "keep", "mask", "max_wavelength")
-
-
-def closest(word: str, choices: Sequence[str]) -> str:
-    """A ' Did you mean ...?' suffix for error messages, or '' when nothing is close."""
-    match = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.5)
-    return f" Did you mean {match[0]!r}?" if match else ""
 
 
 @dataclass(frozen=True)
@@ -241,13 +237,29 @@ class PatchSpec:
             raise ValueError(f"Patch spec is not valid JSON: {err}") from err
         return cls.from_dict(data)
 
+    @property
+    def label(self) -> str:
+        """A short name for tables and plots: ``RoPE``, ``NoPE``, ``p=0.25``, ``highest 25% dropped``, ``mask 3/8``..."""
+        if self.name == "rope":
+            return "RoPE"
+        if self.name == "nope":
+            return "NoPE"
+        if self.name == "p-rope":
+            return f"p={self.p:g}" if self.rotate == "highest" else f"highest {1 - self.p:.0%} dropped"
+        if self.keep is not None:
+            return f"pairs {list(self.keep)}"
+        if self.mask is not None:
+            return f"mask {sum(self.mask)}/{len(self.mask)}"
+        return f"wavelength <= {self.max_wavelength:g}"
+
     def describe(self) -> str:
         """One line in words, for logs and model cards."""
         if self.name == "p-rope":
             what = (
                 f"p-RoPE, p={self.p:g}: only the highest {self.p:.0%} of RoPE frequencies rotate"
                 if self.rotate == "highest"
-                else f"RoPE with the highest frequencies truncated: only the lowest {self.p:.0%} rotate"
+                else f"the paper's control, the highest {1 - self.p:.0%} of RoPE frequencies dropped: only the "
+                f"lowest {self.p:.0%} rotate"
             )
         elif self.name == "freq-mask":
             if self.keep is not None:
@@ -267,6 +279,13 @@ class PatchSpec:
         else:
             where = "on every layer"
         return f"{what}, {where}"
+
+
+def label_of(spec: PatchSpec | None) -> str:
+    """:attr:`PatchSpec.label`, and ``RoPE`` for no patch (``None``) or p=1 (the model's own RoPE)."""
+    if spec is None or (spec.name == "p-rope" and spec.p == 1.0 and spec.rotate == "highest"):
+        return "RoPE"
+    return spec.label
 
 
 def rotated_pairs(p: float, head_dim: int) -> int:

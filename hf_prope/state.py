@@ -23,7 +23,8 @@ from typing import Any
 from torch import nn
 
 from .registry import Architecture, NoRotaryEmbeddingError, get_architecture
-from .spec import PatchSpec, closest
+from .spec import PatchSpec
+from .suggestions import closest
 
 #: The config attribute (and ``config.json`` key) holding the patch and the original rope parameters.
 CONFIG_KEY = "hf_prope"

@@ -15,7 +15,7 @@ or from Python (a recipe is built from named settings objects; ``from_config`` m
 
 from __future__ import annotations
 
-from hf_prope.spec import closest
+from hf_prope.suggestions import closest
 
 from .ablation import AblationRecipe
 from .analyze import AnalyzeRecipe

@@ -70,14 +70,11 @@ class AblationVariant:
 
     @property
     def label(self) -> str:
-        base = f"θ={_short_number(self.theta)}"
-        if self.spec is None:
-            return f"RoPE {base}"
-        if self.spec.name == "nope":
-            return "NoPE"
-        if self.spec.rotate == "lowest":
-            return f"highest {1 - self.spec.p:.0%} truncated ({base})"
-        return f"{self.spec.p:g}-RoPE ({base})"
+        """The spec's own label (:func:`hf_prope.spec.label_of`), with the RoPE base where it matters."""
+        from hf_prope.spec import label_of
+
+        name = label_of(self.spec)
+        return name if self.spec is not None and self.spec.name == "nope" else f"{name} (θ={_short_number(self.theta)})"
 
 
 _VARIANT = re.compile(

@@ -17,8 +17,9 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from hf_prope.evaluation import rank_and_world
+from hf_prope.distributed import rank_and_world
 from hf_prope.files import atomic_path, check_writable, write_atomic, write_json
+from hf_prope.spec import PATCH_NAMES
 
 __all__ = [
     "ModelArguments",
@@ -88,7 +89,7 @@ class DataArguments:
 class PatchArguments:
     """The hf-prope patch, flattened so that ``p=0.25`` is an override (see ``hf_prope.PatchSpec``)."""
 
-    patch: str = field(default="p-rope", metadata={"help": "p-rope, freq-mask, nope or rope."})
+    patch: str = field(default="p-rope", metadata={"help": "one of " + ", ".join(PATCH_NAMES) + "."})
     p: float | None = field(default=0.25, metadata={"help": "p-rope: fraction of frequency pairs that rotate."})
     rotate: Literal["highest", "lowest"] | None = field(
         default=None, metadata={"help": "p-rope: which end keeps rotating (highest = the paper's p-RoPE)."}

@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from hf_prope.spec import closest
+from hf_prope.suggestions import closest
 
 CONFIG_PACKAGE = "hf_prope.recipes.configs"
 

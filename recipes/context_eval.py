@@ -75,7 +75,9 @@ class ContextEvalArguments:
 
 
 def _label(p: float) -> str:
-    return "RoPE" if p == 1.0 else "NoPE" if p == 0.0 else f"p={p:g}"
+    from hf_prope.spec import PatchSpec, label_of
+
+    return "NoPE" if p == 0.0 else label_of(PatchSpec("p-rope", p=p))
 
 
 class ContextEvalRecipe(Recipe):

@@ -318,7 +318,7 @@ class LoRARecipe(TrainingRecipe):
         check_token(HfApi(token=self.training_args.hub_token))
 
     def _check_targets(self) -> None:
-        from hf_prope.spec import closest
+        from hf_prope.suggestions import closest
 
         leaves = {name.rsplit(".", 1)[-1] for name, _ in self.model.named_modules()}
         for target in self.lora_args.target_modules():

@@ -161,7 +161,7 @@ def test_variant_names() -> None:
     assert parse_variant("p-rope-0.75-lowest", 1e4).spec == hf_prope.PatchSpec("p-rope", p=0.75, rotate="lowest")
     assert parse_variant("p-rope-0.25@1M", 1e4).theta == 1e6
     assert parse_variant("nope", 1e4).label == "NoPE"
-    assert parse_variant("p-rope-0.75-lowest", 1e4).label == "highest 25% truncated (θ=10k)"
+    assert parse_variant("p-rope-0.75-lowest", 1e4).label == "highest 25% dropped (θ=10k)"
     for bad in ("rope500k", "p-rope", "p-rope-1.5", "p-rope-0.5-highest", "yarn", "rope@-3"):
         with pytest.raises(ValueError, match="variant|Variant|p must"):
             parse_variant(bad, 1e4)
@@ -272,9 +272,9 @@ def test_outputs_table_and_plot(ablation) -> None:
     assert names == ["results.json", "results.md", "results.png", "runs", "tokenizer"]
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "results.md").read_text()
-    assert "| NoPE | 0/8 |" in table and "| 0.25-RoPE (θ=10k) | 2/8 |" in table and "highest 25% truncated" in table
+    assert "| NoPE | 0/8 |" in table and "| p=0.25 (θ=10k) | 2/8 |" in table and "highest 25% dropped" in table
     rope = summary["variants"]["rope"]["perplexity"]
-    assert f"| RoPE θ=10k | 8/8 | {rope['mean']:.2f} ± {rope['sd']:.2f} | 1.000 ± 0.000 |" in table
+    assert f"| RoPE (θ=10k) | 8/8 | {rope['mean']:.2f} ± {rope['sd']:.2f} | 1.000 ± 0.000 |" in table
     assert not list((out / "runs").glob("*/*/checkpoint-*")), "finished runs keep no checkpoints"
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["variants"].keys() == summary["variants"].keys()

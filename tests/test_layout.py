@@ -193,3 +193,60 @@ def test_sliding_window_facts_come_from_the_registry() -> None:
     assert llama.attention_span(0) is None
     qwen = model_parts(tiny_model("qwen2"))
     assert [qwen.attention_span(i) for i in range(2)] == [8, None]  # sliding, full
+
+
+# ------------------------------------------------------------------------------------------------
+# One home for each list
+
+
+def _string_collections(path: Path) -> list[tuple[int, set[str]]]:
+    """Every list/tuple/set literal and dict's keys made of string constants, with its line."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        items = (
+            node.elts
+            if isinstance(node, (ast.List, ast.Tuple, ast.Set))
+            else node.keys
+            if isinstance(node, ast.Dict)
+            else None
+        )
+        if items:
+            strings = {i.value for i in items if isinstance(i, ast.Constant) and isinstance(i.value, str)}
+            out.append((node.lineno, strings))
+    return out
+
+
+@pytest.mark.parametrize(
+    "names,home,at_least",
+    [("hf_prope.spec.PATCH_NAMES", "hf_prope.spec", 2), ("hf_prope.benchmarks.BENCHMARKS", "hf_prope.benchmarks", 3)],
+)
+def test_each_list_of_names_is_written_once(names: str, home: str, at_least: int) -> None:
+    import importlib
+
+    module, attr = names.rsplit(".", 1)
+    wanted = set(getattr(importlib.import_module(module), attr))
+    # Collections that share words with the patch names but are other lists.
+    exempt = {
+        "hf_prope.model_card": "the Hub tags of a card (p-rope, rope), not patch names",
+        "hf_prope.recipes.ablation": "the ablation's variant names, which also name a RoPE base (rope@500k)",
+    }
+    copies = []
+    for module_name, path in MODULES.items():
+        if names.endswith("PATCH_NAMES") and module_name in exempt:
+            continue
+        for line, strings in _string_collections(path):
+            if len(strings & wanted) >= at_least:
+                copies.append((module_name, line))
+    # the one definition (the Literal's arguments, or RUNNERS' keys) is the only collection that names them
+    assert len(copies) == 1 and copies[0][0] == home, f"{names} is written out again at {copies}; derive it instead"
+
+
+def test_the_p_rope_rounding_rule_lives_in_spec_only() -> None:
+    bad = [
+        f"{m}:{i + 1}"
+        for m, path in MODULES.items()
+        if m != "hf_prope.spec"
+        for i, line in enumerate(path.read_text().splitlines())
+        if re.search(r"int\(\s*p\s*\*", line) and not line.lstrip().startswith("#")
+    ]
+    assert not bad, f"int(p * d // 2) written outside hf_prope.spec.rotated_pairs: {bad}"
