@@ -32,7 +32,7 @@ from . import analysis, rotation  # noqa: E402
 from . import legacy_config as _legacy_config  # noqa: E402
 from . import patches as _patches  # noqa: E402  (registers the architectures)
 from .class_patching import ClassPatch, apply_patch_to_class, class_patches, revert_class_patches  # noqa: E402
-from .gguf_export import GGUFExportError, export_gguf  # noqa: E402
+from .gguf import GGUFExportError, export_gguf  # noqa: E402
 from .hub import from_pretrained, push_to_hub, save_pretrained  # noqa: E402
 from .patch_record import PatchMismatchError  # noqa: E402
 from .patches.gemma import (  # noqa: E402

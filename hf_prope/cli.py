@@ -13,7 +13,7 @@ after training, at 512 and 2048 tokens. Other commands:
 * ``hf-prope zero-shot``: perplexity under RoPE and p-RoPE variants with no training, beside
   the project's reference figures.
 * ``hf-prope export MODEL --gguf OUT.gguf [--dtype f16|bf16|f32] [--patch p-rope --p 0.25]``: a GGUF
-  file that llama.cpp runs with the model's patch (:mod:`hf_prope.gguf_export`); MODEL is loaded
+  file that llama.cpp runs with the model's patch (:mod:`hf_prope.gguf`); MODEL is loaded
   with its recorded patch, ``--patch`` patches it first.
 * ``hf-prope bench [--only NAME,...] [--device cuda] [--profile]``: speed
   and memory against transformers' native path, measured side by side (:mod:`hf_prope.benchmarks`).
@@ -278,7 +278,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .gguf_export import export_gguf, vocabulary_for
+    from .gguf import export_gguf, vocabulary_for
     from .hub import from_pretrained
     from .models import is_embedded_source, load_model
     from .patching import patch_model
@@ -337,7 +337,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _check_export(model: Any, path: Path, n_tokens: int, tokenizer: Any) -> None:
     from .data import python_docs_text
-    from .gguf_export import check_in_llama_cpp
+    from .gguf import check_in_llama_cpp
 
     ids = tokenizer(python_docs_text())["input_ids"][-n_tokens:]
     report = check_in_llama_cpp(model, path, ids)

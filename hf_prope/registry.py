@@ -39,7 +39,7 @@ class Architecture:
     ``sliding_attention`` layers are limited.
     ``llama_cpp_graph`` names the llama.cpp graph (GGUF ``general.architecture``) that runs
     this model type *and* reads per-pair frequency factors (``rope_freqs``), so a patch can be
-    exported to GGUF (:mod:`hf_prope.gguf_export`); ``None`` where llama.cpp's graph for the
+    exported to GGUF (:mod:`hf_prope.gguf`); ``None`` where llama.cpp's graph for the
     type ignores them (a GGUF would silently run plain RoPE).
     ``mlx_lm_reads_rope_scaling`` is false where mlx-lm's model for this type reads no rope
     type from ``config.json`` (only ``rope_theta``), so it cannot run any patch; a patched save

@@ -13,7 +13,7 @@ register_architecture(
         base_model_class_name="LlamaModel",
         config_class_name="LlamaConfig",
         causal_lm_class_name="LlamaForCausalLM",
-        llama_cpp_graph="llama",  # its graph reads rope_freqs (hf_prope.gguf_export)
+        llama_cpp_graph="llama",  # its graph reads rope_freqs (hf_prope.gguf)
     )
 )
 

@@ -326,7 +326,9 @@ def load_tokenizer(args: ScratchModelArguments, dataset: Any, text_column: str) 
     if args.tokenizer == "bpe":
         return train_bpe_tokenizer((t for t in dataset[text_column] if isinstance(t, str) and t), args.vocab_size)
     if args.tokenizer in models.EMBEDDED_MODELS:
-        return models.load_gguf_tokenizer(models.embedded_gguf_path(args.tokenizer))
+        from hf_prope.gguf import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(models.embedded_gguf_path(args.tokenizer))
     path = local_path(args.tokenizer)
     if path is None:
         return AutoTokenizer.from_pretrained(args.tokenizer)

@@ -32,7 +32,7 @@ from typing import Any, Literal
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
-from hf_prope.gguf_export import check_exportable, check_gguf_type, vocabulary_for
+from hf_prope.gguf import check_exportable, check_gguf_type, vocabulary_for
 
 from .base import (
     RESULTS_FILE,

@@ -23,7 +23,7 @@ import torch
 from tiny import bpe_tokenizer, tiny_model
 
 import hf_prope
-from hf_prope.gguf_export import STOPPED_FACTOR, GGUFExportError, export_gguf, llama_cpp_logits, read_rope_factors
+from hf_prope.gguf import STOPPED_FACTOR, GGUFExportError, export_gguf, llama_cpp_logits, read_rope_factors
 
 gguf = pytest.importorskip("gguf")
 
@@ -135,7 +135,7 @@ def test_plain_transformers_drops_the_patch_and_hf_prope_restores_it(tokenizer, 
 
 
 def test_a_mask_from_another_writer_comes_back_as_the_patch(tmp_path) -> None:
-    from hf_prope.gguf_export import spec_from_factors
+    from hf_prope.gguf import spec_from_factors
 
     inv = [10000 ** (-i / 8) for i in range(8)]
     s = STOPPED_FACTOR
@@ -199,7 +199,7 @@ def test_half_precision_matrices_and_f32_norms(dtype, torch_dtype, tokenizer, tm
     kinds = {t.name: t.tensor_type.name for t in reader.tensors}
     assert kinds["blk.0.attn_q.weight"] == dtype.upper() and kinds["blk.0.attn_norm.weight"] == "F32"
     assert kinds["rope_freqs.weight"] == "F32"
-    loaded, _ = hf_prope.models.load_gguf(tmp_path / "m.gguf")
+    loaded, _ = hf_prope.gguf.load_gguf(tmp_path / "m.gguf")
     original = model.state_dict()
     for key, value in loaded.state_dict().items():
         want = original[key] if original[key].ndim == 1 else original[key].to(torch_dtype).float()

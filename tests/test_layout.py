@@ -18,7 +18,12 @@ from hf_prope.registry import ARCHITECTURES, supported_model_types
 
 ROOT = Path(__file__).resolve().parents[1]
 # Repository folder -> installed package (pyproject's package-dir).
-PACKAGES = {"hf_prope": "hf_prope", "patches": "hf_prope.patches", "recipes": "hf_prope.recipes"}
+PACKAGES = {
+    "hf_prope": "hf_prope",
+    "hf_prope/gguf": "hf_prope.gguf",
+    "patches": "hf_prope.patches",
+    "recipes": "hf_prope.recipes",
+}
 
 
 def _modules() -> dict[str, Path]:

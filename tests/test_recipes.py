@@ -364,7 +364,7 @@ def test_two_processes_split_the_data_and_only_rank0_writes_and_pushes(
 
 
 def test_lora_recipe_writes_and_pushes_a_gguf_that_carries_the_patch(local_hub, tmp_path) -> None:
-    from hf_prope.gguf_export import STOPPED_FACTOR, read_rope_factors
+    from hf_prope.gguf import STOPPED_FACTOR, read_rope_factors
 
     source = {"model": save_tiny(tmp_path / "tiny-bpe", vocab_size=320), "text": tmp_path / "docs.txt"}
     source["text"].write_text(python_docs_text()[:30_000])
@@ -394,7 +394,7 @@ def test_lora_recipe_writes_and_pushes_a_gguf_that_carries_the_patch(local_hub, 
 
 
 def test_gguf_setting_is_checked_before_training(source, tmp_path) -> None:
-    from hf_prope.gguf_export import GGUFExportError
+    from hf_prope.gguf import GGUFExportError
 
     out = tmp_path / "out"
     # The tiny source's tokenizer is character-level, which a llama.cpp vocabulary cannot hold.

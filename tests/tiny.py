@@ -125,7 +125,7 @@ def bpe_tokenizer(vocab_size: int = 320) -> Any:
     """A real byte-level BPE tokenizer (GPT-2 style) trained on CPython's docs, with ``vocab_size`` tokens.
 
     Byte-level needs the 256 bytes, so models that use it get ``vocab_size=`` beyond :data:`VOCAB`.
-    What llama.cpp's GGUF vocabulary expects (``hf_prope.gguf_export``).
+    What llama.cpp's GGUF vocabulary expects (``hf_prope.gguf``).
     """
     from pydoc_data.topics import topics
 
