@@ -31,7 +31,7 @@ _register_rope_types()
 from . import analysis, rotation  # noqa: E402
 from . import legacy_config as _legacy_config  # noqa: E402
 from . import patches as _patches  # noqa: E402  (registers the architectures)
-from .class_patching import ClassPatch, apply_patch_to_class, class_patches, revert_class_patches  # noqa: E402
+from .class_patching import ClassPatch, apply_patch_to_class, class_patched, class_patches, revert_class_patches  # noqa: E402
 from .gguf import GGUFExportError, export_gguf  # noqa: E402
 from .hub import from_pretrained, push_to_hub, save_pretrained  # noqa: E402
 from .patch_record import PatchMismatchError  # noqa: E402
@@ -52,10 +52,8 @@ from .patches.qwen import (  # noqa: E402
     apply_patch_to_qwen3,
 )
 from .patching import (  # noqa: E402
-    PositionMaskHook,
     check_patch,
     layer_frequencies,
-    patch_info,
     patch_model,
     restore_patch,
     unpatch_model,
@@ -89,15 +87,14 @@ __all__ = [
     "GGUFExportError",
     "from_pretrained",
     "PatchMismatchError",
-    "patch_info",
     "layer_frequencies",
     "analysis",
     "rotation",
     "apply_patch_to_class",
     "revert_class_patches",
     "class_patches",
+    "class_patched",
     "ClassPatch",
-    "PositionMaskHook",
     "supported_model_types",
     "UnsupportedModelError",
     "NoRotaryEmbeddingError",

@@ -725,29 +725,6 @@ def bench_recipe(device: torch.device, repeats: int, quick: bool, profile: bool 
     ]
 
 
-_DISTILL_STEP = """
-import json, re, sys, torch
-from hf_prope.benchmarks import distill_step
-objective, device, quick = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
-step = distill_step(objective, torch.device(device), quick)
-
-def status(key):
-    return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
-
-if device.startswith("cuda"):
-    step()  # warm-up: the caching allocator's pools
-    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
-    step(); torch.cuda.synchronize(); peak = torch.cuda.max_memory_allocated() - base
-else:
-    # Linux: writing 5 to clear_refs resets the peak resident set (VmHWM) to the current one. No
-    # warm-up here: glibc keeps some freed memory resident, which would hide a second step's peak.
-    open("/proc/self/clear_refs", "w").write("5")
-    base = status("VmRSS")
-    step(); peak = status("VmHWM") - base
-print(json.dumps({"peak_bytes": peak}))
-"""
-
-
 def distill_step(objective: str, device: torch.device, quick: bool) -> Callable[[], None]:
     """One LoRA training step of a patched SmolLM2-shaped model with the ``lm`` or ``distill`` objective."""
     from peft import LoraConfig, get_peft_model
@@ -801,7 +778,7 @@ def bench_distill(device: torch.device, repeats: int, quick: bool, profile: bool
     peaks = {}
     for objective in ("lm", "distill"):
         out = subprocess.run(
-            [sys.executable, "-c", _DISTILL_STEP, objective, str(device), "1" if quick else "0"],
+            [sys.executable, "-m", "hf_prope.memory_probe", objective, str(device), "1" if quick else "0"],
             capture_output=True,
             text=True,
             timeout=1800,

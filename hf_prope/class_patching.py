@@ -17,11 +17,12 @@ made here once for every architecture by :func:`make_arch_functions`, Liger-Kern
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import inspect
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,6 +117,28 @@ def revert_class_patches(model_type: str | None = None) -> None:
     for mt in [model_type] if model_type else list(_CLASS_PATCHES):
         if mt in _CLASS_PATCHES:
             _CLASS_PATCHES[mt].revert()
+
+
+@contextlib.contextmanager
+def class_patched(model_type: str, spec: PatchSpec | str | None, /, **params: Any) -> Iterator[None]:
+    """Models of ``model_type`` built inside the block are patched; afterwards any earlier class patch is back.
+
+    ``spec=None`` patches nothing (the block builds plain models). For building several variants
+    in turn (the ablation recipe) without disturbing a class patch the caller had in force.
+    """
+    if spec is None:
+        yield
+        return
+    previous = class_patches().get(model_type)
+    patch = apply_patch_to_class(model_type, spec, **params)
+    try:
+        yield
+    finally:
+        patch.revert()
+        if previous is not None:
+            apply_patch_to_class(model_type, previous)
+        elif model_type in class_patches():
+            revert_class_patches(model_type)
 
 
 def class_patches() -> dict[str, PatchSpec]:

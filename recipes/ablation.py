@@ -18,7 +18,6 @@ and validation curves), the table on stdout and in ``results.md``::
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -27,7 +26,6 @@ import shutil
 import statistics
 import textwrap
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -265,26 +263,6 @@ def scratch_config(args: ScratchModelArguments, variant: AblationVariant, tokeni
     return config
 
 
-@contextlib.contextmanager
-def _class_patch(model_type: str, spec: Any | None) -> Iterator[None]:
-    """Patch the architecture's class while the block builds models; any earlier class patch comes back after."""
-    from hf_prope.class_patching import apply_patch_to_class, class_patches, revert_class_patches
-
-    if spec is None:
-        yield
-        return
-    previous = class_patches().get(model_type)
-    patch = apply_patch_to_class(model_type, spec)
-    try:
-        yield
-    finally:
-        patch.revert()
-        if previous is not None:
-            apply_patch_to_class(model_type, previous)
-        elif model_type in class_patches():
-            revert_class_patches(model_type)
-
-
 def build_model(
     args: ScratchModelArguments, variant: AblationVariant, tokenizer: Any, *, seed: int, max_positions: int
 ) -> Any:
@@ -293,7 +271,9 @@ def build_model(
 
     config = scratch_config(args, variant, tokenizer, max_positions)
     set_seed(seed)
-    with _class_patch(args.model_type, variant.spec):
+    from hf_prope.class_patching import class_patched
+
+    with class_patched(args.model_type, variant.spec):
         model = AutoModelForCausalLM.from_config(config, attn_implementation=args.attn_implementation)
     return model
 

@@ -9,6 +9,7 @@ import torch
 from tiny import HEAD_DIM, MODEL_TYPES, clone_with_config, logits, tiny_model, tokens
 
 import hf_prope
+from hf_prope.patching import patch_info
 from hf_prope.rope_types import has_native_proportional
 
 PS = [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -101,7 +102,7 @@ def test_repatching_replaces_never_compounds(model_type: str) -> None:
     hf_prope.patch_model(model, "p-rope", p=0.75, rotate="lowest")
     assert torch.equal(logits(model, ids), logits(direct, ids))
     assert hf_prope.get_patch(model) == hf_prope.PatchSpec("p-rope", p=0.75, rotate="lowest")
-    assert hf_prope.patch_info(model)["hooked_layers"] == []
+    assert patch_info(model)["hooked_layers"] == []
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma2", "gemma3_text"])
@@ -134,7 +135,7 @@ def test_layer_selective_patch_matches_hand_built_mixture(model_type: str) -> No
             ref.model.layers[i].self_attn.register_forward_pre_hook(swap, with_kwargs=True)
         expected = ref(ids).logits
     assert torch.equal(logits(model, ids), expected)
-    assert hf_prope.patch_info(model)["hooked_layers"] == [1, 4]
+    assert patch_info(model)["hooked_layers"] == [1, 4]
 
 
 @pytest.mark.parametrize("model_type", ["qwen3", "gemma2"])
@@ -142,7 +143,7 @@ def test_layer_types_on_shared_rotary_models_hook_matching_layers(model_type: st
     model = tiny_model(model_type)
     hf_prope.patch_model(model, "p-rope", p=0.25, layer_types=["full_attention"])
     expected = [i for i, t in enumerate(model.config.layer_types) if t == "full_attention"]
-    assert hf_prope.patch_info(model)["hooked_layers"] == expected
+    assert patch_info(model)["hooked_layers"] == expected
     by_index = tiny_model(model_type)
     hf_prope.patch_model(by_index, "p-rope", p=0.25, layers=expected)
     ids = tokens()

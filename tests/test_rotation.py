@@ -11,6 +11,7 @@ from tiny import HEAD_DIM, MODEL_TYPES, clone_with_config, tiny_model, tokens
 
 import hf_prope
 from hf_prope import rotation
+from hf_prope.patching import patch_info
 from hf_prope.registry import get_architecture
 
 
@@ -153,7 +154,7 @@ def test_other_masks_and_scaled_rope_take_the_general_path(calls) -> None:
     # Not a prefix: pairs 0 and 2 rotate.
     model = tiny_model("llama")
     hf_prope.patch_model(model, "freq-mask", keep=[0, 2])
-    assert hf_prope.patch_info(model)["prefix_rotation"] == {}
+    assert patch_info(model)["prefix_rotation"] == {}
     with torch.no_grad():
         model(ids)
     assert calls["n"] == 0
@@ -248,10 +249,10 @@ def test_unpatch_removes_the_tags_and_uninstall_restores_transformers(calls) -> 
         before = model(ids).logits
     hf_prope.patch_model(model, "p-rope", p=0.25)
     assert arch.modeling_module in rotation.installed()
-    assert hf_prope.patch_info(model)["prefix_rotation"] == {"all": 2}
+    assert patch_info(model)["prefix_rotation"] == {"all": 2}
     hf_prope.unpatch_model(model)
     assert not model.model.rotary_emb._forward_hooks
-    assert hf_prope.patch_info(model)["prefix_rotation"] == {}
+    assert patch_info(model)["prefix_rotation"] == {}
     with torch.no_grad():
         assert torch.equal(model(ids).logits, before)
     assert calls["n"] == 0
@@ -279,10 +280,10 @@ def test_class_level_patch_and_reload_get_the_fast_path(tmp_path, calls) -> None
         model = tiny_model("qwen2")
     finally:
         handle.revert()
-    assert hf_prope.patch_info(model)["prefix_rotation"] == {"all": 4}
+    assert patch_info(model)["prefix_rotation"] == {"all": 4}
     model.save_pretrained(tmp_path)
     reloaded = hf_prope.from_pretrained(tmp_path)
-    assert hf_prope.patch_info(reloaded)["prefix_rotation"] == {"all": 4}
+    assert patch_info(reloaded)["prefix_rotation"] == {"all": 4}
     with torch.no_grad():
         assert torch.equal(reloaded(tokens()).logits, model(tokens()).logits)
     assert calls["n"] > 0
@@ -294,7 +295,7 @@ def test_patched_models_with_tag_hooks_pickle() -> None:
     clone = pickle.loads(pickle.dumps(model))
     with torch.no_grad():
         assert torch.equal(clone(tokens()).logits, model(tokens()).logits)
-    assert hf_prope.patch_info(clone)["prefix_rotation"] == {"full_attention": 2}
+    assert patch_info(clone)["prefix_rotation"] == {"full_attention": 2}
 
 
 def test_fast_path_under_torch_compile(calls) -> None:
