@@ -1,0 +1,399 @@
+"""The prepared GPU check: every GPU claim of the project measured in one short lease (issue 25).
+
+A lease gives 15 minutes of device time in all, a bare machine with no package index, and 64 MiB
+carried per call. So everything is built beforehand on the CPU machine and the run is two
+back-to-back calls of a few minutes, each one command that calls this script:
+
+    .ci/gpu/run prepare            # CPU machine: wheels, project, corpus, model parts -> .gpu/
+    .ci/gpu/run first              # call 1 (carry .gpu/common .gpu/part1): (a) tests, (b) bench
+    .ci/gpu/run second             # call 2 (carry .gpu/common .gpu/part2): (c) distill, (d) + Liger
+    .ci/gpu/run dry-run            # CPU rehearsal of all three (CI runs it): tiny shapes, a few steps
+
+Device calls (each under the tool's 2,000 characters):
+
+    run(command=".ci/gpu/run first", carry=[".gpu/common", ".gpu/part1"], timeout_s=420)
+    run(command=".ci/gpu/run second", carry=[".gpu/common", ".gpu/part2"], timeout_s=420)
+
+Call 1 keeps its half of the embedded SmolLM2 GGUF in /tmp/hf-prope-gpu (outside the work
+tree, which each call replaces) for call 2, which must follow while the machine is still warm
+(30 s); if it finds no first half it says so and stops. Every result lands as JSON under $OUT:
+``tests.xml`` and ``tests.json`` (a), ``bench.json`` (b), ``distill.json`` (c),
+``distill_liger.json`` (d), and ``first.json`` / ``second.json`` (what ran, for how long, the
+machine). Standard library only, plus the project once installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+DEST = ROOT / ".gpu"
+STASH = Path(os.environ.get("HF_PROPE_GPU_STASH", "/tmp/hf-prope-gpu"))
+SITE = Path(os.environ.get("HF_PROPE_GPU_SITE", "/tmp/hf-prope-site"))
+MODEL_NAME = "smollm2-135m.gguf"
+DOCS_ARCHIVE = "python-docs.tar.xz"
+# What the GPU image lacks (its package list: the device tool's KINDS.md): datasets and the two
+# pure-Python packages it needs beyond the image, gguf, Liger-Kernel, TRL.
+WHEELS = ("datasets", "dill", "multiprocess", "gguf", "liger-kernel", "trl")
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
+LIGER_ROPE_ONLY = (
+    '{"rope": true, "rms_norm": false, "swiglu": false, "cross_entropy": false, "fused_linear_cross_entropy": false}'
+)
+
+
+def say(text: str) -> None:
+    print(f"[gpu-check {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    say("$ " + " ".join(cmd))
+    return subprocess.run(cmd, check=True, **kwargs)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare (CPU machine)
+
+
+def _download_wheels(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    pins = [f"{name}=={importlib.metadata.version(name)}" for name in WHEELS]
+    platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            "3.12",
+            "--implementation",
+            "cp",
+            *platforms,
+            "-d",
+            str(folder),
+            *pins,
+        ]
+    )
+    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(ROOT), "-w", str(folder)])
+
+
+def _pack_docs(archive: Path, docs: Path | None) -> None:
+    """CPython 3.11's reST sources (Debian's python3.11-doc), as one small archive."""
+    with tempfile.TemporaryDirectory(prefix="hf-prope-docs-") as tmp:
+        if docs is None:
+            run(["apt-get", "download", "python3.11-doc"], cwd=tmp, stdout=subprocess.DEVNULL)
+            deb = next(Path(tmp).glob("python3.11-doc_*.deb"))
+            run(["dpkg-deb", "-x", str(deb), str(Path(tmp) / "x")])
+            docs = Path(tmp) / "x" / "usr/share/doc/python3.11/html/_sources"
+        with tarfile.open(archive, "w:xz") as tar:
+            for path in sorted(docs.rglob("*.txt")):
+                tar.add(path, arcname=str(Path("docs") / path.relative_to(docs)))
+
+
+def prepare(dest: Path, docs: Path | None = None) -> dict:
+    from hf_prope.models import embedded_gguf_path
+
+    started = time.time()
+    if dest.exists():
+        shutil.rmtree(dest)
+    common = dest / "common"
+    _download_wheels(common / "wheels")
+    _pack_docs(common / DOCS_ARCHIVE, docs)
+    model = embedded_gguf_path("smollm2-135m")
+    data = model.read_bytes()
+    half = len(data) // 2
+    for i, chunk in enumerate((data[:half], data[half:]), start=1):
+        (dest / f"part{i}").mkdir(parents=True)
+        (dest / f"part{i}" / f"{MODEL_NAME}.part{i}").write_bytes(chunk)
+    manifest = {
+        "model": MODEL_NAME,
+        "model_sha256": hashlib.sha256(data).hexdigest(),
+        "model_bytes": len(data),
+        "wheels": sorted(p.name for p in (common / "wheels").iterdir()),
+        "prepared_on": platform.node(),
+        "prepared_in_s": round(time.time() - started, 1),
+    }
+    (common / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+    def mib(folder: Path) -> float:
+        return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
+
+    for part in ("part1", "part2"):
+        size = mib(common) + mib(dest / part)
+        if size > 56:  # with the work tree (about 3 MiB) under the 64 MiB a call carries
+            raise SystemExit(f"common + {part} is {size:.1f} MiB: too large to carry with the work tree.")
+        say(f"a call carries common + {part}: {size:.1f} MiB")
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# on the device machine
+
+
+def _install(common: Path, dry: bool) -> None:
+    """The carried wheels into a site folder on PYTHONPATH (the GPU image has no package index)."""
+    wheels = sorted((common / "wheels").glob("*.whl"))
+    names = {w.name.split("-")[0].lower().replace("_", "-") for w in wheels}
+    missing = [n for n in (*WHEELS, "hf-prope") if n.replace("_", "-") not in names]
+    if missing:
+        raise SystemExit(f"prepare left out wheels of {missing}: run .ci/gpu/run prepare again")
+    if dry:
+        say(f"dry run: {len(wheels)} wheels present; not installed (this machine has them and is not Python 3.12)")
+        return
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-index",
+            "--no-deps",
+            "--no-compile",
+            "--no-cache-dir",
+            "--upgrade",
+            "--target",
+            str(SITE),
+            *map(str, wheels),
+        ]
+    )
+    sys.path.insert(0, str(SITE))
+    os.environ["PYTHONPATH"] = f"{SITE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+
+
+def _docs(common: Path) -> Path:
+    target = STASH / "docs"
+    if not target.is_dir():
+        STASH.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(common / DOCS_ARCHIVE) as tar:
+            tar.extractall(STASH, filter="data")
+    return target
+
+
+def _machine(device: str) -> dict:
+    info = {"python": platform.python_version(), "host": platform.node(), "cpus": os.cpu_count(), "device": device}
+    try:
+        import torch
+        import transformers
+
+        info |= {"torch": torch.__version__, "transformers": transformers.__version__}
+        if device == "cuda" and torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return info
+
+
+def _hf_prope(args: list[str], out: Path) -> dict:
+    """``python -m hf_prope ARGS`` (its output to ``out``): seconds and return code; a failure is recorded, not raised.
+
+    Run outside the work tree with PYTHONSAFEPATH, so the installed hf_prope (with its patches/ and
+    recipes/ subpackages) is imported, never the source folder.
+    """
+    started = time.time()
+    cmd = [sys.executable, "-m", "hf_prope", *args]
+    say("$ " + " ".join(cmd))
+    with open(out, "w") as log:
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=STASH, env=_env()).returncode
+    if code != 0:
+        say(f"FAILED ({code}); the end of {out.name}:\n" + out.read_text()[-3000:])
+    return {"s": round(time.time() - started, 1), "returncode": code, "log": out.name}
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONSAFEPATH": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def first(out: Path, common: Path, part: Path, device: str, quick: bool, dry: bool) -> dict:
+    """Call 1: (a) the test suite (the GPU-only tests included), (b) the benchmark; keeps the model's first half."""
+    report = {"machine": _machine(device), "steps": {}}
+    _install(common, dry)
+    STASH.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(part / f"{MODEL_NAME}.part1", STASH / f"{MODEL_NAME}.part1")
+    started = time.time()
+    tests = ["tests/test_rotary_kernel.py"] if quick else []
+    # pytest-xdist is in the GPU image: the suite in parallel, each test module on one worker.
+    n = os.environ.get("HF_PROPE_GPU_WORKERS", "6")
+    workers = [] if quick or dry or n in ("", "0") else ["-n", n, "--dist", "loadfile"]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-m",
+            "not real_model",
+            *workers,
+            f"--junitxml={out / 'tests.xml'}",
+            *tests,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=_env(),
+    )
+    tail = result.stdout.strip().splitlines()[-1:] or [""]
+    (out / "tests.json").write_text(
+        json.dumps(
+            {"returncode": result.returncode, "summary": tail[0], "stdout_tail": result.stdout[-6000:]}, indent=2
+        )
+        + "\n"
+    )
+    report["steps"]["a_tests"] = {
+        "s": round(time.time() - started, 1),
+        "returncode": result.returncode,
+        "summary": tail[0],
+    }
+    say(f"(a) tests: {tail[0]}")
+    bench = [
+        "bench",
+        "--device",
+        device,
+        "--only",
+        "rotary" if quick else "rotary,train,decode",
+        "--out",
+        str(out / "bench.json"),
+        *(["--quick"] if quick else []),
+    ]
+    report["steps"]["b_bench"] = _hf_prope(bench, out / "bench.txt")
+    return report
+
+
+def _model_file() -> Path:
+    """The embedded GGUF, joined from call 1's half (kept in the stash) and call 2's."""
+    return STASH / MODEL_NAME
+
+
+def second(out: Path, common: Path, part: Path, device: str, quick: bool, dry: bool) -> dict:
+    """Call 2: (c) the distillation retrofit at SmolLM2's 8192-token context, (d) the same under Liger's rope."""
+    report = {"machine": _machine(device), "steps": {}}
+    _install(common, dry)
+    head = STASH / f"{MODEL_NAME}.part1"
+    if not head.is_file():
+        raise SystemExit(
+            f"No first half of the model at {head}: this is a fresh machine. Run '.ci/gpu/run first' and "
+            "this call back to back (the machine stays warm 30 s)."
+        )
+    manifest = json.loads((common / "manifest.json").read_text())
+    model = _model_file()
+    with open(model, "wb") as f:
+        f.write(head.read_bytes())
+        f.write((part / f"{MODEL_NAME}.part2").read_bytes())
+    if sha256(model) != manifest["model_sha256"]:
+        raise SystemExit("The joined model does not match the prepared one (sha256): run prepare again.")
+    docs = _docs(common)
+    overrides = [f"model={model}", f"dataset={docs}", "report_to=none", "gguf=null", "save_steps=100000"]
+    if quick:  # the CPU rehearsal: the same recipe and config, tiny shapes, a few steps
+        overrides += [
+            "max_steps=2",
+            "block_size=256",
+            "eval_window=256",
+            "eval_windows=2",
+            "eval_contexts=[128,256]",
+            "per_device_train_batch_size=1",
+            "bf16=false",
+            "gradient_checkpointing=false",
+            "logging_steps=1",
+        ]
+    runs = {"c_distill": [], "d_distill_liger": ["use_liger_kernel=true", f"liger_kernel_config={LIGER_ROPE_ONLY}"]}
+    for name, extra in runs.items():
+        if name == "d_distill_liger" and device != "cuda":
+            report["steps"][name] = {"skipped": "Liger-Kernel's Trainer integration needs CUDA"}
+            continue
+        run_dir = STASH / name
+        step = _hf_prope(
+            [
+                "run",
+                "lora",
+                "--config",
+                "smollm2_135m_p_rope_distill",
+                *overrides,
+                *extra,
+                f"output_dir={run_dir}",
+                "overwrite=true",
+            ],
+            out / f"{name}.txt",
+        )
+        target = out / ("distill.json" if name == "c_distill" else "distill_liger.json")
+        if (run_dir / "results.json").is_file():
+            shutil.copy2(run_dir / "results.json", target)
+            step["results"] = target.name
+        report["steps"][name] = step
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=".ci/gpu/run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("step", choices=["prepare", "first", "second", "dry-run"])
+    parser.add_argument("--dest", type=Path, default=DEST, help="where prepare writes (default: .gpu/)")
+    parser.add_argument("--docs", type=Path, help="prepare: a local _sources folder instead of apt-get download")
+    parser.add_argument("--device", default=None, help="cuda (default on the device machine) or cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, a few steps (the rehearsal)")
+    args = parser.parse_args(argv)
+    if args.step == "prepare":
+        print(json.dumps(prepare(args.dest, args.docs), indent=2))
+        return 0
+    if args.step == "dry-run":
+        global STASH
+        with tempfile.TemporaryDirectory(prefix="hf-prope-gpu-dry-") as tmp:
+            STASH = Path(tmp) / "stash"
+            dest, out = Path(tmp) / "gpu", Path(tmp) / "out"
+            out.mkdir()
+            prepare(dest, args.docs)
+            reports = {
+                "first": first(out, dest / "common", dest / "part1", "cpu", True, True),
+                "second": second(out, dest / "common", dest / "part2", "cpu", True, True),
+            }
+            produced = sorted(p.name for p in out.iterdir())
+            for name in ("tests.json", "tests.xml", "bench.json", "distill.json"):
+                if name not in produced:
+                    raise SystemExit(f"the rehearsal produced no {name} (it produced {produced})")
+            if reports["first"]["steps"]["a_tests"]["returncode"] != 0:
+                raise SystemExit(f"the rehearsal's tests failed: {reports['first']['steps']['a_tests']['summary']}")
+            summary = json.loads((out / "distill.json").read_text())
+            say(f"dry run passed: {produced}; distill contexts {sorted(summary.get('perplexity', {}))}")
+            print(json.dumps(reports, indent=2))
+        return 0
+    out = Path(os.environ.get("OUT") or ROOT / "gpu-out")
+    out.mkdir(parents=True, exist_ok=True)
+    device = args.device or "cuda"
+    step = first if args.step == "first" else second
+    part = DEST / ("part1" if args.step == "first" else "part2")
+    started = time.time()
+    report = step(out, DEST / "common", part, device, args.quick, False)
+    report["wall_s"] = round(time.time() - started, 1)
+    (out / f"{args.step}.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
