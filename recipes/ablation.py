@@ -392,6 +392,7 @@ class AblationRecipe(TrainingRecipe):
         if is_main_process():
             check_writable(self.out)
             self.check_previous_run()
+        self.check_sharding()
         dataset = self.data_args.load()
         saved = self.out / TOKENIZER_DIR
         if aa.resume and saved.is_dir():

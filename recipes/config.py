@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import os
 from collections.abc import Sequence
 from importlib import resources
@@ -110,9 +111,40 @@ def _convert(key: str, item: Any, action: argparse.Action) -> Any:
     return item
 
 
-def _coerce(key: str, value: Any, action: argparse.Action) -> Any:
+def _takes_dict(dataclass_types: Sequence[type]) -> set[str]:
+    """Settings whose type admits a dict (``fsdp_config``, ``deepspeed``, ``liger_kernel_config``...).
+
+    Read from the classes' annotations: ``HfArgumentParser`` rewrites the dataclass fields' own types.
+    """
+    out = set()
+    for t in dataclass_types:
+        for klass in t.__mro__:
+            out |= {
+                name for name, hint in vars(klass).get("__annotations__", {}).items() if "dict" in str(hint).lower()
+            }
+    return out
+
+
+def _coerce(key: str, value: Any, action: argparse.Action, *, takes_dict: bool = False) -> Any:
     """A YAML value or a raw command-line string, converted with the parser's type for ``key``."""
     import yaml
+
+    if takes_dict:
+        # As TrainingArguments takes them: a dict (from YAML or Python), or JSON text on the command line.
+        if isinstance(value, str) and value.lstrip().startswith("{"):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{key}: cannot read {value!r} as JSON ({err}).") from None
+        if isinstance(value, dict):
+            return value
+    if action.nargs == "?" and action.const is not None and isinstance(value, (str, bool)):
+        # A flag that also takes a value (fsdp): true means the flag alone, as `--fsdp` does.
+        text = str(value).strip().lower()
+        if text == "true":
+            return action.const
+        if text == "false":
+            return None
 
     if isinstance(value, str) and value.strip() in ("null", "~", "") + (
         ("none", "None") if action.type is not str else ()
@@ -154,6 +186,7 @@ def parse_config(
         values.update(read_yaml(config_path(config)))
     values.update(overrides if isinstance(overrides, dict) else parse_overrides(overrides))
     actions = _actions(parser)
+    dict_keys = _takes_dict(dataclass_types)
     for key in list(values):
         if key not in actions:
             if key.startswith("no_") and key[3:] in actions and str(values[key]).lower() == "true":
@@ -163,7 +196,7 @@ def parse_config(
             near = difflib.get_close_matches(key, list(actions), n=3, cutoff=0.6)
             hint = f" Did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
             raise ValueError(f"Unknown config key {key!r}.{hint} `hf-prope run RECIPE --help` lists the keys.")
-        values[key] = _coerce(key, values[key], actions[key])
+        values[key] = _coerce(key, values[key], actions[key], takes_dict=key in dict_keys)
     try:
         return tuple(parser.parse_dict(values))
     except (TypeError, ValueError) as err:

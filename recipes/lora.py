@@ -239,6 +239,7 @@ class LoRARecipe(TrainingRecipe):
         if is_main_process():
             check_writable(self.out)
             self.check_previous_run()
+        self.check_sharding()
         dataset = self.data_args.load()
         if ta.hub_model_id:
             self._check_hub()

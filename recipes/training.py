@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import warnings
 from collections.abc import Iterator, Sequence
@@ -119,6 +120,23 @@ class TrainingRecipe(Recipe):
     def previous_run(self) -> list[Path]:
         """What an earlier run left in the output folder (among :attr:`outputs`)."""
         return [p for p in (self.out / name for name in self.outputs) if p.exists()]
+
+    def check_sharding(self) -> None:
+        """Refuse FSDP where accelerate cannot shard, before any work.
+
+        accelerate switches to FSDP only on GPU-like devices: on a CPU-only machine ``fsdp=...``
+        would silently run plain DDP (every process holding the whole model) and ``accelerate
+        launch --use_fsdp`` stops inside accelerate after the evaluations have run.
+        """
+        ta = self.training_args
+        asked = bool(ta.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").strip().lower() in ("1", "true", "yes")
+        if asked and not has_accelerator():
+            raise ValueError(
+                "FSDP was asked for (fsdp=... or accelerate launch --use_fsdp), but this machine has no GPU: accelerate "
+                "shards only on GPU-like devices, so the run would be plain DDP, each process holding the whole model "
+                "(or stop in accelerate after the evaluations). Run it on a GPU machine, or shard with DeepSpeed "
+                "(deepspeed=<config.json>), whose ZeRO stages run on CPU processes too."
+            )
 
     def check_previous_run(self) -> None:
         """Refuse to mix with or overwrite an earlier run unless ``resume`` or ``overwrite`` says which."""

@@ -750,3 +750,46 @@ def test_heldout_long_documents_in_the_recipe(source, tmp_path) -> None:
     with pytest.raises(ValueError, match="must be a multiple of it"):
         LoRARecipe.from_config(None, overrides(source, tmp_path / "bad", heldout_documents="long", eval_contexts=[48]))
     assert not (tmp_path / "bad").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Sharding settings: what TrainingArguments accepts, and FSDP refused where accelerate cannot shard
+
+
+def test_fsdp_and_dict_settings_parse_as_training_arguments_take_them(source, tmp_path) -> None:
+    layer = {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}
+    recipe = LoRARecipe.from_config(None, overrides(source, tmp_path / "a", fsdp="true", fsdp_config=layer))
+    assert recipe.training_args.fsdp and recipe.training_args.fsdp_config["transformer_layer_cls_to_wrap"] == [
+        "LlamaDecoderLayer"
+    ]
+    cli = LoRARecipe.from_config(
+        None,
+        [
+            f"output_dir={tmp_path / 'b'}",
+            "max_steps=2",
+            "fsdp=true",
+            'fsdp_config={"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}',
+            'liger_kernel_config={"rope": true, "rms_norm": false}',
+        ],
+    )
+    assert cli.training_args.fsdp_config["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
+    assert cli.training_args.liger_kernel_config == {"rope": True, "rms_norm": False}
+
+
+@pytest.mark.parametrize("how", ["fsdp=true", "fsdp=full_shard auto_wrap", "accelerate --use_fsdp"])
+def test_fsdp_on_a_cpu_only_machine_is_refused_before_any_work(how, source, tmp_path, monkeypatch) -> None:
+    from hf_prope.recipes.training import has_accelerator
+
+    if has_accelerator():
+        pytest.skip("a GPU is here: FSDP can shard")
+    extra = {}
+    if how.startswith("fsdp="):
+        extra["fsdp"] = how.split("=", 1)[1]
+    else:
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch --use_fsdp sets
+    out = tmp_path / "out"
+    recipe = LoRARecipe.from_config(None, overrides(source, out, **extra))
+    with pytest.raises(ValueError, match="FSDP was asked for.*no GPU.*DeepSpeed"):
+        recipe.setup()
+    assert not out.exists()
+    assert not hasattr(recipe, "model")  # refused before the model was loaded
