@@ -111,6 +111,11 @@ def _convert(key: str, item: Any, action: argparse.Action) -> Any:
     return item
 
 
+# Settings that are a switch or a value: ``true`` is the switch, which TrainingArguments turns into its
+# default (fsdp=True -> full_shard in every transformers 5 release), not a value named "true".
+FLAG_SETTINGS = frozenset({"fsdp"})
+
+
 def _takes_dict(dataclass_types: Sequence[type]) -> set[str]:
     """Settings whose type admits a dict (``fsdp_config``, ``deepspeed``, ``liger_kernel_config``...).
 
@@ -138,13 +143,10 @@ def _coerce(key: str, value: Any, action: argparse.Action, *, takes_dict: bool =
                 raise ValueError(f"{key}: cannot read {value!r} as JSON ({err}).") from None
         if isinstance(value, dict):
             return value
-    if action.nargs == "?" and action.const is not None and isinstance(value, (str, bool)):
-        # A flag that also takes a value (fsdp): true means the flag alone, as `--fsdp` does.
+    if key in FLAG_SETTINGS and isinstance(value, (str, bool)):
         text = str(value).strip().lower()
-        if text == "true":
-            return action.const
-        if text == "false":
-            return None
+        if text in ("true", "false"):
+            return True if text == "true" else None
 
     if isinstance(value, str) and value.strip() in ("null", "~", "") + (
         ("none", "None") if action.type is not str else ()
