@@ -125,27 +125,29 @@ def test_trl_sft_trainer_save_model_and_checkpoints_carry_the_patch(name, tmp_pa
     assert hf_prope.get_patch(mid) == spec
 
 
-def test_trainer_with_get_peft_model_and_peft_save(tmp_path) -> None:
+def _trained_peft(tmp_path: Path, name: str, **training: object):
+    """A LoRA on a patched base, trained a few steps by the plain ``Trainer`` (no hf-prope call): (model, trainer, spec)."""
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-    base = _base(tmp_path / "base", "p-rope")
+    base = _base(tmp_path / "base", name)
     spec = hf_prope.get_patch(base)
     model = get_peft_model(base, _lora())
     tok = char_tokenizer()
-    data = _tokenized(tok)
     args = TrainingArguments(
-        output_dir=str(tmp_path / "run"),
-        max_steps=2,
-        save_steps=2,
-        per_device_train_batch_size=2,
-        learning_rate=1e-3,
-        report_to=[],
-        use_cpu=True,
+        output_dir=str(tmp_path / "run"), per_device_train_batch_size=2, report_to=[], use_cpu=True, **training
     )
     trainer = Trainer(
-        model=model, args=args, train_dataset=data, data_collator=DataCollatorForLanguageModeling(tok, mlm=False)
+        model=model,
+        args=args,
+        train_dataset=_tokenized(tok),
+        data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
     )
     trainer.train()
+    return model, trainer, spec
+
+
+def test_trainer_with_get_peft_model_and_peft_save(tmp_path) -> None:
+    model, trainer, spec = _trained_peft(tmp_path, "p-rope", max_steps=2, save_steps=2, learning_rate=1e-3)
     ids = tokens()
     expected = logits(model.eval(), ids)
     model.save_pretrained(tmp_path / "peft_save")  # PEFT's own save
@@ -233,29 +235,12 @@ def test_peft_modes_warn_and_off(mode, tmp_path) -> None:
 def test_trainer_push_to_hub_uploads_the_record(tmp_path, monkeypatch) -> None:
     """``Trainer.push_to_hub`` (what TRL users call) through the real client to the local Hub, then PEFT's load."""
     from hub_server import local_hub_fixture
-    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
     for _hub in local_hub_fixture(monkeypatch, tmp_path / "hf-home"):
         monkeypatch.setenv("HF_TOKEN", "hf_good")
-        base = _base(tmp_path / "base", "freq-mask")
-        spec = hf_prope.get_patch(base)
-        model = get_peft_model(base, _lora())
-        tok = char_tokenizer()
-        data = _tokenized(tok)
-        args = TrainingArguments(
-            output_dir=str(tmp_path / "run"),
-            max_steps=1,
-            per_device_train_batch_size=2,
-            report_to=[],
-            use_cpu=True,
-            push_to_hub=True,
-            hub_model_id="user/trained",
-            save_strategy="no",
+        model, trainer, spec = _trained_peft(
+            tmp_path, "freq-mask", max_steps=1, push_to_hub=True, hub_model_id="user/trained", save_strategy="no"
         )
-        trainer = Trainer(
-            model=model, args=args, train_dataset=data, data_collator=DataCollatorForLanguageModeling(tok, mlm=False)
-        )
-        trainer.train()
         trainer.push_to_hub()
         ids = tokens()
         expected = logits(model.eval(), ids)
