@@ -287,10 +287,6 @@ def _local_folder(path_or_repo: str | os.PathLike[str], revision: str | None, to
     return Path(snapshot_download(str(path_or_repo), revision=revision, token=token))
 
 
-def _gguf_kwargs(model_kwargs: dict[str, Any]) -> dict[str, Any]:
-    return {"dtype": model_kwargs["dtype"]} if model_kwargs.get("dtype") is not None else {}
-
-
 def from_pretrained(
     path_or_repo: str | os.PathLike[str],
     *,
@@ -312,10 +308,11 @@ def from_pretrained(
     with no record (saved without hf_prope imported) is loaded on that base as it is.
     ``model_kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``dtype=``).
     """
+    dtype = model_kwargs.pop("dtype", None)  # None: transformers' default (a GGUF dequantises to float32)
     if str(path_or_repo).endswith(".gguf") and Path(path_or_repo).expanduser().is_file():
         if base_model is not None:
             raise ValueError("base_model= is for adapter folders; a .gguf file is a whole model. Drop base_model=.")
-        return load_pretrained(Path(path_or_repo).expanduser(), **_gguf_kwargs(model_kwargs))
+        return load_pretrained(Path(path_or_repo).expanduser(), dtype=dtype)
     folder = _local_folder(path_or_repo, revision, token)
     if not (folder / "adapter_config.json").is_file():
         if base_model is not None:
@@ -324,7 +321,7 @@ def from_pretrained(
                 "adapter_config.json), which is its own base. Drop base_model=, or pass the adapter's folder."
             )
         read_patch_record(folder)  # a record beside full weights must still be valid
-        return load_pretrained(folder, dtype=model_kwargs.pop("dtype", None), **model_kwargs)
+        return load_pretrained(folder, dtype=dtype, **model_kwargs)
 
     from peft import PeftConfig, PeftModel
 
@@ -334,9 +331,9 @@ def from_pretrained(
     else:
         name = base_model or PeftConfig.from_pretrained(folder).base_model_name_or_path
         if is_embedded_source(str(name)):  # an embedded name or a GGUF file (the recipes record these)
-            base = load_pretrained(str(name), **_gguf_kwargs(model_kwargs))
+            base = load_pretrained(str(name), dtype=dtype)
         else:
-            base = load_pretrained(str(name), token=token, dtype=model_kwargs.pop("dtype", None), **model_kwargs)
+            base = load_pretrained(str(name), token=token, dtype=dtype, **model_kwargs)
     if record is not None:
         check_base_matches(record, patch_state(base))
         spec = recorded_spec(record)
