@@ -726,12 +726,17 @@ def bench_recipe(device: torch.device, repeats: int, quick: bool, profile: bool 
 
 
 def distill_step(objective: str, device: torch.device, quick: bool) -> Callable[[], None]:
-    """One LoRA training step of a patched SmolLM2-shaped model with the ``lm`` or ``distill`` objective."""
+    """One LoRA training step of a patched SmolLM2-shaped model with the ``lm``, ``distill`` or ``transfer`` objective.
+
+    ``transfer`` runs the teacher on the step's own tokens (``transfer_blocks=0``, the most memory)
+    and the student at every 4th query position (the recipe's default ``transfer_query_stride``).
+    """
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
     import hf_prope
     from hf_prope.distillation import DEFAULT_CHUNK_TOKENS, distillation_loss, output_layer, teacher_hidden_states
+    from hf_prope.transfer import attention_transfer_loss, student_attention, teacher_attention
 
     torch.manual_seed(0)
     layers = 2 if quick else 30
@@ -750,6 +755,10 @@ def distill_step(objective: str, device: torch.device, quick: bool) -> Callable[
         model.zero_grad(set_to_none=True)
         if objective == "lm":
             loss = model(input_ids=ids, labels=ids).loss
+        elif objective == "transfer":
+            targets = teacher_attention(model, ids)
+            outputs = student_attention(model, targets, query_stride=4, offset=1)
+            loss, _ = attention_transfer_loss(outputs, targets, query_stride=4, offset=1)
         else:
             hidden = teacher_hidden_states(model, ids)
             loss, _ = distillation_loss(
@@ -761,7 +770,7 @@ def distill_step(objective: str, device: torch.device, quick: bool) -> Callable[
 
 
 def bench_distill(device: torch.device, repeats: int, quick: bool, profile: bool = False) -> list[Row]:
-    """Self-distillation against the LM objective: time of a training step and its peak memory.
+    """Self-distillation and layer-wise transfer against the LM objective: time of a training step and its peak memory.
 
     The same patched SmolLM2-shaped model with LoRA, same tokens. Time: interleaved, in this
     process. Memory: each objective in a fresh process, the peak of one step beyond what was
@@ -771,12 +780,13 @@ def bench_distill(device: torch.device, repeats: int, quick: bool, profile: bool
     import json
     import subprocess
 
-    fns = {objective: distill_step(objective, device, quick) for objective in ("lm", "distill")}
+    objectives = ("lm", "distill", "transfer")
+    fns = {objective: distill_step(objective, device, quick) for objective in objectives}
     times = interleaved(fns, repeats=repeats, inner=1, device=device)
     if profile:
         _profile("distill vs lm", fns, device)
     peaks = {}
-    for objective in ("lm", "distill"):
+    for objective in objectives:
         out = subprocess.run(
             [sys.executable, "-m", "hf_prope.memory_probe", objective, str(device), "1" if quick else "0"],
             capture_output=True,
@@ -810,6 +820,28 @@ def bench_distill(device: torch.device, repeats: int, quick: bool, profile: bool
             target="<= 1.25x",
             met=peaks["distill"] <= 1.25 * peaks["lm"],
             note=note,
+        ),
+        Row(
+            "training step, objective",
+            "transfer (layer-wise, every 4th query)",
+            times["transfer"] * 1e3,
+            "ms",
+            "lm (cross-entropy)",
+            times["lm"] * 1e3,
+            "lower",
+            note=note + "; the teacher run on the step's tokens",
+        ),
+        Row(
+            "peak memory of a training step",
+            "transfer",
+            peaks["transfer"] / 2**20,
+            "MiB",
+            "lm",
+            peaks["lm"] / 2**20,
+            "lower",
+            target="<= 1.0x",
+            met=peaks["transfer"] <= peaks["lm"],
+            note=note + "; the teacher run on the step's tokens",
         ),
     ]
 

@@ -71,18 +71,41 @@ class LoraArguments:
         return list(dict.fromkeys(self.lora_target_modules + (_MLP_MODULES if self.lora_mlp else [])))
 
 
-OBJECTIVES = ("lm", "distill", "mix")
+OBJECTIVES = ("lm", "distill", "mix", "transfer")
 
 
 @dataclass
 class LoraRecipeArguments:
     """The training objective, blocks, the held-out split and its contexts, the control, how the result is saved."""
 
-    objective: Literal["lm", "distill", "mix"] = field(
+    objective: Literal["lm", "distill", "mix", "transfer"] = field(
         default="lm",
         metadata={
             "help": "lm: the language-model loss on the data; distill: match the unpatched model's predictions "
-            "(self-distillation: KL over the full vocabulary); mix: distill_weight x distill + the rest x lm."
+            "(self-distillation: KL over the full vocabulary); mix: distill_weight x distill + the rest x lm; "
+            "transfer: every attention layer reproduces the unpatched layer's output (layer-wise). With "
+            "transfer_steps, the first steps are transfer and the rest this objective."
+        },
+    )
+    transfer_steps: int = field(
+        default=0,
+        metadata={"help": "Optimizer steps of layer-wise transfer before the objective's (0: none; < max_steps)."},
+    )
+    transfer_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of the transfer steps (default: learning_rate)."}
+    )
+    transfer_query_stride: int = field(
+        default=4,
+        metadata={
+            "help": "transfer: the student is computed at every n-th position (all keys; a random offset each "
+            "step): n times less attention work per step."
+        },
+    )
+    transfer_blocks: int = field(
+        default=0,
+        metadata={
+            "help": "transfer: train on this many training blocks in turn, their teacher targets computed once and "
+            "kept in memory (0: a teacher pass on every batch)."
         },
     )
     distill_weight: float = field(default=0.5, metadata={"help": "mix: weight of the distillation term, in [0, 1]."})
@@ -135,9 +158,23 @@ class LoraRecipeArguments:
         for name in ("block_size", "eval_window"):
             if getattr(self, name) < 2:
                 raise ValueError(f"{name} must be at least 2 tokens, got {getattr(self, name)}.")
-        for name in ("eval_windows", "eval_batch_size", "distill_chunk_tokens"):
+        for name in ("eval_windows", "eval_batch_size", "distill_chunk_tokens", "transfer_query_stride"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        for name in ("transfer_steps", "transfer_blocks"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}.")
+        if self.objective == "transfer" and self.transfer_steps:
+            raise ValueError(
+                "objective=transfer trains every step layer-wise; transfer_steps is for a staged run (e.g. "
+                "objective=distill transfer_steps=48). Drop one of them."
+            )
+        if self.transfer_learning_rate is not None and not self.transfer_learning_rate > 0:
+            raise ValueError(f"transfer_learning_rate must be positive, got {self.transfer_learning_rate}.")
+        if self.transfer_learning_rate is not None and not self.uses_transfer:
+            raise ValueError(
+                "transfer_learning_rate is set but no step is layer-wise: set transfer_steps or objective=transfer."
+            )
         if self.resume and self.overwrite:
             raise ValueError("resume=true and overwrite=true contradict each other; choose one.")
         if self.gguf is not None:
@@ -171,9 +208,14 @@ class LoraRecipeArguments:
         return sorted(self.eval_contexts) if self.eval_contexts else [self.eval_window]
 
     @property
+    def uses_transfer(self) -> bool:
+        """Whether any step is layer-wise transfer."""
+        return self.objective == "transfer" or self.transfer_steps > 0
+
+    @property
     def distillation(self) -> dict[str, Any] | None:
-        """The distillation settings of the objective (``None`` for ``lm``)."""
-        if self.objective == "lm":
+        """The distillation settings of the objective (``None`` where no step distils)."""
+        if self.objective in ("lm", "transfer"):
             return None
         weight = 1.0 if self.objective == "distill" else self.distill_weight
         return {
@@ -181,6 +223,32 @@ class LoraRecipeArguments:
             "temperature": self.distill_temperature,
             "chunk_tokens": self.distill_chunk_tokens,
         }
+
+    @property
+    def transfer(self) -> dict[str, Any] | None:
+        """The transfer settings (``None`` where no step is layer-wise)."""
+        if not self.uses_transfer:
+            return None
+        return {
+            "steps": self.transfer_steps if self.objective != "transfer" else None,
+            "learning_rate": self.transfer_learning_rate,
+            "query_stride": self.transfer_query_stride,
+            "blocks": self.transfer_blocks,
+        }
+
+    def trainer_objective(self, train_blocks: torch.Tensor) -> dict[str, Any] | None:
+        """The keyword arguments of :class:`~hf_prope.recipes.training.RetrofitTrainer` (``None``: plain ``Trainer``)."""
+        if self.objective == "lm" and not self.uses_transfer:
+            return None
+        settings: dict[str, Any] = {"objective": self.objective, **(self.distillation or {})}
+        if self.uses_transfer:
+            settings.update(
+                transfer_steps=self.transfer_steps,
+                transfer_learning_rate=self.transfer_learning_rate,
+                transfer_query_stride=self.transfer_query_stride,
+                transfer_blocks=train_blocks[: self.transfer_blocks] if self.transfer_blocks else None,
+            )
+        return settings
 
 
 class LoRARecipe(TrainingRecipe):
@@ -255,7 +323,17 @@ class LoRARecipe(TrainingRecipe):
         check_patch(self.model, self.spec)
         if ra.gguf is not None:
             check_exportable(self.model, self.spec, tokenizer=vocabulary_for(self.model, self.tokenizer))
-        if ra.objective != "lm":
+        if ra.transfer_steps and ra.transfer_steps >= ta.max_steps:
+            raise ValueError(
+                f"transfer_steps={ra.transfer_steps} leaves no step of objective={ra.objective} in max_steps="
+                f"{ta.max_steps}; use objective=transfer for a transfer-only run, or raise max_steps."
+            )
+        if ra.transfer_learning_rate is not None and str(ta.lr_scheduler_type).endswith("reduce_lr_on_plateau"):
+            raise ValueError(
+                "transfer_learning_rate needs a schedule given as a factor per step; lr_scheduler_type="
+                "reduce_lr_on_plateau is not one. Use constant, linear or cosine, or leave transfer_learning_rate unset."
+            )
+        if ra.objective != "lm" or ra.uses_transfer:
             self._check_patch_changes_something()
         self.training_length = limit
         docs = tokenize_documents(dataset, self.tokenizer, text_column=self.data_args.text_column)
@@ -337,9 +415,10 @@ class LoRARecipe(TrainingRecipe):
         self.results["base"] = self.evaluate("(a) base")
         patch_model(self.model, self.spec)
         self.results["patched_before"] = self.evaluate("(b) patched, before training")
-        if self.recipe_args.control and self.recipe_args.objective == "distill":
+        objective = self.recipe_args.objective
+        if self.recipe_args.control and objective in ("distill", "transfer"):
             # The original model is a distillation's control: (a). An unpatched student would copy itself.
-            self.say("[control] skipped: with objective=distill the control is the original model, (a)")
+            self.say(f"[control] skipped: with objective={objective} the control is the original model, (a)")
         elif self.recipe_args.control:
             unpatch_model(self.model)
             control = self.train_stage("control", self.model)
@@ -403,11 +482,14 @@ class LoRARecipe(TrainingRecipe):
             args,
             self.split.train_blocks,
             callbacks=self.callbacks,
-            distillation=self.recipe_args.distillation,
+            objective=self.recipe_args.trainer_objective(self.split.train_blocks),
         )
         last = get_last_checkpoint(str(stage_dir)) if self.recipe_args.resume and stage_dir.is_dir() else None
         what = "control: unpatched model + LoRA" if stage == "control" else f"patched: {self.spec.describe()} + LoRA"
-        what += f", objective {self.recipe_args.objective}"
+        ra = self.recipe_args
+        what += f", objective {ra.objective}"
+        if ra.transfer_steps:
+            what += f" after {ra.transfer_steps} layer-wise transfer steps"
         self.say(f"[{stage}] {what}, {args.max_steps} steps" + (f", resuming from {last}" if last else ""))
         trainer.train(resume_from_checkpoint=last)
         self._record_base(peft_model)
@@ -468,6 +550,7 @@ class LoRARecipe(TrainingRecipe):
             "patch_description": self.spec.describe(),
             "objective": ra.objective,
             "distillation": ra.distillation,
+            "transfer": ra.transfer,
             "contexts": ra.contexts,
             "training_length": limit,
             "perplexity": per_context,
@@ -615,8 +698,17 @@ def plot_results(summary: dict[str, Any], path: Path) -> None:
         if points:
             right.plot([x for x, _ in points], [y for _, y in points], label=stage, marker=".")
     right.set_xlabel("optimizer step")
-    loss_name = {"lm": "cross-entropy", "distill": "KL to the unpatched model", "mix": "mixed KL + cross-entropy"}
-    right.set_ylabel(f"training loss ({loss_name[s['objective']]}, nats/token)")
+    loss_name = {
+        "lm": "cross-entropy",
+        "distill": "KL to the unpatched model",
+        "mix": "mixed KL + cross-entropy",
+        "transfer": "layer-wise attention error",
+    }
+    name = loss_name[s["objective"]]
+    steps_first = (s.get("transfer") or {}).get("steps")
+    if steps_first:
+        name = f"layer-wise attention error for {steps_first} steps, then {name}"
+    right.set_ylabel(textwrap.fill(f"training loss ({name})", 60))
     metric = s["headline"]["metric"]
     name = "cost (c)/(a)" if metric == "cost_over_base" else "gap (c)/(d)"
     right.set_title(
@@ -653,7 +745,7 @@ def format_table(summary: dict[str, Any]) -> str:
     ]
     for key, name in rows:
         cells = [p[c][key] for c in contexts]
-        if key == "control_after_training" and summary["objective"] == "distill":
+        if key == "control_after_training" and summary["objective"] in ("distill", "transfer"):
             continue  # a distillation's control is the original model, row (a)
         lines.append(f"{name:<{width}}" + "".join(f"{'(off)':>10}" if v is None else f"{v:>10.2f}" for v in cells))
     lines.append("-" * (width + 10 * len(contexts)))

@@ -7,7 +7,7 @@
   transformers' ``Trainer``: this machine's defaults, the previous-run rule (an earlier run in
   ``output_dir`` is never mixed with a new one unless ``resume`` or ``overwrite`` says so),
   building the ``Trainer``, and tokens per optimizer step.
-* :class:`DistillationTrainer`: ``Trainer`` with the self-distillation loss (``objective=distill|mix``).
+* :class:`RetrofitTrainer`: ``Trainer`` with the retrofit losses (``objective=transfer|distill|mix``, staged).
 * :func:`loss_curve`: a ``[step, value]`` curve out of ``Trainer``'s log history.
 """
 
@@ -29,7 +29,7 @@ from .base import Recipe, is_main_process
 __all__ = [
     "BlockDataset",
     "PatchRecordCallback",
-    "DistillationTrainer",
+    "RetrofitTrainer",
     "TrainingRecipe",
     "has_accelerator",
     "loss_curve",
@@ -168,16 +168,16 @@ class TrainingRecipe(Recipe):
         *,
         eval_blocks: torch.Tensor | None = None,
         callbacks: Sequence[TrainerCallback] = (),
-        distillation: dict[str, Any] | None = None,
+        objective: dict[str, Any] | None = None,
     ) -> Any:
         """A ``Trainer`` on token blocks, the patch record written into every checkpoint.
 
-        ``distillation`` (``distill_weight``, ``temperature``, ``chunk_tokens``) makes it a
-        :class:`DistillationTrainer`.
+        ``objective`` (the keyword arguments of :class:`RetrofitTrainer`) makes it one; ``None``
+        is ``Trainer`` with the model's own (language-model) loss.
         """
         from transformers import default_data_collator
 
-        trainer_class: Any = Trainer if distillation is None else DistillationTrainer
+        trainer_class: Any = Trainer if objective is None else RetrofitTrainer
         return trainer_class(
             model=model,
             args=args,
@@ -185,32 +185,107 @@ class TrainingRecipe(Recipe):
             eval_dataset=BlockDataset(eval_blocks) if eval_blocks is not None else None,
             data_collator=default_data_collator,
             callbacks=[PatchRecordCallback(), *callbacks],
-            **(distillation or {}),
+            **(objective or {}),
         )
 
 
-class DistillationTrainer(Trainer):
-    """A ``Trainer`` whose loss is self-distillation (:mod:`hf_prope.distillation`), optionally mixed with the LM loss.
+class RetrofitTrainer(Trainer):
+    """A ``Trainer`` whose loss retrofits a patch: layer-wise transfer, then self-distillation or the LM loss.
 
-    The teacher is the model being trained with its patch suspended and its adapter disabled,
-    run under ``no_grad`` before the student's forward pass; only its final hidden states are
-    kept. The student's forward pass goes through the (possibly DDP-wrapped) model as usual,
-    so gradient synchronisation, accumulation, checkpointing and mixed precision are
-    ``Trainer``'s own. Logs ``distill_kl`` and ``lm_loss`` (means since the last log) beside ``loss``.
+    ``objective`` is the loss after the first ``transfer_steps`` optimizer steps: ``distill``
+    (:mod:`hf_prope.distillation`: KL to the unpatched model), ``mix`` (``distill_weight`` x KL +
+    the rest x the LM loss), ``lm`` (the model's own loss) or ``transfer`` (every step layer-wise,
+    :mod:`hf_prope.transfer`). Transfer steps run at ``transfer_learning_rate`` (the other steps
+    at ``learning_rate``), one schedule and one optimizer throughout, so a resumed run picks up
+    in the right stage.
+
+    Both teachers are the model being trained with its patch suspended and its adapter
+    disabled, run under ``no_grad`` before the student's pass; no second model is held. The
+    student's pass goes through the (possibly DDP- or DeepSpeed-wrapped) model's forward call,
+    so gradient synchronisation, accumulation, mixed precision and checkpointing are the
+    engine's own. ``transfer_blocks`` > 0 trains the transfer stage on that many training blocks
+    in turn, their teacher targets computed once and kept (each SmolLM2-135M block of 2048
+    tokens: 283 MB in float32); 0 runs the teacher on each batch. Logs ``transfer_loss``,
+    ``distill_kl`` and ``lm_loss`` (means since the last log) beside ``loss``.
     """
 
-    def __init__(self, *args: Any, distill_weight: float, temperature: float, chunk_tokens: int, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        objective: str,
+        distill_weight: float = 1.0,
+        temperature: float = 1.0,
+        chunk_tokens: int = 1024,
+        transfer_steps: int = 0,
+        transfer_learning_rate: float | None = None,
+        transfer_query_stride: int = 4,
+        transfer_blocks: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self.objective = objective
         self.distill_weight = float(distill_weight)
         self.temperature = float(temperature)
         self.chunk_tokens = int(chunk_tokens)
+        self.transfer_steps = int(transfer_steps)
+        self.transfer_learning_rate = transfer_learning_rate
+        self.transfer_query_stride = int(transfer_query_stride)
+        self.transfer_blocks = transfer_blocks
+        self._targets: dict[int, Any] = {}  # transfer block index -> its teacher targets
+        self._micro = (-1, 0)  # (global step, micro-batches seen in it)
         # The loss is a mean per batch; let Trainer divide by the accumulation steps (blocks are all full).
         self.model_accepts_loss_kwargs = False
-        self._parts: dict[str, list[float]] = {"distill_kl": [], "lm_loss": []}
+        self._parts: dict[str, list[float]] = {"transfer_loss": [], "distill_kl": [], "lm_loss": []}
+
+    def stage(self, step: int | None = None) -> str:
+        """The loss at optimizer step ``step`` (default: the current one): ``transfer`` or the final objective."""
+        step = self.state.global_step if step is None else step
+        return "transfer" if self.objective == "transfer" or step < self.transfer_steps else self.objective
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        rate = self.transfer_learning_rate
+        if rate is None or rate == self.args.learning_rate or getattr(scheduler, "_hf_prope_staged", False):
+            return scheduler
+        if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            raise ValueError(
+                f"transfer_learning_rate needs a schedule given as a factor per step; lr_scheduler_type="
+                f"{self.args.lr_scheduler_type} is not one. Use constant, linear or cosine, or leave "
+                "transfer_learning_rate unset."
+            )
+        ratio = rate / self.args.learning_rate
+        inner = list(scheduler.lr_lambdas)
+        scheduler.lr_lambdas = [self._staged(f, ratio) for f in inner]
+        for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)
+        scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
+        scheduler._hf_prope_staged = True
+        return scheduler
+
+    def _staged(self, inner: Any, ratio: float) -> Any:
+        # A plain function, not an object: LambdaLR saves an object's attributes in checkpoints, this trainer with them.
+        def factor(step: int) -> float:
+            return inner(step) * (ratio if self.stage(step) == "transfer" else 1.0)
+
+        return factor
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any) -> Any:
+        stage = self.stage() if model.training else self.objective
+        if stage != "transfer" and self._targets:
+            self._targets.clear()  # the transfer stage is over: its kept targets go
+        if stage == "transfer":
+            return self._transfer_loss(model, inputs, return_outputs)
+        if stage == "lm":
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
+            if model.training:
+                self._parts["lm_loss"].append(float(loss.detach()))
+            return (loss, outputs) if return_outputs else loss
+        return self._distillation_loss(model, inputs, return_outputs)
+
+    def _distillation_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
         from hf_prope.distillation import distillation_loss, output_layer, teacher_hidden_states
 
+        weight = 1.0 if self.objective == "distill" else self.distill_weight
         student = self.accelerator.unwrap_model(model)
         ids = inputs["input_ids"]
         hidden = teacher_hidden_states(student, ids)
@@ -221,13 +296,67 @@ class DistillationTrainer(Trainer):
             output_layer(student),
             temperature=self.temperature,
             labels=inputs.get("labels"),
-            distill_weight=self.distill_weight,
+            distill_weight=weight,
             chunk_tokens=self.chunk_tokens,
         )
         if model.training:
             self._parts["distill_kl"].append(float(parts["kl"]))
-            if self.distill_weight < 1:
+            if weight < 1:
                 self._parts["lm_loss"].append(float(parts["lm"]))
+        return (loss, outputs) if return_outputs else loss
+
+    def _transfer_targets(self, student: Any, inputs: dict[str, Any]) -> Any:
+        """The teacher's targets for this micro-batch: of the batch itself, or of the next kept transfer block."""
+        from hf_prope.transfer import AttentionTargets, teacher_attention
+
+        pool = self.transfer_blocks
+        if pool is None or not student.training:
+            return teacher_attention(student, inputs["input_ids"])
+        step, seen = self._micro
+        self._micro = (self.state.global_step, seen + 1 if step == self.state.global_step else 0)
+        batch = inputs["input_ids"].shape[0]
+        micro = self.state.global_step * self.args.gradient_accumulation_steps + self._micro[1]
+        first = (micro * max(1, self.args.world_size) + self.args.process_index) * batch
+        parts = []
+        for row in ((first + j) % pool.shape[0] for j in range(batch)):
+            if row not in self._targets:
+                self._targets[row] = teacher_attention(student, pool[row : row + 1].to(inputs["input_ids"].device))
+                if len(self._targets) == 1 and self.args.process_index == 0:
+                    size = sum(
+                        t.numel() * t.element_size() for t in self._targets[row].inputs + self._targets[row].outputs
+                    )
+                    print(
+                        f"[transfer] keeping the teacher's targets of {pool.shape[0]} blocks: "
+                        f"{pool.shape[0] * size / 2**30:.2f} GiB per process, freed when the stage ends",
+                        flush=True,
+                    )
+            parts.append(self._targets[row])
+        return AttentionTargets.cat(parts)
+
+    def _transfer_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
+        from transformers.modeling_outputs import CausalLMOutput
+
+        from hf_prope.transfer import attention_transfer_loss, student_attention
+
+        student = self.accelerator.unwrap_model(model)
+        targets = self._transfer_targets(student, inputs)
+        stride = self.transfer_query_stride
+        # A random offset per step (seeded by the run's seed and step: a resumed run draws the same).
+        generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.state.global_step)
+        offset = int(torch.randint(stride, (1,), generator=generator)) if stride > 1 else 0
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            with self.accelerator.autocast():
+                outputs = student_attention(student, targets, query_stride=stride, offset=offset)
+            loss, _ = attention_transfer_loss(outputs, targets, query_stride=stride, offset=offset)
+            return CausalLMOutput(loss=loss)
+
+        # Through the wrapper's forward call (DDP, DeepSpeed): that is where gradient sync is prepared.
+        with _forward_replaced(student, forward):
+            outputs = model(input_ids=inputs["input_ids"])
+        loss = outputs["loss"]
+        if model.training:
+            self._parts["transfer_loss"].append(float(loss.detach()))
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
@@ -237,3 +366,18 @@ class DistillationTrainer(Trainer):
                     logs[key] = sum(values) / len(values)
                     values.clear()
         super().log(logs, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _forward_replaced(module: torch.nn.Module, forward: Any) -> Iterator[None]:
+    """``module.forward`` is ``forward`` inside the block; whatever was there (accelerate's wrapper) is put back."""
+    had = "forward" in module.__dict__
+    previous = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if had:
+            module.forward = previous
+        else:
+            del module.forward

@@ -66,10 +66,15 @@ def test_profile_prints_the_top_operators_of_each_variant(capsys) -> None:
 
 def test_distill_benchmark_measures_time_and_peak_memory_against_lm() -> None:
     rows = benchmarks.run(["distill"], repeats=1, quick=True)
-    time, memory = rows
-    assert time.baseline == "lm (cross-entropy)" and time.value > 0 and time.baseline_value > 0
+    time, memory, transfer_time, transfer_memory = rows
+    for t in (time, transfer_time):
+        assert t.baseline == "lm (cross-entropy)" and t.value > 0 and t.baseline_value > 0
+    assert transfer_time.variant.startswith("transfer") and transfer_time.baseline_value == time.baseline_value
     assert memory.unit == "MiB" and memory.value > 0 and memory.baseline_value > 0
     assert memory.target == "<= 1.25x" and memory.met == (memory.value <= 1.25 * memory.baseline_value)
+    assert transfer_memory.target == "<= 1.0x" and transfer_memory.met == (
+        transfer_memory.value <= transfer_memory.baseline_value
+    )
 
 
 def test_rotary_benchmark_sets_the_kernel_against_liger_and_transformers_under_the_interpreter(tmp_path) -> None:

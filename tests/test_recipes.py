@@ -66,6 +66,16 @@ def overrides(source: dict[str, Path], out: Path, **extra) -> dict:
     return values
 
 
+# objective name in a test id -> the recipe settings it stands for
+OBJECTIVES = {
+    "lm": {"objective": "lm"},
+    "distill": {"objective": "distill"},
+    "transfer": {"objective": "transfer"},
+    # two layer-wise steps at their own learning rate, then self-distillation
+    "staged": {"objective": "distill", "transfer_steps": 2, "transfer_learning_rate": 1e-2},
+}
+
+
 def loss_perplexity(model, ids: torch.Tensor, window: int = WINDOW, n: int = N_WINDOWS) -> float:
     """exp of transformers' own mean causal-LM loss over the last ``n`` windows (the oracle)."""
     windows = ids[-window * n :].reshape(n, window)
@@ -164,7 +174,7 @@ def test_without_control_and_merged_save(source, tmp_path) -> None:
     assert "(off)" in format_table(summary)
 
 
-@pytest.mark.parametrize("objective", ["lm", "distill"])
+@pytest.mark.parametrize("objective", ["lm", "distill", "staged"])
 def test_gradient_checkpointing_and_accumulation_do_not_change_training(
     objective, source, sharp_model, tmp_path
 ) -> None:
@@ -174,7 +184,7 @@ def test_gradient_checkpointing_and_accumulation_do_not_change_training(
 
     def run(name, **extra):
         values = overrides(
-            source, tmp_path / name, control=False, max_steps=3, objective=objective, model=model, **extra
+            source, tmp_path / name, control=False, max_steps=3, model=model, **OBJECTIVES[objective], **extra
         )
         return LoRARecipe.from_config(None, values).run()
 
@@ -184,7 +194,8 @@ def test_gradient_checkpointing_and_accumulation_do_not_change_training(
     for other in (checkpointed, accumulated):
         assert _losses(other) == pytest.approx(_losses(plain), rel=1e-4)
         assert at(other)["patched_after_training"] == pytest.approx(at(plain)["patched_after_training"], rel=1e-4)
-    assert at(plain)["patched_after_training"] < at(plain)["patched_before_training"]
+    if objective != "staged":  # layer-wise steps do not aim at the perplexity itself
+        assert at(plain)["patched_after_training"] < at(plain)["patched_before_training"]
 
 
 def test_bf16_mixed_precision_trains(source, tmp_path) -> None:
@@ -227,10 +238,13 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
 
 
-@pytest.mark.parametrize("objective", ["lm", "distill"])
+@pytest.mark.parametrize("objective", ["lm", "distill", "staged"])
 def test_kill_and_resume_matches_uninterrupted_run(objective, source, tmp_path) -> None:
-    values = overrides(source, tmp_path / "killed", max_steps=8, save_steps=2, objective=objective)
-    has_control = objective != "distill"  # a distillation's control is the original model itself
+    # staged: killed after step 4, in the distillation stage, with the transfer stage's cached blocks gone
+    staged = {"transfer_steps": 3, "transfer_blocks": 2, "lr_scheduler_type": "constant"}
+    settings = {**OBJECTIVES[objective], **staged} if objective == "staged" else {}
+    values = overrides(source, tmp_path / "killed", max_steps=8, save_steps=2, **(settings or OBJECTIVES[objective]))
+    has_control = objective == "lm"  # a distillation's control is the original model itself
     script = tmp_path / "kill.py"
     script.write_text(_KILL_SCRIPT)
     killed = subprocess.run(
@@ -252,6 +266,10 @@ def test_kill_and_resume_matches_uninterrupted_run(objective, source, tmp_path) 
     assert json.loads((out / "patched" / "stage.json").read_text())["global_step"] == 8
     assert [s for s, _ in resumed["loss_curves"]["patched"]] == list(range(1, 9))
     assert _losses(resumed) == pytest.approx(_losses(reference), rel=1e-4)
+    if objective == "staged":
+        history = json.loads((out / "patched" / "stage.json").read_text())["log_history"]
+        rates = [e["learning_rate"] for e in history if "loss" in e]
+        assert rates == pytest.approx([1e-2] * 3 + [3e-3] * 5)  # the transfer stage's rate, then learning_rate
     for key in ("patched_after_training", "control_after_training"):
         if at(reference)[key] is not None:
             assert at(resumed)[key] == pytest.approx(at(reference)[key], rel=1e-4)
@@ -274,10 +292,13 @@ class RecordBatches(TrainerCallback):
             self.seen.extend(hashlib.sha1(row.numpy().tobytes()).hexdigest() for row in inputs[0])
         self.handle = model.get_input_embeddings().register_forward_pre_hook(hook)
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def on_train_end(self, args, state, control, model=None, **kwargs):
         self.handle.remove()
         stage = Path(args.output_dir).name
         (record_dir / f"{stage}-rank{os.environ['RANK']}.json").write_text(json.dumps(self.seen))
+        # The trained adapter as this rank holds it: equal on both ranks only if gradients were synchronised.
+        weights = [p.detach().double().sum().item() for n, p in model.named_parameters() if "lora_" in n]
+        (record_dir / f"{stage}-rank{os.environ['RANK']}-weights.json").write_text(json.dumps(weights))
 
 recipe = LoRARecipe.from_config(None, json.loads(sys.argv[2]), callbacks=[RecordBatches()])
 recipe.run()
@@ -297,7 +318,9 @@ def local_hub(monkeypatch, tmp_path):
     yield from local_hub_fixture(monkeypatch, tmp_path / "hf-home")
 
 
-@pytest.mark.parametrize("launcher,objective", [("torchrun", "lm"), ("accelerate", "lm"), ("torchrun", "distill")])
+@pytest.mark.parametrize(
+    "launcher,objective", [("torchrun", "lm"), ("accelerate", "lm"), ("torchrun", "distill"), ("torchrun", "transfer")]
+)
 def test_two_processes_split_the_data_and_only_rank0_writes_and_pushes(
     launcher, objective, source, local_hub, tmp_path
 ) -> None:
@@ -314,6 +337,8 @@ def test_two_processes_split_the_data_and_only_rank0_writes_and_pushes(
         source, out, model="user/tiny-base", max_steps=steps, hub_model_id="user/tiny-p25", objective=objective
     )
     stages = ("control", "patched") if objective == "lm" else ("patched",)
+    if objective == "transfer":
+        values["learning_rate"] = 3e-2  # large enough that the ranks would visibly drift apart unsynchronised
     script = tmp_path / "ddp.py"
     script.write_text(_DDP_SCRIPT)
     if launcher == "torchrun":
@@ -348,9 +373,12 @@ def test_two_processes_split_the_data_and_only_rank0_writes_and_pushes(
     assert TOKEN not in result.stdout + result.stderr
     for stage in stages:
         seen = [json.loads((records / f"{stage}-rank{r}.json").read_text()) for r in (0, 1)]
-        # A distilling student's teacher reads the same blocks first (its own forward pass), so twice.
-        assert len(seen[0]) == len(seen[1]) == steps * batch * (1 if objective == "lm" else 2)
+        # A distilling student's teacher reads the same blocks first (its own forward pass), so twice; a
+        # layer-wise student starts from the teacher's attention inputs, so only the teacher reads them.
+        assert len(seen[0]) == len(seen[1]) == steps * batch * (2 if objective == "distill" else 1)
         assert not set(seen[0]) & set(seen[1]), "both ranks trained on the same blocks"
+        weights = [json.loads((records / f"{stage}-rank{r}-weights.json").read_text()) for r in (0, 1)]
+        assert weights[0] == weights[1], "the ranks' adapters drifted apart: gradients were not synchronised"
     summary = json.loads((out / "results.json").read_text())
     assert summary["training"]["world_size"] == 2 and summary["training"]["tokens_per_step"] == 2 * batch * BLOCK
     assert sorted(p.name for p in out.iterdir()) == sorted(["adapter", *stages, "results.json", "results.png"])
@@ -663,6 +691,78 @@ def test_distill_recipe_moves_the_patched_model_back_to_the_original(sharp_model
     assert "headline, cost over the original model:" in table and "(d) control" not in table
 
 
+def _attention_error(student, teacher, blocks: torch.Tensor) -> float:
+    """Mean over layers of the student's attention error on the teacher's attention inputs (the oracle).
+
+    Both through the models' own forward passes: the teacher's inputs and outputs captured by
+    hooks, then fed to the student's attention modules by hooks.
+    """
+    from hf_prope.state import model_parts
+
+    def attentions(model):
+        return [m for _, m in sorted(model_parts(model).attentions.items())]
+
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    hooks = [
+        m.register_forward_hook(lambda m, a, k, o: seen.append((k["hidden_states"], o[0])), with_kwargs=True)
+        for m in attentions(teacher)
+    ]
+    with torch.no_grad():
+        teacher(blocks)
+    for h in hooks:
+        h.remove()
+    got: list[torch.Tensor] = []
+    hooks = []
+    for (x, _), m in zip(seen, attentions(student)):
+        hooks.append(m.register_forward_pre_hook(lambda m, a, k, x=x: (a, {**k, "hidden_states": x}), with_kwargs=True))
+        hooks.append(m.register_forward_hook(lambda m, a, k, o: got.append(o[0]), with_kwargs=True))
+    with torch.no_grad():
+        student(blocks)
+    for h in hooks:
+        h.remove()
+    return sum(float(((s - t) ** 2).mean() / (t**2).mean()) for s, (_, t) in zip(got, seen)) / len(seen)
+
+
+@pytest.mark.parametrize("objective", ["transfer", "staged"])
+def test_transfer_recipe_brings_each_attention_layer_back_to_the_original(objective, sharp_model, tmp_path) -> None:
+    text = tmp_path / "short.txt"
+    text.write_text(python_docs_text()[: WINDOW * N_WINDOWS + 2 * BLOCK + 8])
+    out = tmp_path / "out"
+    steps = 16
+    staged = {"transfer_steps": steps - 2, "transfer_learning_rate": 3e-3, "learning_rate": 1e-3}
+    settings = {**OBJECTIVES[objective], **staged} if objective == "staged" else {"learning_rate": 3e-3}
+    values = overrides(
+        {"model": sharp_model, "text": text},
+        out,
+        max_steps=steps,
+        lr_scheduler_type="constant",
+        lora_r=8,
+        lora_alpha=16,
+        save_steps=steps,
+        **(settings or OBJECTIVES[objective]),
+    )
+    recipe = LoRARecipe.from_config(None, values)
+    summary = recipe.run()
+    blocks = recipe.split.train_blocks
+    original = AutoModelForCausalLM.from_pretrained(sharp_model)
+    before = hf_prope.patch_model(AutoModelForCausalLM.from_pretrained(sharp_model), "p-rope", p=0.25)
+    after = hf_prope.from_pretrained(out / "adapter")
+    error_before, error_after = _attention_error(before, original, blocks), _attention_error(after, original, blocks)
+    assert error_before > 1e-3 and error_after < 0.5 * error_before, (error_before, error_after)
+    ids = stream({"text": text}, sharp_model)
+    assert at(summary)["patched_after_training"] == pytest.approx(loss_perplexity(after, ids), rel=1e-5)
+    assert not (out / "control").exists() and summary["transfer"]["query_stride"] == 4
+    logged = [e for e in json.loads((out / "patched" / "stage.json").read_text())["log_history"] if "loss" in e]
+    if objective == "transfer":
+        assert summary["transfer"]["steps"] is None
+        assert all(e["transfer_loss"] == pytest.approx(e["loss"], rel=1e-4) for e in logged)
+        assert logged[-1]["loss"] < 0.5 * logged[0]["loss"]
+    else:
+        assert [("transfer_loss" in e, "distill_kl" in e) for e in logged] == [(True, False)] * 14 + [(False, True)] * 2
+        assert summary["transfer"]["steps"] == 14 and summary["distillation"]["distill_weight"] == 1.0
+        assert [e["learning_rate"] for e in logged] == pytest.approx([3e-3] * 14 + [1e-3] * 2)
+
+
 def test_mix_objective_logs_both_parts(source, tmp_path) -> None:
     out = tmp_path / "mix"
     summary = LoRARecipe.from_config(
@@ -684,6 +784,14 @@ def test_mix_objective_logs_both_parts(source, tmp_path) -> None:
         ({"objective": "distill", "distill_temperature": 0}, "distill_temperature must be positive"),
         ({"objective": "mix", "distill_weight": 1.5}, r"distill_weight must be in \[0, 1\]"),
         ({"eval_contexts": [32, 256]}, r"eval_contexts \[256\] are longer than the held-out tokens"),
+        ({"objective": "transfer", "transfer_steps": 2}, "transfer_steps is for a staged run"),
+        ({"transfer_learning_rate": 1e-3}, "no step is layer-wise"),
+        ({"objective": "distill", "transfer_steps": 6}, "transfer_steps=6 leaves no step of objective=distill"),
+        ({"objective": "transfer", "transfer_query_stride": 0}, "transfer_query_stride must be at least 1"),
+        (
+            {**OBJECTIVES["staged"], "lr_scheduler_type": "reduce_lr_on_plateau"},
+            "transfer_learning_rate needs a schedule given as a factor per step",
+        ),
     ],
 )
 def test_bad_distillation_settings_fail_before_anything(extra, message, source, tmp_path) -> None:
