@@ -1,7 +1,7 @@
 """The ``hf-prope`` command.
 
 ``hf-prope`` with no arguments runs the main job: a short retrofit of the embedded SmolLM2-135M
-to p-RoPE p=0.5 by self-distillation on CPython's documentation text (``run lora --config
+to p-RoPE p=0.5 by layer-wise attention transfer then self-distillation on CPython's documentation text (``run lora --config
 smollm2_135m_quick``), which prints perplexity of the original, the patched model before and
 after training, at 512 and 2048 tokens. Other commands:
 
@@ -162,9 +162,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-prope",
         description="p-RoPE for Hugging Face transformers. With no command: the main job, a short retrofit "
-        f"({' '.join(MAIN_JOB)}) of the embedded SmolLM2-135M to p-RoPE p=0.5 by self-distillation, printing "
-        "perplexity of the original and of the patched model before and after, at 512 and 2048 tokens (about 7 "
-        "minutes on 2 CPU cores).",
+        f"({' '.join(MAIN_JOB)}) of the embedded SmolLM2-135M to p-RoPE p=0.5 by layer-wise transfer then self-distillation, "
+        "printing perplexity of the original and of the patched model before and after, at 512 and 2048 tokens "
+        "(about 11 minutes on 2 CPU cores).",
     )
     parser.add_argument("--version", action="version", version=f"hf-prope {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -149,6 +149,8 @@ def test_lora_recipe_on_smollm2(smollm2: tuple[Any, Any], tmp_path) -> None:
         "smollm2_135m_quick",
         {
             "max_steps": 2,
+            "transfer_steps": 1,  # one step of each stage
+            "transfer_blocks": 2,
             "block_size": 64,
             "per_device_train_batch_size": 2,
             "eval_window": 512,

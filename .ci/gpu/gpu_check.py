@@ -311,6 +311,7 @@ def second(out: Path, common: Path, part: Path, device: str, quick: bool, dry: b
     if quick:  # the CPU rehearsal: the same recipe and config, tiny shapes, a few steps
         overrides += [
             "max_steps=2",
+            "transfer_steps=1",  # one step of each stage of the staged objective
             "block_size=256",
             "eval_window=256",
             "eval_windows=2",
