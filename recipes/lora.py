@@ -173,7 +173,8 @@ class LoraRecipeArguments:
             raise ValueError(f"transfer_learning_rate must be positive, got {self.transfer_learning_rate}.")
         if self.transfer_learning_rate is not None and not self.uses_transfer:
             raise ValueError(
-                "transfer_learning_rate is set but no step is layer-wise: set transfer_steps or objective=transfer."
+                "transfer_learning_rate is set but no step is layer-wise: set transfer_steps or objective=transfer, "
+                "or unset it (transfer_learning_rate=null)."
             )
         if self.resume and self.overwrite:
             raise ValueError("resume=true and overwrite=true contradict each other; choose one.")
