@@ -204,11 +204,18 @@ def test_bf16_mixed_precision_trains(source, tmp_path) -> None:
     assert math.isfinite(p["patched_after_training"]) and p["patched_after_training"] < p["patched_before_training"]
 
 
-def test_bf16_distillation_trains(source, sharp_model, tmp_path) -> None:
+@pytest.mark.parametrize("objective", ["distill", "staged"])
+def test_bf16_distillation_trains(objective, source, sharp_model, tmp_path) -> None:
     summary = LoRARecipe.from_config(
         None,
         overrides(
-            source, tmp_path, model=str(sharp_model), objective="distill", max_steps=3, bf16=True, save_method="merged"
+            source,
+            tmp_path,
+            model=str(sharp_model),
+            max_steps=3,
+            bf16=True,
+            save_method="merged",
+            **OBJECTIVES[objective],
         ),
     ).run()
     assert all(math.isfinite(v) for _, v in summary["loss_curves"]["patched"])
