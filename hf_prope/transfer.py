@@ -25,6 +25,7 @@ causal within the layer's sliding window, with grouped key/value heads. With
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -121,7 +122,7 @@ def teacher_attention(model: nn.Module, input_ids: torch.Tensor) -> AttentionTar
             handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(module.register_forward_hook(post, with_kwargs=True))
         decoder = unwrap(model).get_decoder()
-        adapter_off = model.disable_adapter() if is_peft_model(model) else _nothing()
+        adapter_off = model.disable_adapter() if is_peft_model(model) else contextlib.nullcontext()
         with torch.no_grad(), adapter_off, original_rope(model):
             decoder(input_ids=input_ids, use_cache=False)
     finally:
@@ -147,14 +148,6 @@ def teacher_attention(model: nn.Module, input_ids: torch.Tensor) -> AttentionTar
         rotary_calls=[(m, a, k) for m, a, k, _ in calls],
         rotary_of_layer=rotary_of_layer,
     )
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def query_positions(length: int, stride: int, offset: int = 0) -> torch.Tensor:

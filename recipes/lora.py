@@ -46,7 +46,7 @@ from .base import (
     save_figure,
     write_json,
 )
-from .training import TrainingRecipe, loss_curve, quiet_library_warnings
+from .training import TrainingRecipe, loss_curve, quiet_library_warnings, staged_schedule_error
 
 STAGES = ("control", "patched")  # the control trains first so the patched model is the one left to save
 _OUTPUTS = (*STAGES, RESULTS_FILE)
@@ -330,10 +330,7 @@ class LoRARecipe(TrainingRecipe):
                 f"{ta.max_steps}; use objective=transfer for a transfer-only run, or raise max_steps."
             )
         if ra.transfer_learning_rate is not None and str(ta.lr_scheduler_type).endswith("reduce_lr_on_plateau"):
-            raise ValueError(
-                "transfer_learning_rate needs a schedule given as a factor per step; lr_scheduler_type="
-                "reduce_lr_on_plateau is not one. Use constant, linear or cosine, or leave transfer_learning_rate unset."
-            )
+            raise staged_schedule_error(ta.lr_scheduler_type)
         if ra.objective != "lm" or ra.uses_transfer:
             self._check_patch_changes_something()
         self.training_length = limit

@@ -30,6 +30,7 @@ __all__ = [
     "BlockDataset",
     "PatchRecordCallback",
     "RetrofitTrainer",
+    "staged_schedule_error",
     "TrainingRecipe",
     "has_accelerator",
     "loss_curve",
@@ -189,6 +190,15 @@ class TrainingRecipe(Recipe):
         )
 
 
+def staged_schedule_error(lr_scheduler_type: Any) -> ValueError:
+    """Why ``transfer_learning_rate`` cannot go with this schedule (it scales a schedule's factor per step)."""
+    name = getattr(lr_scheduler_type, "value", lr_scheduler_type)
+    return ValueError(
+        f"transfer_learning_rate needs a schedule given as a factor per step; lr_scheduler_type={name} is not one. "
+        "Use constant, linear or cosine, or leave transfer_learning_rate unset."
+    )
+
+
 class RetrofitTrainer(Trainer):
     """A ``Trainer`` whose loss retrofits a patch: layer-wise transfer, then self-distillation or the LM loss.
 
@@ -248,11 +258,7 @@ class RetrofitTrainer(Trainer):
         if rate is None or rate == self.args.learning_rate or getattr(scheduler, "_hf_prope_staged", False):
             return scheduler
         if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-            raise ValueError(
-                f"transfer_learning_rate needs a schedule given as a factor per step; lr_scheduler_type="
-                f"{self.args.lr_scheduler_type} is not one. Use constant, linear or cosine, or leave "
-                "transfer_learning_rate unset."
-            )
+            raise staged_schedule_error(self.args.lr_scheduler_type)
         ratio = rate / self.args.learning_rate
         inner = list(scheduler.lr_lambdas)
         scheduler.lr_lambdas = [self._staged(f, ratio) for f in inner]
@@ -285,7 +291,7 @@ class RetrofitTrainer(Trainer):
     def _distillation_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
         from hf_prope.distillation import distillation_loss, output_layer, teacher_hidden_states
 
-        weight = 1.0 if self.objective == "distill" else self.distill_weight
+        weight = self.distill_weight  # 1 for distill (the recipe's distillation settings)
         student = self.accelerator.unwrap_model(model)
         ids = inputs["input_ids"]
         hidden = teacher_hidden_states(student, ids)
