@@ -18,7 +18,8 @@ and the student computes its outputs only at every ``query_stride``-th position 
 and values, a random offset each step, so every position is trained on), cutting the
 attention's quadratic part by that factor. The student runs each layer's own modules
 (its LoRA-wrapped projections, its q/k norms, its rotary function through the patch's hooks)
-and only the attention product itself is written here: scaled, soft-capped (Gemma 2),
+and only the attention product itself is written here: scaled, soft-capped (Gemma 2, where the
+model's attention implementation soft-caps),
 causal within the layer's sliding window, with grouped key/value heads. With
 ``query_stride=1`` it equals the module's own forward pass (tested per architecture).
 """
@@ -193,7 +194,10 @@ def _student_layer(
     if span is not None:
         allowed &= keys[None, :] > qpos - span
     scaling = float(module.scaling)
-    softcap = getattr(module, "attn_logit_softcapping", None)
+    # What the model's own attention function does: sdpa has no soft-cap and drops it (Gemma 2 ran
+    # sdpa in transformers 5.0; later releases refuse sdpa for it), every other implementation applies it.
+    implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
+    softcap = None if implementation == "sdpa" else getattr(module, "attn_logit_softcapping", None)
     if softcap:
         scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
         scores = torch.tanh(scores / softcap) * softcap
