@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import last_windows, python_docs_text, tokenize_text
-from .distributed import rank_and_world
+from .distributed import gathered_per_module, has_partitioned_parameters, rank_and_world
 from .patching import check_patch, patch_model, unpatch_model
 from .spec import PatchSpec
 from .state import get_patch
@@ -28,15 +28,27 @@ LabelledSpec = tuple[str, "PatchSpec | dict[str, Any] | None"]
 __all__ = ["perplexity", "zero_shot_table", "tokenize_text", "LabelledSpec"]
 
 
-def _nll_sum(model: Any, windows: torch.Tensor, batch_size: int, bar: Any) -> tuple[float, int]:
-    """Summed cross-entropy over every predicted token of every window, and the token count."""
+def _nll_sum(
+    model: Any, windows: torch.Tensor, batch_size: int, bar: Any, *, passes: int | None = None
+) -> tuple[float, int]:
+    """Summed cross-entropy over every predicted token of every window, and the token count.
+
+    ``passes`` (ZeRO-3): run that many forward passes whatever the windows, the extra ones on
+    a window already scored and not counted, so that every process gathers the same weights.
+    """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     total_nll, total_tokens = 0.0, 0
+    starts = list(range(0, windows.shape[0], max(1, batch_size)))
+    spare = max(0, (passes or 0) - len(starts))
+    # inference_mode would turn the gathered ZeRO-3 weights into inference tensors, which training refuses later.
+    grad_off = torch.no_grad() if passes is not None else torch.inference_mode()
     try:
-        with torch.inference_mode():
-            for start in range(0, windows.shape[0], max(1, batch_size)):
+        with grad_off, gathered_per_module(model):
+            for _ in range(spare):
+                model(input_ids=windows[:1].to(device) if windows.shape[0] else _spare_window(model), use_cache=False)
+            for start in starts:
                 batch = windows[start : start + batch_size].to(device)
                 logits = model(input_ids=batch, use_cache=False).logits
                 nll = torch.nn.functional.cross_entropy(
@@ -49,6 +61,10 @@ def _nll_sum(model: Any, windows: torch.Tensor, batch_size: int, bar: Any) -> tu
     finally:
         model.train(was_training)
     return total_nll, total_tokens
+
+
+def _spare_window(model: Any) -> torch.Tensor:
+    return torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device)
 
 
 def perplexity(
@@ -73,9 +89,11 @@ def perplexity(
     rank, world = rank_and_world()
     # Under torchrun each process scores its share of the windows; the sums are then added up.
     mine = windows[rank::world]
+    # ZeRO-3 gathers each layer's weights from every process: all must run as many passes as the busiest.
+    passes = -(-windows[0::world].shape[0] // max(1, batch_size)) if has_partitioned_parameters(model) else None
     desc = progress if isinstance(progress, str) else "perplexity"
     with tqdm(total=mine.shape[0], desc=desc, unit="window", disable=not progress or rank != 0) as bar:
-        nll, count = _nll_sum(model, mine, batch_size, bar)
+        nll, count = _nll_sum(model, mine, batch_size, bar, passes=passes)
     if world > 1:
         device = next(model.parameters()).device
         sums = torch.tensor([nll, float(count)], dtype=torch.float64, device=device)

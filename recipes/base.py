@@ -30,6 +30,7 @@ __all__ = [
     "RESULTS_FILE",
     "is_main_process",
     "barrier",
+    "start_deepspeed_comm",
     "pyplot",
     "save_figure",
     "check_writable",
@@ -118,6 +119,19 @@ def is_main_process() -> bool:
 def barrier() -> None:
     if rank_and_world()[1] > 1:
         torch.distributed.barrier()
+
+
+def start_deepspeed_comm() -> None:
+    """DeepSpeed's communication layer on the process group already formed (gloo on CPU processes).
+
+    accelerate starts it only for GPU runs; without it ZeRO-3's loading sees one process and
+    rejects the batch size Trainer filled in for all of them.
+    """
+    from deepspeed import comm
+
+    if not comm.is_initialized():
+        backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
+        comm.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 
 def pyplot() -> Any:

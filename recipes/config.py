@@ -44,6 +44,33 @@ def config_path(name_or_path: str | os.PathLike[str]) -> Path:
     )
 
 
+def packaged_deepspeed_configs() -> list[str]:
+    """Names (without ``.json``) of the DeepSpeed configs installed with hf-prope (``zero2``, ``zero3``)."""
+    return sorted(p.name[:-5] for p in resources.files(CONFIG_PACKAGE).iterdir() if p.name.endswith(".json"))
+
+
+def deepspeed_config(value: Any) -> Any:
+    """``deepspeed=``: a dict as given, a JSON file's path, or a packaged config's name (``zero3``) -> its path.
+
+    Checked here, before any work: TrainingArguments reads the file when it is built.
+    """
+    if value is None or isinstance(value, dict):
+        return value
+    text = str(value)
+    if Path(text).is_file():
+        return text
+    name = text[:-5] if text.endswith(".json") else text
+    packaged = resources.files(CONFIG_PACKAGE) / f"{name}.json"
+    if "/" not in text and packaged.is_file():
+        return str(packaged)
+    names = packaged_deepspeed_configs()
+    raise ValueError(
+        f"deepspeed: no file {text!r} and no packaged DeepSpeed config of that name. Give a JSON file, a dict, or "
+        f"one of {', '.join(names)} (ZeRO stage 2 or 3, its batch and precision settings filled in by Trainer)."
+        + closest(name, names)
+    )
+
+
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     import yaml
 
@@ -166,6 +193,16 @@ def _coerce(key: str, value: Any, action: argparse.Action, *, takes_dict: bool =
     return _convert(key, value, action)
 
 
+def _check_deepspeed_installed() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ValueError(
+            "deepspeed= needs DeepSpeed, which is not installed: pip install 'hf-prope[deepspeed]' (or pip install "
+            "deepspeed)."
+        )
+
+
 def parse_config(
     dataclass_types: Sequence[type],
     config: str | os.PathLike[str] | None = None,
@@ -199,6 +236,9 @@ def parse_config(
             hint = f" Did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
             raise ValueError(f"Unknown config key {key!r}.{hint} `hf-prope run RECIPE --help` lists the keys.")
         values[key] = _coerce(key, values[key], actions[key], takes_dict=key in dict_keys)
+    if values.get("deepspeed") is not None:
+        values["deepspeed"] = deepspeed_config(values["deepspeed"])
+        _check_deepspeed_installed()
     try:
         return tuple(parser.parse_dict(values))
     except (TypeError, ValueError) as err:

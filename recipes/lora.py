@@ -32,6 +32,7 @@ from typing import Any, Literal
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
+from hf_prope.distributed import gathered, parameter_share, rank_and_world
 from hf_prope.gguf import check_exportable, check_gguf_type, vocabulary_for
 
 from .base import (
@@ -44,6 +45,7 @@ from .base import (
     is_main_process,
     pyplot,
     save_figure,
+    start_deepspeed_comm,
     write_json,
 )
 from .training import TrainingRecipe, loss_curve, quiet_library_warnings, staged_schedule_error
@@ -299,6 +301,8 @@ class LoRARecipe(TrainingRecipe):
         self.started = time.perf_counter()
         ta, ra = self.training_args, self.recipe_args
         _ = ta.device  # initialises the process group under torchrun / accelerate launch
+        if ta.deepspeed:
+            start_deepspeed_comm()  # before the model loads: ZeRO-3 partitions it as it loads
         self.spec = self.patch_args.spec()
         if ta.push_to_hub and not ta.hub_model_id:
             raise ValueError("push_to_hub=true needs hub_model_id (e.g. hub_model_id=me/smollm2-p-rope).")
@@ -490,11 +494,16 @@ class LoRARecipe(TrainingRecipe):
             what += f" after {ra.transfer_steps} layer-wise transfer steps"
         self.say(f"[{stage}] {what}, {args.max_steps} steps" + (f", resuming from {last}" if last else ""))
         trainer.train(resume_from_checkpoint=last)
+        engine = getattr(trainer, "deepspeed", None)
+        if engine is not None:
+            # Its ZeRO-3 hooks would fight the evaluations' gathering; the weights stay as trained (partitioned).
+            engine.destroy()
         self._record_base(peft_model)
         self.histories[stage] = trainer.state.log_history
-        if is_main_process():
-            hf_prope.save_pretrained(peft_model, final, save_method="adapter", tokenizer=None)
-            write_json(record, {"global_step": trainer.state.global_step, "log_history": trainer.state.log_history})
+        with gathered(p for n, p in peft_model.named_parameters() if "lora_" in n):
+            if is_main_process():
+                hf_prope.save_pretrained(peft_model, final, save_method="adapter", tokenizer=None)
+                write_json(record, {"global_step": trainer.state.global_step, "log_history": trainer.state.log_history})
         barrier()
         return peft_model
 
@@ -525,6 +534,13 @@ class LoRARecipe(TrainingRecipe):
     def report(self) -> dict[str, Any]:
         """(c) on the trained model, then ``results.json``, the table and the plot (rank 0 writes)."""
         self.results["patched_after"] = self.evaluate("(c) patched after training", self.peft_model)
+        shares = self.parameter_shares()
+        self.say(
+            f"Parameters held per process ({self.engine()}): "
+            + ", ".join(
+                f"rank {i}: {s['held']:,} of {s['total']:,} ({100 * s['share']:.1f}%)" for i, s in enumerate(shares)
+            )
+        )
         r = self.results
         ta, ra = self.training_args, self.recipe_args
         limit = self.training_length
@@ -568,6 +584,8 @@ class LoRARecipe(TrainingRecipe):
                 "block_size": ra.block_size,
                 "train_blocks": int(self.split.train_blocks.shape[0]),
                 "device": str(ta.device),
+                "engine": self.engine(),
+                "parameters_per_process": shares,
             },
             "loss_curves": {stage: loss_curve(history) for stage, history in self.histories.items()},
             "seconds": round(time.perf_counter() - self.started, 1),
@@ -575,6 +593,24 @@ class LoRARecipe(TrainingRecipe):
         }
         self.write_results(self.out, self.summary, format_table(self.summary), PLOT_FILE)
         return self.summary
+
+    def engine(self) -> str:
+        """How training was spread: ``deepspeed zero-3``, ``ddp`` or ``single process``."""
+        ta = self.training_args
+        if ta.deepspeed:
+            config = getattr(getattr(ta, "hf_deepspeed_config", None), "config", {}) or {}
+            return f"deepspeed zero-{config.get('zero_optimization', {}).get('stage', 0)}"
+        return "ddp" if max(1, ta.world_size) > 1 else "single process"
+
+    def parameter_shares(self) -> list[dict[str, Any]]:
+        """Each process's :func:`~hf_prope.distributed.parameter_share` of the trained model, rank order (a collective)."""
+        mine = parameter_share(self.peft_model)
+        world = rank_and_world()[1]
+        if world == 1:
+            return [mine]
+        out: list[Any] = [None] * world
+        torch.distributed.all_gather_object(out, mine)
+        return out
 
     def card_results(self) -> dict[str, float]:
         """The figures for the model card: held-out perplexities at each context, the cost and the gap."""
@@ -593,30 +629,43 @@ class LoRARecipe(TrainingRecipe):
                 out[f"gap {at} (patched / control)"] = p["gap_over_control"]
         return out
 
+    def _saved_parameters(self) -> Any:
+        """What a save reads, whole on every process for the save (a no-op unless ZeRO-3 partitioned them)."""
+        ra = self.recipe_args
+        if ra.save_method == "adapter" and ra.gguf is None:
+            return gathered(p for n, p in self.peft_model.named_parameters() if "lora_" in n)
+        return gathered(self.peft_model.parameters())  # a merged model: every weight, once, for the save
+
     def save(self) -> Path | None:
         import hf_prope
 
-        if not is_main_process():
-            return None
         folder = self.out / self.recipe_args.save_method
-        hf_prope.save_pretrained(
-            self.peft_model,
-            folder,
-            save_method=self.recipe_args.save_method,
-            tokenizer=self.tokenizer,
-            eval_results=self.card_results(),
-            repo_id=self.training_args.hub_model_id,
-            gguf=self.recipe_args.gguf,
-        )
+        with self._saved_parameters():
+            if not is_main_process():
+                return None
+            hf_prope.save_pretrained(
+                self.peft_model,
+                folder,
+                save_method=self.recipe_args.save_method,
+                tokenizer=self.tokenizer,
+                eval_results=self.card_results(),
+                repo_id=self.training_args.hub_model_id,
+                gguf=self.recipe_args.gguf,
+            )
         print(f"Saved the {self.recipe_args.save_method} model to {folder}", flush=True)
         return folder
 
     def push(self) -> Any:
+        ta = self.training_args
+        if not ta.hub_model_id:
+            return None
+        with self._saved_parameters():
+            return self._push() if is_main_process() else None
+
+    def _push(self) -> Any:
         import hf_prope
 
         ta = self.training_args
-        if not ta.hub_model_id or not is_main_process():
-            return None
         info = hf_prope.push_to_hub(
             self.peft_model,
             ta.hub_model_id,
