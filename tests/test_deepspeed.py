@@ -113,12 +113,21 @@ def figures(summary: dict) -> dict[str, float]:
     return {k: v for k, v in summary["perplexity"][str(WINDOW)].items() if isinstance(v, float)}
 
 
+# staged: layer-wise transfer steps (the student built from each layer's own, partitioned modules), then KL
+STAGED = {"objective": "distill", "transfer_steps": 2, "transfer_blocks": 2, "max_steps": 4, "save_steps": 4}
+
+
 @pytest.mark.parametrize(
     "zero,objective,save_method",
-    [("zero3", "lm", "adapter"), ("zero3", "distill", "merged"), ("zero2", "mix", "adapter")],
+    [
+        ("zero3", "lm", "adapter"),
+        ("zero3", "distill", "merged"),
+        ("zero3", "staged", "adapter"),
+        ("zero2", "mix", "adapter"),
+    ],
 )
 def test_zero_run_equals_ddp_and_its_save_carries_the_patch(zero, objective, save_method, source, tmp_path) -> None:
-    common = {"objective": objective, "save_method": save_method}
+    common = {"save_method": save_method, **(STAGED if objective == "staged" else {"objective": objective})}
     sharded = run_ok(source, settings(source, tmp_path / zero, deepspeed=zero, **common))
     ddp = run_ok(source, settings(source, tmp_path / "ddp", **common))
 
@@ -153,7 +162,7 @@ def test_zero_run_equals_ddp_and_its_save_carries_the_patch(zero, objective, sav
     assert hf_prope.get_patch(loaded) == hf_prope.PatchSpec("p-rope", p=0.25)
     assert got["patched_after_training"] == pytest.approx(perplexity_of(loaded, source), rel=1e-4)
     # Every checkpoint records the patch too.
-    checkpoint = tmp_path / zero / "patched" / "checkpoint-3"
+    checkpoint = tmp_path / zero / "patched" / f"checkpoint-{common.get('max_steps', 3)}"
     assert (checkpoint / PATCH_FILE).is_file()
 
 
