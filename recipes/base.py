@@ -129,6 +129,11 @@ def start_deepspeed_comm() -> None:
     """
     from deepspeed import comm
 
+    if not torch.distributed.is_initialized() and "RANK" not in os.environ:
+        raise ValueError(
+            "deepspeed= needs a launcher that starts its processes: torchrun --nproc_per_node N -m hf_prope run "
+            "lora ... (N=1 for one process), accelerate launch, or deepspeed. Nothing was loaded or written."
+        )
     if not comm.is_initialized():
         backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
         comm.init_distributed(dist_backend=backend, auto_mpi_discovery=False)

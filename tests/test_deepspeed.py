@@ -199,6 +199,12 @@ def test_deepspeed_setting_takes_a_name_a_file_or_a_dict_and_refuses_others(sour
     recipe = LoRARecipe.from_config(None, settings(source, tmp_path / "a", deepspeed="zero3"))
     assert recipe.training_args.hf_deepspeed_config.config["train_micro_batch_size_per_gpu"] == 2
 
+    # One process without a launcher: DeepSpeed has no process group to join; said before any work.
+    alone = tmp_path / "alone"
+    with pytest.raises(ValueError, match="torchrun --nproc_per_node N"):
+        LoRARecipe.from_config(None, settings(source, alone, deepspeed="zero2")).run()
+    assert not alone.exists()
+
     out = tmp_path / "refused"
     with pytest.raises(ValueError, match="zero3") as err:
         LoRARecipe.from_config(None, settings(source, out, deepspeed="zero4"))
