@@ -193,13 +193,28 @@ def _coerce(key: str, value: Any, action: argparse.Action, *, takes_dict: bool =
     return _convert(key, value, action)
 
 
+# Trainer + DeepSpeed, checked on 2 CPU processes: 5.0.0 builds the schedule on the optimizer DeepSpeed then
+# replaces (training stops at the first step), 5.1.0 trains with ZeRO-3's embedding weight never gathered;
+# 5.5.0 and 5.24.0 pass tests/test_deepspeed.py.
+DEEPSPEED_MIN_TRANSFORMERS = "5.5.0"
+
+
 def _check_deepspeed_installed() -> None:
     import importlib.util
+
+    import transformers
+    from packaging.version import Version
 
     if importlib.util.find_spec("deepspeed") is None:
         raise ValueError(
             "deepspeed= needs DeepSpeed, which is not installed: pip install 'hf-prope[deepspeed]' (or pip install "
             "deepspeed)."
+        )
+    if Version(transformers.__version__) < Version(DEEPSPEED_MIN_TRANSFORMERS):
+        raise ValueError(
+            f"deepspeed= needs transformers >= {DEEPSPEED_MIN_TRANSFORMERS} (this is {transformers.__version__}, whose "
+            f"Trainer fails under DeepSpeed ZeRO): pip install 'transformers>={DEEPSPEED_MIN_TRANSFORMERS}', or run "
+            "without deepspeed= (DDP)."
         )
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from tiny import save_tiny
 
 import hf_prope
@@ -23,6 +25,13 @@ from hf_prope.data import python_docs_text
 from hf_prope.hub import PATCH_FILE
 
 pytest.importorskip("deepspeed")
+
+from hf_prope.recipes.config import DEEPSPEED_MIN_TRANSFORMERS  # noqa: E402
+
+OLD_TRANSFORMERS = Version(transformers.__version__) < Version(DEEPSPEED_MIN_TRANSFORMERS)
+needs_new_transformers = pytest.mark.skipif(
+    OLD_TRANSFORMERS, reason=f"DeepSpeed runs need transformers >= {DEEPSPEED_MIN_TRANSFORMERS} (refused: tested below)"
+)
 
 WINDOW = 32
 
@@ -117,6 +126,7 @@ def figures(summary: dict) -> dict[str, float]:
 STAGED = {"objective": "distill", "transfer_steps": 2, "transfer_blocks": 2, "max_steps": 4, "save_steps": 4}
 
 
+@needs_new_transformers
 @pytest.mark.parametrize(
     "zero,objective,save_method",
     [
@@ -166,6 +176,7 @@ def test_zero_run_equals_ddp_and_its_save_carries_the_patch(zero, objective, sav
     assert (checkpoint / PATCH_FILE).is_file()
 
 
+@needs_new_transformers
 def test_zero3_kill_and_resume_matches_uninterrupted_run(source, tmp_path) -> None:
     values = settings(source, tmp_path / "killed", deepspeed="zero3", objective="distill", max_steps=6, save_steps=2)
     killed = two_processes(source, values, kill_at=4)
@@ -184,6 +195,17 @@ def test_zero3_kill_and_resume_matches_uninterrupted_run(source, tmp_path) -> No
     )
 
 
+@pytest.mark.skipif(not OLD_TRANSFORMERS, reason="this transformers runs DeepSpeed")
+def test_deepspeed_with_an_old_transformers_is_refused_before_any_work(source, tmp_path) -> None:
+    from hf_prope.recipes import LoRARecipe
+
+    out = tmp_path / "old"
+    with pytest.raises(ValueError, match=f"transformers >= {DEEPSPEED_MIN_TRANSFORMERS}"):
+        LoRARecipe.from_config(None, settings(source, out, deepspeed="zero3"))
+    assert not out.exists()
+
+
+@needs_new_transformers
 def test_deepspeed_setting_takes_a_name_a_file_or_a_dict_and_refuses_others(source, tmp_path) -> None:
     from hf_prope.recipes import LoRARecipe
     from hf_prope.recipes.config import deepspeed_config
