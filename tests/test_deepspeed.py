@@ -18,6 +18,7 @@ import pytest
 import torch
 import transformers
 from packaging.version import Version
+from test_recipes import overrides
 from tiny import save_tiny
 
 import hf_prope
@@ -62,27 +63,8 @@ def source(tmp_path_factory) -> dict[str, Path]:
 
 
 def settings(source: dict[str, Path], out: Path, **extra) -> dict:
-    values = {
-        "model": str(source["model"]),
-        "dataset": str(source["text"]),
-        "output_dir": str(out),
-        "p": 0.25,
-        "block_size": 32,
-        "eval_window": WINDOW,
-        "eval_windows": 4,
-        "per_device_train_batch_size": 2,
-        "learning_rate": 3e-3,
-        "max_steps": 3,
-        "save_steps": 3,
-        "logging_steps": 1,
-        "seed": 0,
-        "report_to": "none",
-        "disable_tqdm": True,
-        "lora_r": 4,
-        "lora_alpha": 8,
-    }
-    values.update(extra)
-    return values
+    """test_recipes.py's tiny-run settings, 3 steps by default."""
+    return overrides(source, out, **{"max_steps": 3, "save_steps": 3, **extra})
 
 
 def two_processes(source: dict[str, Path], values: dict, *, kill_at: int = 0) -> subprocess.CompletedProcess:
