@@ -4,6 +4,7 @@ Under DeepSpeed ZeRO-3 each process holds only a slice of every parameter (``par
 ``param`` itself is an empty placeholder). Inside DeepSpeed's engine, hooks gather a module's
 weights for its forward pass; outside it (an evaluation before training, a save after it) the
 helpers here do the same: :func:`gathered` gathers some parameters for a block,
+:func:`gathered_on_main` copies them whole to rank 0's memory one at a time (for its saves),
 :func:`gathered_per_module` gathers each module's own weights only while that module runs, so
 an evaluation never holds more than one layer's weights in full.
 """
@@ -21,6 +22,7 @@ __all__ = [
     "is_partitioned",
     "has_partitioned_parameters",
     "gathered",
+    "gathered_on_main",
     "gathered_per_module",
     "parameter_share",
 ]
@@ -57,6 +59,35 @@ def gathered(params: Iterable[torch.Tensor]) -> Iterator[None]:
 
     with deepspeed.zero.GatheredParameters(zero, modifier_rank=None):
         yield
+
+
+@contextlib.contextmanager
+def gathered_on_main(params: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Inside the block, rank 0's ZeRO-3 parameters among ``params`` are whole, in CPU memory; other ranks' unchanged.
+
+    For a save written by rank 0: the parameters are gathered one at a time (a collective:
+    every process enters with the same parameters) and only rank 0 keeps a copy, so no device
+    ever holds more than one whole parameter; the copies go on exit.
+    """
+    zero = list(dict.fromkeys(p for p in params if is_partitioned(p)))
+    if not zero:
+        yield
+        return
+    import deepspeed
+
+    main = rank_and_world()[0] == 0
+    placeholders: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        for p in sorted(zero, key=lambda q: q.ds_id):  # the same order on every process
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                whole = p.data.detach().to("cpu", copy=True) if main else None
+            if whole is not None:
+                placeholders.append((p, p.data))
+                p.data = whole
+        yield
+    finally:
+        for p, placeholder in placeholders:
+            p.data = placeholder
 
 
 @contextlib.contextmanager

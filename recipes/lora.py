@@ -32,7 +32,7 @@ from typing import Any, Literal
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
-from hf_prope.distributed import gathered, parameter_share, rank_and_world
+from hf_prope.distributed import gathered, gathered_on_main, parameter_share, rank_and_world
 from hf_prope.gguf import check_exportable, check_gguf_type, vocabulary_for
 
 from .base import (
@@ -630,11 +630,12 @@ class LoRARecipe(TrainingRecipe):
         return out
 
     def _saved_parameters(self) -> Any:
-        """What a save reads, whole on every process for the save (a no-op unless ZeRO-3 partitioned them)."""
+        """What a save reads, made whole for rank 0's save (a no-op unless ZeRO-3 partitioned it)."""
         ra = self.recipe_args
         if ra.save_method == "adapter" and ra.gguf is None:
             return gathered(p for n, p in self.peft_model.named_parameters() if "lora_" in n)
-        return gathered(self.peft_model.parameters())  # a merged model: every weight, once, for the save
+        # A merged model: every weight, copied whole to rank 0's CPU memory one at a time; no device holds more.
+        return gathered_on_main(self.peft_model.parameters())
 
     def save(self) -> Path | None:
         import hf_prope
