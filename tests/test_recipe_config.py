@@ -103,6 +103,16 @@ def test_packaged_configs_start_with_their_command_and_parse(path) -> None:
     recipe_name = first.split()[3] if first.startswith("# hf-prope run ") else None
     assert recipe_name in RECIPES, f"{path.name} must start with '# hf-prope run RECIPE --config ...'"
     assert f"--config recipes/configs/{path.name}" in first
+    if "deepspeed:" in path.read_text():
+        import transformers
+        from packaging.version import Version
+
+        from hf_prope.recipes.config import DEEPSPEED_MIN_TRANSFORMERS
+
+        if Version(transformers.__version__) < Version(DEEPSPEED_MIN_TRANSFORMERS):
+            with pytest.raises(ValueError, match=f"transformers >= {DEEPSPEED_MIN_TRANSFORMERS}"):
+                get_recipe(recipe_name).from_config(path)
+            return
     recipe = get_recipe(recipe_name).from_config(path)
     if recipe_name == "lora":
         recipe.patch_args.spec()  # the patch is valid
