@@ -132,14 +132,10 @@ def parameter_share(model: torch.nn.Module) -> dict[str, Any]:
     """How many of the model's parameter values this process holds, and of how many (measured, not assumed).
 
     Under ZeRO-3 a process holds its slices (``ds_tensor``); otherwise the whole parameter.
-    Each tensor counts once (tied weights are one).
+    Each tensor counts once (``parameters()`` lists a tied weight once).
     """
-    seen: set[int] = set()
     held = total = 0
     for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
         if is_partitioned(p):
             held += int(p.ds_tensor.numel())
             total += int(p.ds_numel)

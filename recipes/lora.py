@@ -500,7 +500,7 @@ class LoRARecipe(TrainingRecipe):
             engine.destroy()
         self._record_base(peft_model)
         self.histories[stage] = trainer.state.log_history
-        with gathered(p for n, p in peft_model.named_parameters() if "lora_" in n):
+        with gathered(_adapter_parameters(peft_model)):
             if is_main_process():
                 hf_prope.save_pretrained(peft_model, final, save_method="adapter", tokenizer=None)
                 write_json(record, {"global_step": trainer.state.global_step, "log_history": trainer.state.log_history})
@@ -633,7 +633,7 @@ class LoRARecipe(TrainingRecipe):
         """What a save reads, made whole for rank 0's save (a no-op unless ZeRO-3 partitioned it)."""
         ra = self.recipe_args
         if ra.save_method == "adapter" and ra.gguf is None:
-            return gathered(p for n, p in self.peft_model.named_parameters() if "lora_" in n)
+            return gathered(_adapter_parameters(self.peft_model))
         # A merged model: every weight, copied whole to rank 0's CPU memory one at a time; no device holds more.
         return gathered_on_main(self.peft_model.parameters())
 
@@ -694,6 +694,11 @@ class LoRARecipe(TrainingRecipe):
 
     def plot(self, path: Path) -> None:
         plot_results(self.summary, path)
+
+
+def _adapter_parameters(peft_model: Any) -> list[torch.Tensor]:
+    """The LoRA weights an adapter save reads."""
+    return [p for n, p in peft_model.named_parameters() if "lora_" in n]
 
 
 _ROWS = (
