@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .distributed import fsdp_call, fsdp_owners
 from .patching import original_rope
 from .state import is_peft_model, unwrap
 
@@ -59,7 +60,8 @@ def teacher_hidden_states(model: nn.Module, input_ids: torch.Tensor, **kwargs: A
     decoder = inner.get_decoder()
     adapter_off = model.disable_adapter() if is_peft_model(model) else contextlib.nullcontext()
     with torch.no_grad(), adapter_off, original_rope(model):
-        out = decoder(input_ids=input_ids, use_cache=False, **kwargs)
+        # Under FSDP2 the decoder runs inside the wrapped model's forward, which gathers its weights.
+        out = fsdp_call(fsdp_owners(model, decoder), decoder, input_ids=input_ids, use_cache=False, **kwargs)
     return out.last_hidden_state.detach()
 
 

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 from torch import nn
 
+from .distributed import fsdp_modules
 from .files import atomic_path, check_writable, local_path, recover
 from .gguf import check_exportable, check_gguf_type, export_gguf, vocabulary_for
 from .model_card import model_card
@@ -71,6 +72,13 @@ def _resolve_method(model: nn.Module, save_method: SaveMethod) -> str:
         return "adapter" if is_peft_model(model) else "merged"
     if save_method == "adapter" and not is_peft_model(model):
         raise ValueError("save_method='adapter' needs a PEFT model (get_peft_model); use save_method='merged'.")
+    if save_method == "merged" and is_peft_model(model) and fsdp_modules(model):
+        # Merging works on a copy (the caller keeps the adapter), and FSDP2 refuses to copy a wrapped model.
+        raise ValueError(
+            "save_method='merged' of an FSDP-wrapped PEFT model: FSDP cannot copy it to merge the adapter into. Save "
+            "the adapter (save_method='adapter', inside hf_prope.distributed.gathered(..., model=model)), then merge "
+            "from hf_prope.from_pretrained(<that folder>) in one process."
+        )
     return save_method
 
 

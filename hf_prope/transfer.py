@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .distributed import fsdp_call, fsdp_owners
 from .patching import PositionMaskHook, original_rope
 from .state import is_peft_model, model_parts, unwrap
 
@@ -125,7 +126,7 @@ def teacher_attention(model: nn.Module, input_ids: torch.Tensor) -> AttentionTar
         decoder = unwrap(model).get_decoder()
         adapter_off = model.disable_adapter() if is_peft_model(model) else contextlib.nullcontext()
         with torch.no_grad(), adapter_off, original_rope(model):
-            decoder(input_ids=input_ids, use_cache=False)
+            fsdp_call(fsdp_owners(model, decoder), decoder, input_ids=input_ids, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
@@ -238,7 +239,10 @@ def student_attention(
                 changed = hook(module, (), call)
                 call = changed[1] if changed is not None else call
         cos, sin = call["position_embeddings"]
-        outputs.append(_student_layer(module, x, cos, sin, queries, parts.attention_span(layer)))
+        # FSDP2: through the wrapped layer that holds this attention module's weights (the model's
+        # own forward, which calls this, is running already).
+        owner = [m for m in fsdp_owners(model, module) if m is not model][-1:]
+        outputs.append(fsdp_call(owner, _student_layer, module, x, cos, sin, queries, parts.attention_span(layer)))
     return outputs
 
 

@@ -20,6 +20,7 @@ merged model with a model card, and pushes it to the Hub when ``hub_model_id`` i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import textwrap
@@ -32,7 +33,7 @@ from typing import Any, Literal
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
-from hf_prope.distributed import gathered, gathered_on_main, parameter_share, rank_and_world
+from hf_prope.distributed import fsdp_modules, gathered, gathered_on_main, parameter_share, rank_and_world
 from hf_prope.gguf import check_exportable, check_gguf_type, vocabulary_for
 
 from .base import (
@@ -376,6 +377,11 @@ class LoRARecipe(TrainingRecipe):
             HfApi(token=ta.hub_token).create_repo(ta.hub_model_id, private=ta.hub_private_repo, exist_ok=True)
         barrier()  # no process starts training before rank 0 has cleared a previous run
 
+    def _load_base(self, device: Any = None) -> Any:
+        """The model again as setup loaded it, on ``device`` (default: the training device), unpatched."""
+        model, _ = self.model_args.load()
+        return model.to(device if device is not None else self.training_args.device)
+
     def _check_patch_changes_something(self) -> None:
         from hf_prope.patching import layer_frequencies, patch_model, unpatch_model
 
@@ -425,7 +431,13 @@ class LoRARecipe(TrainingRecipe):
             unpatch_model(self.model)
             control = self.train_stage("control", self.model)
             self.results["control"] = self.evaluate("(d) control after training", control)
-            self.model = control.unload()  # the base again, without LoRA layers
+            if fsdp_modules(control):
+                # FSDP2 wrapped the control in place and cannot wrap it again: the patched stage starts
+                # from the base as loaded (LoRA leaves the base's weights as they were).
+                del control
+                self.model = self._load_base()
+            else:
+                self.model = control.unload()  # the base again, without LoRA layers
             patch_model(self.model, self.spec)
         self.peft_model = self.train_stage("patched", self.model)
 
@@ -500,7 +512,7 @@ class LoRARecipe(TrainingRecipe):
             engine.destroy()
         self._record_base(peft_model)
         self.histories[stage] = trainer.state.log_history
-        with gathered(_adapter_parameters(peft_model)):
+        with gathered(_adapter_parameters(peft_model), model=peft_model):
             if is_main_process():
                 hf_prope.save_pretrained(peft_model, final, save_method="adapter", tokenizer=None)
                 write_json(record, {"global_step": trainer.state.global_step, "log_history": trainer.state.log_history})
@@ -595,11 +607,13 @@ class LoRARecipe(TrainingRecipe):
         return self.summary
 
     def engine(self) -> str:
-        """How training was spread: ``deepspeed zero-3``, ``ddp`` or ``single process``."""
+        """How training was spread: ``deepspeed zero-3``, ``fsdp2``, ``ddp`` or ``single process``."""
         ta = self.training_args
         if ta.deepspeed:
             config = getattr(getattr(ta, "hf_deepspeed_config", None), "config", {}) or {}
             return f"deepspeed zero-{config.get('zero_optimization', {}).get('stage', 0)}"
+        if fsdp_modules(self.peft_model):
+            return "fsdp2"
         return "ddp" if max(1, ta.world_size) > 1 else "single process"
 
     def parameter_shares(self) -> list[dict[str, Any]]:
@@ -630,12 +644,26 @@ class LoRARecipe(TrainingRecipe):
         return out
 
     def _saved_parameters(self) -> Any:
-        """What a save reads, made whole for rank 0's save (a no-op unless ZeRO-3 partitioned it)."""
+        """What a save reads, made whole for rank 0's save (a no-op unless ZeRO-3 or FSDP2 partitioned it)."""
         ra = self.recipe_args
         if ra.save_method == "adapter" and ra.gguf is None:
-            return gathered(_adapter_parameters(self.peft_model))
+            return gathered(_adapter_parameters(self.peft_model), model=self.peft_model)
+        if fsdp_modules(self.peft_model):
+            return contextlib.nullcontext()  # merged from the saved adapter: _saved_model
         # A merged model: every weight, copied whole to rank 0's CPU memory one at a time; no device holds more.
         return gathered_on_main(self.peft_model.parameters())
+
+    def _saved_model(self) -> Any:
+        """The model rank 0 saves: the trained one, or under FSDP2 (which cannot copy a wrapped model to
+        merge it) for a merged or GGUF save the stage's saved adapter loaded on its base, in CPU memory."""
+        ra = self.recipe_args
+        if (ra.save_method == "adapter" and ra.gguf is None) or not fsdp_modules(self.peft_model):
+            return self.peft_model
+        import hf_prope
+
+        adapter = self.out / "patched" / "final"
+        self.say(f"FSDP: merging from {adapter} (the trained adapter on its base, in CPU memory)")
+        return hf_prope.from_pretrained(adapter, base_model=self._load_base(device="cpu"))
 
     def save(self) -> Path | None:
         import hf_prope
@@ -645,7 +673,7 @@ class LoRARecipe(TrainingRecipe):
             if not is_main_process():
                 return None
             hf_prope.save_pretrained(
-                self.peft_model,
+                self._saved_model(),
                 folder,
                 save_method=self.recipe_args.save_method,
                 tokenizer=self.tokenizer,
@@ -668,7 +696,7 @@ class LoRARecipe(TrainingRecipe):
 
         ta = self.training_args
         info = hf_prope.push_to_hub(
-            self.peft_model,
+            self._saved_model(),
             ta.hub_model_id,
             tokenizer=self.tokenizer,
             save_method=self.recipe_args.save_method,

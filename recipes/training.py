@@ -127,10 +127,24 @@ class TrainingRecipe(Recipe):
 
         accelerate switches to FSDP only on GPU-like devices: on a CPU-only machine ``fsdp=...``
         would silently run plain DDP (every process holding the whole model) and ``accelerate
-        launch --use_fsdp`` stops inside accelerate after the evaluations have run.
+        launch --use_fsdp`` stops inside accelerate after the evaluations have run. FSDP1 is
+        refused everywhere: the teacher and the saves follow FSDP2's per-module shards.
         """
         ta = self.training_args
         asked = bool(ta.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").strip().lower() in ("1", "true", "yes")
+        # fsdp=... takes its version from fsdp_config (transformers' default: 2); accelerate launch --use_fsdp
+        # alone from FSDP_VERSION, which accelerate sets to 1 unless --fsdp_version 2 is passed.
+        if ta.fsdp:
+            version = int((ta.fsdp_config or {}).get("version", 2))
+        else:
+            version = int(os.environ.get("FSDP_VERSION", "1") or 1)
+        if asked and version == 1:
+            raise ValueError(
+                "FSDP version 1 was asked for (fsdp_config version 1, or accelerate launch --use_fsdp without "
+                "--fsdp_version 2): the recipes run FSDP2 only, whose per-module DTensor shards the teacher and the "
+                "saves gather (FSDP1 flattens the weights). Use version 2: fsdp=true (transformers' default version), "
+                "or accelerate launch --use_fsdp --fsdp_version 2."
+            )
         if asked and not has_accelerator():
             raise ValueError(
                 "FSDP was asked for (fsdp=... or accelerate launch --use_fsdp), but this machine has no GPU: accelerate "

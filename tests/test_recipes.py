@@ -887,6 +887,21 @@ def test_fsdp_and_dict_settings_parse_as_training_arguments_take_them(source, tm
     assert cli.training_args.liger_kernel_config == {"rope": True, "rms_norm": False}
 
 
+@pytest.mark.parametrize("how", ["fsdp_config", "accelerate"])
+def test_fsdp_version_1_is_refused_before_any_work(how, source, tmp_path, monkeypatch) -> None:
+    extra: dict = {}
+    if how == "fsdp_config":
+        extra = {"fsdp": "true", "fsdp_config": '{"version": 1}'}
+    else:  # what accelerate launch --use_fsdp sets without --fsdp_version 2
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+        monkeypatch.setenv("FSDP_VERSION", "1")
+    out = tmp_path / "out"
+    recipe = LoRARecipe.from_config(None, overrides(source, out, **extra))
+    with pytest.raises(ValueError, match="FSDP version 1.*FSDP2 only.*version 2"):
+        recipe.setup()
+    assert not out.exists() and not hasattr(recipe, "model")
+
+
 @pytest.mark.parametrize("how", ["fsdp=true", "fsdp=full_shard auto_wrap", "accelerate --use_fsdp"])
 def test_fsdp_on_a_cpu_only_machine_is_refused_before_any_work(how, source, tmp_path, monkeypatch) -> None:
     from hf_prope.recipes.training import has_accelerator
@@ -897,7 +912,8 @@ def test_fsdp_on_a_cpu_only_machine_is_refused_before_any_work(how, source, tmp_
     if how.startswith("fsdp="):
         extra["fsdp"] = how.split("=", 1)[1]
     else:
-        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch --use_fsdp sets
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch --use_fsdp --fsdp_version 2 sets
+        monkeypatch.setenv("FSDP_VERSION", "2")
     out = tmp_path / "out"
     recipe = LoRARecipe.from_config(None, overrides(source, out, **extra))
     with pytest.raises(ValueError, match="FSDP was asked for.*no GPU.*DeepSpeed"):
