@@ -659,11 +659,13 @@ class LoRARecipe(TrainingRecipe):
         ra = self.recipe_args
         if (ra.save_method == "adapter" and ra.gguf is None) or not fsdp_modules(self.peft_model):
             return self.peft_model
-        import hf_prope
+        if getattr(self, "_merge_source", None) is None:  # once for the save and the push
+            import hf_prope
 
-        adapter = self.out / "patched" / "final"
-        self.say(f"FSDP: merging from {adapter} (the trained adapter on its base, in CPU memory)")
-        return hf_prope.from_pretrained(adapter, base_model=self._load_base(device="cpu"))
+            adapter = self.out / "patched" / "final"
+            self.say(f"FSDP: merging from {adapter} (the trained adapter on its base, in CPU memory)")
+            self._merge_source = hf_prope.from_pretrained(adapter, base_model=self._load_base(device="cpu"))
+        return self._merge_source
 
     def save(self) -> Path | None:
         import hf_prope

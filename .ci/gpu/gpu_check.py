@@ -6,7 +6,7 @@ back-to-back calls of a few minutes, each one command that calls this script:
 
     .ci/gpu/run prepare            # CPU machine: wheels, project, corpus, model parts -> .gpu/
     .ci/gpu/run first              # call 1 (carry .gpu/common .gpu/part1): (a) tests, (b) bench
-    .ci/gpu/run second             # call 2 (carry .gpu/common .gpu/part2): (c) distill, (d) + Liger
+    .ci/gpu/run second             # call 2 (carry .gpu/common .gpu/part2): (e) FSDP2, (c) distill, (d) + Liger
     .ci/gpu/run dry-run            # CPU rehearsal of all three (CI runs it): tiny shapes, a few steps
 
 Device calls (each under the tool's 2,000 characters):
@@ -18,8 +18,15 @@ Call 1 keeps its half of the embedded SmolLM2 GGUF in /tmp/hf-prope-gpu (outside
 tree, which each call replaces) for call 2, which must follow while the machine is still warm
 (30 s); if it finds no first half it says so and stops. Every result lands as JSON under $OUT:
 ``tests.xml`` and ``tests.json`` (a), ``bench.json`` (b), ``distill.json`` (c),
-``distill_liger.json`` (d), and ``first.json`` / ``second.json`` (what ran, for how long, the
-machine). Standard library only, plus the project once installed.
+``distill_liger.json`` (d), ``fsdp_distill.json`` and ``fsdp_lm.json`` (e), and ``first.json`` /
+``second.json`` (what ran, for how long, the machine). Standard library only, plus the project
+once installed.
+
+(e) runs first in call 2 because it is short: the recipe under FSDP2 on one process (torchrun,
+accelerate's fully_shard of every decoder layer), a few steps of the staged distillation (the
+teacher and the layer-wise student under sharding) saved merged (from the gathered adapter), and
+of the LM objective with its control (the patched stage on a freshly loaded base). On the CPU
+rehearsal accelerate cannot shard, so the recipe must refuse both runs before any work.
 """
 
 from __future__ import annotations
@@ -207,18 +214,19 @@ def _machine(device: str) -> dict:
     return info
 
 
-def _hf_prope(args: list[str], out: Path) -> dict:
-    """``python -m hf_prope ARGS`` (its output to ``out``): seconds and return code; a failure is recorded, not raised.
+def _hf_prope(args: list[str], out: Path, *, launcher: tuple[str, ...] = (), quiet: bool = False) -> dict:
+    """``python [-m launcher] -m hf_prope ARGS`` (output to ``out``): seconds and return code; a failure is recorded.
 
     Run outside the work tree with PYTHONSAFEPATH, so the installed hf_prope (with its patches/ and
-    recipes/ subpackages) is imported, never the source folder.
+    recipes/ subpackages) is imported, never the source folder. ``quiet``: a failure is expected
+    (the rehearsal's refusals), so its log is not echoed.
     """
     started = time.time()
-    cmd = [sys.executable, "-m", "hf_prope", *args]
+    cmd = [sys.executable, *launcher, "-m", "hf_prope", *args]
     say("$ " + " ".join(cmd))
     with open(out, "w") as log:
         code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=STASH, env=_env()).returncode
-    if code != 0:
+    if code != 0 and not quiet:
         say(f"FAILED ({code}); the end of {out.name}:\n" + out.read_text()[-3000:])
     return {"s": round(time.time() - started, 1), "returncode": code, "log": out.name}
 
@@ -321,6 +329,7 @@ def second(out: Path, common: Path, part: Path, device: str, quick: bool, dry: b
             "gradient_checkpointing=false",
             "logging_steps=1",
         ]
+    report["steps"]["e_fsdp"] = _fsdp(out, model, docs, device)
     runs = {"c_distill": [], "d_distill_liger": ["use_liger_kernel=true", f"liger_kernel_config={LIGER_ROPE_ONLY}"]}
     for name, extra in runs.items():
         if name == "d_distill_liger" and device != "cuda":
@@ -346,6 +355,76 @@ def second(out: Path, common: Path, part: Path, device: str, quick: bool, dry: b
             step["results"] = target.name
         report["steps"][name] = step
     return report
+
+
+# (e): the run settings; SmolLM2's decoder layers are Llama's.
+FSDP_CONFIG = '{"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "reshard_after_forward": true}'
+FSDP_SHORT = [
+    "max_steps=6",
+    "block_size=1024",
+    "eval_window=1024",
+    "eval_windows=4",
+    "eval_contexts=[512,1024]",
+    "heldout_documents=tail",
+    "logging_steps=1",
+]
+FSDP_RUNS = {
+    # staged distillation: 2 layer-wise transfer steps, then KL; merged from the gathered adapter
+    "fsdp_distill": ["transfer_steps=2", "save_method=merged"],
+    # the LM objective with its control: two trainer stages, the second on a freshly loaded base
+    "fsdp_lm": [
+        "objective=lm",
+        "control=true",
+        "transfer_steps=0",
+        "transfer_learning_rate=null",
+        "save_method=adapter",
+    ],
+}
+FSDP_REFUSAL = "FSDP was asked for"
+
+
+def _fsdp(out: Path, model: Path, docs: Path, device: str) -> dict:
+    """(e) the recipe under FSDP2 on one process (GPU); on the CPU rehearsal, both runs refused before any work."""
+    steps: dict = {}
+    for name, extra in FSDP_RUNS.items():
+        run_dir = STASH / name
+        step = _hf_prope(
+            [
+                "run",
+                "lora",
+                "--config",
+                "smollm2_135m_p_rope_distill",
+                f"model={model}",
+                f"dataset={docs}",
+                "report_to=none",
+                "gguf=null",
+                "save_steps=100000",
+                *FSDP_SHORT,
+                *extra,
+                "fsdp=true",
+                f"fsdp_config={FSDP_CONFIG}",
+                f"output_dir={run_dir}",
+                "overwrite=true",
+            ],
+            out / f"{name}.txt",
+            launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"),
+            quiet=device != "cuda",
+        )
+        if device != "cuda":
+            log = (out / f"{name}.txt").read_text()
+            step["refused_before_any_work"] = step["returncode"] != 0 and FSDP_REFUSAL in log and not run_dir.exists()
+            if not step["refused_before_any_work"]:
+                raise SystemExit(
+                    f"(e) {name}: FSDP on a CPU-only machine was not refused before any work:\n{log[-3000:]}"
+                )
+        elif (run_dir / "results.json").is_file():
+            summary = json.loads((run_dir / "results.json").read_text())
+            shutil.copy2(run_dir / "results.json", out / f"{name}.json")
+            step |= {"results": f"{name}.json", "engine": summary["training"]["engine"]}
+            step["parameters_per_process"] = summary["training"]["parameters_per_process"]
+            step["saved"] = sorted(p.name for p in run_dir.iterdir() if p.is_dir())
+        steps[name] = step
+    return steps
 
 
 # ---------------------------------------------------------------------------------------------
