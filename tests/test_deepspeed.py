@@ -144,6 +144,13 @@ def test_zero_run_equals_ddp_and_its_save_carries_the_patch(zero, objective, sav
     folder = tmp_path / zero / save_method
     if save_method == "adapter":
         assert (folder / PATCH_FILE).is_file()
+        # PEFT's own loader, on the base as transformers loads it (hf_prope imported): the patch comes back.
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        by_peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(source["model"]), folder)
+        assert hf_prope.get_patch(by_peft) == hf_prope.PatchSpec("p-rope", p=0.25)
+        assert got["patched_after_training"] == pytest.approx(perplexity_of(by_peft, source), rel=1e-4)
     else:  # a merged p-RoPE save is transformers' own "proportional" rope type: plain transformers loads it
         from transformers import AutoModelForCausalLM
 
