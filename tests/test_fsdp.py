@@ -177,7 +177,7 @@ def test_fsdp2_sharded_steps_equal_one_process_and_the_adapter_carries_the_patch
     # the LoRA weights were trained, so the sharded gradients were reduced and applied).
     assert sharded["losses"] == pytest.approx(single["losses"], rel=1e-5)
     assert len(set(single["losses"][:2])) == 2 and single["losses"][2] != single["losses"][3]
-    assert sharded["perplexity"] == pytest.approx(single["perplexity"], rel=1e-6)
+    assert sharded["perplexity"] == pytest.approx(single["perplexity"], rel=1e-5)  # observed: 5.5e-7 (llama)
     assert sharded["perplexity_after_saves"] == pytest.approx(sharded["perplexity"], rel=1e-9)  # shards put back
 
     # The teacher under sharding is the original model: an unpatched copy's final hidden states.
