@@ -297,6 +297,17 @@ def _model_file() -> Path:
     return STASH / MODEL_NAME
 
 
+def _run_settings(model: Path, docs: Path) -> list[str]:
+    """What every recipe run of call 2 sets: the joined model, the docs, nothing sent or exported."""
+    return [f"model={model}", f"dataset={docs}", "report_to=none", "gguf=null", "save_steps=100000"]
+
+
+def _distill_run(name: str, settings: list[str], out: Path, **kwargs) -> dict:
+    """``hf-prope run lora --config smollm2_135m_p_rope_distill SETTINGS`` into the stash's NAME folder."""
+    args = ["run", "lora", "--config", "smollm2_135m_p_rope_distill", *settings]
+    return _hf_prope([*args, f"output_dir={STASH / name}", "overwrite=true"], out / f"{name}.txt", **kwargs)
+
+
 def second(out: Path, common: Path, part: Path, device: str, quick: bool, dry: bool) -> dict:
     """Call 2: (c) the distillation retrofit at SmolLM2's 8192-token context, (d) the same under Liger's rope."""
     report = {"machine": _machine(device), "steps": {}}
@@ -315,7 +326,7 @@ def second(out: Path, common: Path, part: Path, device: str, quick: bool, dry: b
     if sha256(model) != manifest["model_sha256"]:
         raise SystemExit("The joined model does not match the prepared one (sha256): run prepare again.")
     docs = _docs(common)
-    overrides = [f"model={model}", f"dataset={docs}", "report_to=none", "gguf=null", "save_steps=100000"]
+    overrides = _run_settings(model, docs)
     if quick:  # the CPU rehearsal: the same recipe and config, tiny shapes, a few steps
         overrides += [
             "max_steps=2",
@@ -336,19 +347,7 @@ def second(out: Path, common: Path, part: Path, device: str, quick: bool, dry: b
             report["steps"][name] = {"skipped": "Liger-Kernel's Trainer integration needs CUDA"}
             continue
         run_dir = STASH / name
-        step = _hf_prope(
-            [
-                "run",
-                "lora",
-                "--config",
-                "smollm2_135m_p_rope_distill",
-                *overrides,
-                *extra,
-                f"output_dir={run_dir}",
-                "overwrite=true",
-            ],
-            out / f"{name}.txt",
-        )
+        step = _distill_run(name, [*overrides, *extra], out)
         target = out / ("distill.json" if name == "c_distill" else "distill_liger.json")
         if (run_dir / "results.json").is_file():
             shutil.copy2(run_dir / "results.json", target)
@@ -388,25 +387,10 @@ def _fsdp(out: Path, model: Path, docs: Path, device: str) -> dict:
     steps: dict = {}
     for name, extra in FSDP_RUNS.items():
         run_dir = STASH / name
-        step = _hf_prope(
-            [
-                "run",
-                "lora",
-                "--config",
-                "smollm2_135m_p_rope_distill",
-                f"model={model}",
-                f"dataset={docs}",
-                "report_to=none",
-                "gguf=null",
-                "save_steps=100000",
-                *FSDP_SHORT,
-                *extra,
-                "fsdp=true",
-                f"fsdp_config={FSDP_CONFIG}",
-                f"output_dir={run_dir}",
-                "overwrite=true",
-            ],
-            out / f"{name}.txt",
+        step = _distill_run(
+            name,
+            [*_run_settings(model, docs), *FSDP_SHORT, *extra, "fsdp=true", f"fsdp_config={FSDP_CONFIG}"],
+            out,
             launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"),
             quiet=device != "cuda",
         )
