@@ -207,3 +207,79 @@ def test_fsdp2_sharded_steps_equal_one_process_and_the_adapter_carries_the_patch
     # A merged save of the wrapped model is refused with the way out; the one-process run saves it.
     assert "FSDP cannot copy it" in sharded["merged"] and "hf_prope.from_pretrained" in sharded["merged"]
     assert single["merged"] == "saved" and not (sharded["out"] / "merged").exists()
+
+
+# The recipe after training, on a model FSDP2 wrapped: what accelerate leaves behind on a GPU (the
+# wrapping itself is done here, since accelerate will not shard on CPU). Trained with DDP first, so
+# both runs train identically and differ only in what follows: (c), the shares and the merged save.
+_RECIPE_SCRIPT = """
+import json, sys
+from hf_prope.recipes import LoRARecipe
+
+recipe = LoRARecipe.from_config(None, json.loads(sys.argv[1]))
+recipe.setup()
+recipe.train()
+if sys.argv[2] == "shard":
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in recipe.peft_model.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(recipe.peft_model)
+recipe.report()
+recipe.save()
+"""
+
+
+def test_the_recipe_after_training_under_fsdp2_reports_shards_and_merges_from_the_adapter(tmp_path) -> None:
+    from test_recipes import overrides
+    from tiny import save_tiny
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_prope.data import python_docs_text
+
+    text = tmp_path / "docs.txt"
+    text.write_text(python_docs_text()[:30_000])
+    source = {"model": save_tiny(tmp_path / "tiny-llama"), "text": text}
+    script = tmp_path / "recipe_run.py"
+    script.write_text(_RECIPE_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
+    summaries = {}
+    for how in ("shard", "ddp"):
+        values = overrides(source, tmp_path / how, objective="distill", save_method="merged", max_steps=3)
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+            + [json.dumps(values), how],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-4000:]
+        summaries[how] = json.loads((tmp_path / how / "results.json").read_text())
+        if how == "shard":
+            assert "FSDP: merging from" in result.stdout + result.stderr
+
+    sharded, ddp = summaries["shard"], summaries["ddp"]
+    assert sharded["training"]["engine"] == "fsdp2" and ddp["training"]["engine"] == "ddp"
+    assert all(0.45 <= s["share"] <= 0.55 for s in sharded["training"]["parameters_per_process"])
+    window = str(sharded["heldout"]["window"])
+    after = sharded["perplexity"][window]["patched_after_training"]
+    assert after == pytest.approx(ddp["perplexity"][window]["patched_after_training"], rel=1e-5)
+
+    # The merged save, made from the saved adapter on its base: plain transformers loads it as p-RoPE
+    # ("proportional", transformers >= 5.5; before, hf_prope's loader) at (c)'s perplexity, as DDP's does.
+    from hf_prope.rope_types import has_native_proportional
+
+    ids = torch.tensor(AutoTokenizer.from_pretrained(source["model"])(text.read_text())["input_ids"])
+    windows = ids[-sharded["heldout"]["n_windows"] * int(window) :].view(-1, int(window))
+    for how in ("shard", "ddp"):
+        if has_native_proportional():
+            plain = AutoModelForCausalLM.from_pretrained(tmp_path / how / "merged")
+            assert plain.config.rope_parameters["rope_type"] == "proportional"
+        else:
+            plain = hf_prope.from_pretrained(tmp_path / how / "merged")
+        assert hf_prope.get_patch(hf_prope.from_pretrained(tmp_path / how / "merged")) == hf_prope.PatchSpec(
+            "p-rope", p=0.25
+        )
+        with torch.no_grad():
+            assert float(torch.exp(plain(input_ids=windows, labels=windows).loss)) == pytest.approx(after, rel=1e-4)
