@@ -187,19 +187,17 @@ def _dtensors_whole(model: torch.nn.Module | None, params: list[torch.Tensor], *
     owners = _parameter_owners(model, {id(p) for p in params})
     main = rank_and_world()[0] == 0
     swapped: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
-    whole_of: dict[int, torch.nn.Parameter] = {}
     try:
-        for key, places in owners.items():
+        for places in owners.values():
             shard = places[0][0]._parameters[places[0][1]]
             full = shard.full_tensor()  # every process, the same order
             if main_only and not main:
                 continue
-            if key not in whole_of:
-                data = full.detach().to("cpu", copy=True) if main_only else full.detach()
-                whole_of[key] = torch.nn.Parameter(data, requires_grad=shard.requires_grad)
-            for module, name in places:
-                swapped.append((module, name, module._parameters[name]))
-                module._parameters[name] = whole_of[key]
+            data = full.detach().to("cpu", copy=True) if main_only else full.detach()
+            whole = torch.nn.Parameter(data, requires_grad=shard.requires_grad)
+            for module, name in places:  # a tied weight: one whole tensor in every place
+                swapped.append((module, name, shard))
+                module._parameters[name] = whole
         yield
     finally:
         for module, name, shard in reversed(swapped):

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .distributed import fsdp_call, fsdp_owners
+from .distributed import fsdp_call, fsdp_modules, fsdp_owners
 from .patching import PositionMaskHook, original_rope
 from .state import is_peft_model, model_parts, unwrap
 
@@ -227,6 +227,7 @@ def student_attention(
     queries = query_positions(length, query_stride, offset)
     made: dict[int, Any] = {}
     outputs = []
+    sharded = bool(fsdp_modules(model))  # once: the owners' search scans the model per layer
     for layer, x, source in zip(targets.layers, targets.inputs, targets.rotary_of_layer):
         if source not in made:
             rotary, args, kwargs = targets.rotary_calls[source]
@@ -241,7 +242,7 @@ def student_attention(
         cos, sin = call["position_embeddings"]
         # FSDP2: through the wrapped layer that holds this attention module's weights (the model's
         # own forward, which calls this, is running already).
-        owner = [m for m in fsdp_owners(model, module) if m is not model][-1:]
+        owner = [m for m in fsdp_owners(model, module) if m is not model][-1:] if sharded else []
         outputs.append(fsdp_call(owner, _student_layer, module, x, cos, sin, queries, parts.attention_span(layer)))
     return outputs
 

@@ -25,7 +25,7 @@ import dataclasses
 import json
 import textwrap
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -643,39 +643,40 @@ class LoRARecipe(TrainingRecipe):
                 out[f"gap {at} (patched / control)"] = p["gap_over_control"]
         return out
 
-    def _saved_parameters(self) -> Any:
-        """What a save reads, made whole for rank 0's save (a no-op unless ZeRO-3 or FSDP2 partitioned it)."""
-        ra = self.recipe_args
+    @contextlib.contextmanager
+    def _saved_model(self) -> Iterator[Any]:
+        """The model rank 0 saves (``None`` on other ranks), its weights whole inside the block (a collective).
+
+        An adapter save gathers the LoRA weights; a merged or GGUF save every weight, copied whole
+        to rank 0's CPU memory one at a time (no device holds more). Under FSDP2, which cannot copy
+        a wrapped model to merge it, a merged or GGUF save is of the stage's saved adapter loaded on
+        its base in rank 0's CPU memory (loaded once, for the save and the push).
+        """
+        ra, main = self.recipe_args, is_main_process()
         if ra.save_method == "adapter" and ra.gguf is None:
-            return gathered(_adapter_parameters(self.peft_model), model=self.peft_model)
-        if fsdp_modules(self.peft_model):
-            return contextlib.nullcontext()  # merged from the saved adapter: _saved_model
-        # A merged model: every weight, copied whole to rank 0's CPU memory one at a time; no device holds more.
-        return gathered_on_main(self.peft_model.parameters())
+            with gathered(_adapter_parameters(self.peft_model), model=self.peft_model):
+                yield self.peft_model if main else None
+        elif fsdp_modules(self.peft_model):
+            if main and getattr(self, "_merge_source", None) is None:
+                import hf_prope
 
-    def _saved_model(self) -> Any:
-        """The model rank 0 saves: the trained one, or under FSDP2 (which cannot copy a wrapped model to
-        merge it) for a merged or GGUF save the stage's saved adapter loaded on its base, in CPU memory."""
-        ra = self.recipe_args
-        if (ra.save_method == "adapter" and ra.gguf is None) or not fsdp_modules(self.peft_model):
-            return self.peft_model
-        if getattr(self, "_merge_source", None) is None:  # once for the save and the push
-            import hf_prope
-
-            adapter = self.out / "patched" / "final"
-            self.say(f"FSDP: merging from {adapter} (the trained adapter on its base, in CPU memory)")
-            self._merge_source = hf_prope.from_pretrained(adapter, base_model=self._load_base(device="cpu"))
-        return self._merge_source
+                adapter = self.out / "patched" / "final"
+                self.say(f"FSDP: merging from {adapter} (the trained adapter on its base, in CPU memory)")
+                self._merge_source = hf_prope.from_pretrained(adapter, base_model=self._load_base(device="cpu"))
+            yield self._merge_source if main else None
+        else:
+            with gathered_on_main(self.peft_model.parameters()):
+                yield self.peft_model if main else None
 
     def save(self) -> Path | None:
         import hf_prope
 
         folder = self.out / self.recipe_args.save_method
-        with self._saved_parameters():
-            if not is_main_process():
+        with self._saved_model() as model:
+            if model is None:
                 return None
             hf_prope.save_pretrained(
-                self._saved_model(),
+                model,
                 folder,
                 save_method=self.recipe_args.save_method,
                 tokenizer=self.tokenizer,
@@ -687,18 +688,17 @@ class LoRARecipe(TrainingRecipe):
         return folder
 
     def push(self) -> Any:
-        ta = self.training_args
-        if not ta.hub_model_id:
+        if not self.training_args.hub_model_id:
             return None
-        with self._saved_parameters():
-            return self._push() if is_main_process() else None
+        with self._saved_model() as model:
+            return None if model is None else self._push(model)
 
-    def _push(self) -> Any:
+    def _push(self, model: Any) -> Any:
         import hf_prope
 
         ta = self.training_args
         info = hf_prope.push_to_hub(
-            self._saved_model(),
+            model,
             ta.hub_model_id,
             tokenizer=self.tokenizer,
             save_method=self.recipe_args.save_method,

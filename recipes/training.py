@@ -134,11 +134,8 @@ class TrainingRecipe(Recipe):
         asked = bool(ta.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").strip().lower() in ("1", "true", "yes")
         # fsdp=... takes its version from fsdp_config (transformers' default: 2); accelerate launch --use_fsdp
         # alone from FSDP_VERSION, which accelerate sets to 1 unless --fsdp_version 2 is passed.
-        if ta.fsdp:
-            version = int((ta.fsdp_config or {}).get("version", 2))
-        else:
-            version = int(os.environ.get("FSDP_VERSION", "1") or 1)
-        if asked and version == 1:
+        version = str((ta.fsdp_config or {}).get("version", 2)) if ta.fsdp else os.environ.get("FSDP_VERSION", "1")
+        if asked and version.strip() in ("", "1"):
             raise ValueError(
                 "FSDP version 1 was asked for (fsdp_config version 1, or accelerate launch --use_fsdp without "
                 "--fsdp_version 2): the recipes run FSDP2 only, whose per-module DTensor shards the teacher and the "

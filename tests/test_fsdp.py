@@ -142,17 +142,21 @@ def run(tmp: Path, arch: str, stages: list[str], *, processes: int) -> dict:
     script = tmp / "fsdp_run.py"
     script.write_text(_SCRIPT)
     values = json.dumps({"out": str(out), "arch": arch, "p": P, "stages": stages, "lr": 0.05, "config": CONFIG})
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    launch(script, [values, str(TESTS)], processes=processes)
+    return {"out": out, **json.loads((out / "log.json").read_text())}
+
+
+def launch(script: Path, args: list[str], *, processes: int) -> str:
+    """``script ARGS`` in ``processes`` CPU processes (torchrun over gloo), or in this one's Python; its output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
     launcher = (
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
         if processes > 1
         else [sys.executable]
     )
-    result = subprocess.run(
-        [*launcher, str(script), values, str(TESTS)], capture_output=True, text=True, env=env, timeout=600
-    )
+    result = subprocess.run([*launcher, str(script), *args], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    return {"out": out, **json.loads((out / "log.json").read_text())}
+    return result.stdout + result.stderr
 
 
 def reference_loss(model, ids: torch.Tensor) -> float:
@@ -242,22 +246,13 @@ def test_the_recipe_after_training_under_fsdp2_reports_shards_and_merges_from_th
     source = {"model": save_tiny(tmp_path / "tiny-llama"), "text": text}
     script = tmp_path / "recipe_run.py"
     script.write_text(_RECIPE_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
     summaries = {}
     for how in ("shard", "ddp"):
         values = overrides(source, tmp_path / how, objective="distill", save_method="merged", max_steps=3)
-        result = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
-            + [json.dumps(values), how],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=600,
-        )
-        assert result.returncode == 0, result.stderr[-4000:]
+        output = launch(script, [json.dumps(values), how], processes=2)
         summaries[how] = json.loads((tmp_path / how / "results.json").read_text())
         if how == "shard":
-            assert "FSDP: merging from" in result.stdout + result.stderr
+            assert "FSDP: merging from" in output
 
     sharded, ddp = summaries["shard"], summaries["ddp"]
     assert sharded["training"]["engine"] == "fsdp2" and ddp["training"]["engine"] == "ddp"
