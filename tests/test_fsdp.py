@@ -132,6 +132,7 @@ if rank == 0:
     with open(f"{out}/log.json", "w") as f:
         json.dump(log, f)
 if sharded:
+    dist.barrier()  # both processes done with every collective (without, gloo aborted at exit about 1 run in 5)
     dist.destroy_process_group()
 """
 
