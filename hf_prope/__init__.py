@@ -9,6 +9,9 @@ The public API is what ``__all__`` lists::
     hf_prope.unpatch_model(model)                   # back to the original, bit for bit
     hf_prope.apply_p_rope_to_llama(p=0.25)          # class level: models built afterwards are patched
     hf_prope.export_gguf(model, "model.gguf")       # llama.cpp runs it with the patch (Llama, Mistral)
+    hf_prope.extend_context(model, "yarn:2")        # YaRN / dynamic / linear / a temperature, under the patch
+
+    hf_prope.passkey.passkey_accuracy(model, tokenizer, lengths=[8192, 16384])  # retrieval by length x depth
 
     usage = hf_prope.analysis.frequency_usage(model, tokenizer, texts)  # which frequencies it uses
     hf_prope.analysis.suggest_p(usage)                                  # which p to try, with evidence
@@ -28,10 +31,11 @@ from .rope_types import register_rope_types as _register_rope_types
 
 _register_rope_types()
 
-from . import analysis, rotation  # noqa: E402
+from . import analysis, passkey, rotation  # noqa: E402
 from . import legacy_config as _legacy_config  # noqa: E402
 from . import patches as _patches  # noqa: E402  (registers the architectures)
 from .class_patching import ClassPatch, apply_patch_to_class, class_patched, class_patches, revert_class_patches  # noqa: E402
+from .context_extension import ContextExtension, extend_context, get_context_extension  # noqa: E402
 from .gguf import GGUFExportError, export_gguf  # noqa: E402
 from .hub import from_pretrained, push_to_hub, save_pretrained  # noqa: E402
 from .patch_record import PatchMismatchError  # noqa: E402
@@ -90,6 +94,10 @@ __all__ = [
     "layer_frequencies",
     "analysis",
     "rotation",
+    "passkey",
+    "extend_context",
+    "get_context_extension",
+    "ContextExtension",
     "apply_patch_to_class",
     "revert_class_patches",
     "class_patches",

@@ -288,3 +288,39 @@ def split_long_documents(
         total_tokens=int(sum(len(d) for d in docs)),
         heldout_documents=len(used),
     )
+
+
+def long_documents(
+    docs: Sequence[torch.Tensor], tokens: int, *, max_documents: int | None = None
+) -> list[torch.Tensor]:
+    """The first ``tokens`` ids of every document at least that long (up to ``max_documents``, in order).
+
+    Raises ``ValueError`` naming the longest document when none is long enough.
+    """
+    if tokens < 2:
+        raise ValueError(f"tokens per document must be at least 2, got {tokens}.")
+    if max_documents is not None and max_documents < 1:
+        raise ValueError(f"max_documents must be at least 1 (or unset for all), got {max_documents}.")
+    chosen = [d[:tokens] for d in docs if len(d) >= tokens][:max_documents]
+    if not chosen:
+        longest = max((len(d) for d in docs), default=0)
+        raise ValueError(
+            f"No document has {tokens} tokens (the longest has {longest}); use longer documents or fewer tokens "
+            "per document."
+        )
+    return chosen
+
+
+def document_windows(docs: Sequence[torch.Tensor], window: int) -> torch.Tensor:
+    """Every document cut into whole windows of ``window`` ids, ``(n, window)``: no window spans two documents.
+
+    A document's tail shorter than a window is left out. Raises ``ValueError`` when no document
+    holds a whole window.
+    """
+    if window < 2:
+        raise ValueError(f"window must be at least 2 tokens, got {window}.")
+    pieces = [d[: len(d) // window * window].reshape(-1, window) for d in docs if len(d) >= window]
+    if not pieces:
+        longest = max((len(d) for d in docs), default=0)
+        raise ValueError(f"No document holds a window of {window} tokens (the longest has {longest}).")
+    return torch.cat(pieces)

@@ -20,16 +20,62 @@ from .data import last_windows, python_docs_text, tokenize_text
 from .distributed import gathered_per_module, has_partitioned_parameters, rank_and_world
 from .patching import check_patch, patch_model, unpatch_model
 from .spec import PatchSpec
-from .state import get_patch
+from .state import get_patch, unwrap
 
 # (label, spec): spec None = the unpatched model; a dict is read with PatchSpec.from_dict.
 LabelledSpec = tuple[str, "PatchSpec | dict[str, Any] | None"]
 
-__all__ = ["perplexity", "zero_shot_table", "tokenize_text", "LabelledSpec"]
+__all__ = ["perplexity", "zero_shot_table", "tokenize_text", "LabelledSpec", "window_nll", "windows_perplexity"]
+
+# Past this many logits per forward pass (512 MiB in float32; a SmolLM2 window of 2,730 tokens),
+# the logits are made and scored chunk by chunk from the final hidden states: a 16,384-token window
+# of a 49,152-word vocabulary would otherwise hold 3.2 GB of logits, and as much again for the loss.
+FULL_LOGITS_LIMIT = 2**27
+LOGITS_CHUNK_TOKENS = 1024
+
+
+def window_nll(model: Any, batch: torch.Tensor, *, logits_chunk: int | None = None) -> torch.Tensor:
+    """Summed next-token cross-entropy (float64) of ``batch`` ``(n, window)``, no grad taken here.
+
+    ``logits_chunk``: tokens per chunk of logits (``None``: whole when they are small, else
+    :data:`LOGITS_CHUNK_TOKENS`). The chunked path runs the decoder once and the model's own
+    output layer (soft-capping included) on each chunk, so peak memory does not grow with the
+    vocabulary times the window. Models whose weights are partitioned (ZeRO-3, FSDP2) take the
+    whole path, through their wrapped forward.
+    """
+    vocab = int(getattr(unwrap(model).config, "vocab_size", 0) or 0)
+    if logits_chunk is None and batch.numel() * vocab > FULL_LOGITS_LIMIT and not has_partitioned_parameters(model):
+        logits_chunk = LOGITS_CHUNK_TOKENS
+    if logits_chunk is None:
+        logits = model(input_ids=batch, use_cache=False).logits
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"
+        )
+        return nll.double()
+    from .distillation import output_layer
+
+    if logits_chunk < 1:
+        raise ValueError(f"logits_chunk must be at least 1 token, got {logits_chunk}.")
+    hidden = unwrap(model).get_decoder()(input_ids=batch, use_cache=False).last_hidden_state[:, :-1]
+    head = output_layer(model)
+    targets = batch[:, 1:]
+    total = torch.zeros((), dtype=torch.float64, device=batch.device)
+    for start in range(0, hidden.shape[1], logits_chunk):
+        piece = head(hidden[:, start : start + logits_chunk]).float()
+        total += torch.nn.functional.cross_entropy(
+            piece.flatten(0, 1), targets[:, start : start + logits_chunk].flatten(), reduction="sum"
+        ).double()
+    return total
 
 
 def _nll_sum(
-    model: Any, windows: torch.Tensor, batch_size: int, bar: Any, *, passes: int | None = None
+    model: Any,
+    windows: torch.Tensor,
+    batch_size: int,
+    bar: Any,
+    *,
+    passes: int | None = None,
+    logits_chunk: int | None = None,
 ) -> tuple[float, int]:
     """Summed cross-entropy over every predicted token of every window, and the token count.
 
@@ -50,12 +96,8 @@ def _nll_sum(
                 model(input_ids=windows[:1].to(device) if windows.shape[0] else _spare_window(model), use_cache=False)
             for start in starts:
                 batch = windows[start : start + batch_size].to(device)
-                logits = model(input_ids=batch, use_cache=False).logits
-                nll = torch.nn.functional.cross_entropy(
-                    logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"
-                )
                 # Accumulate in Python floats (double) so the result does not depend on batch_size.
-                total_nll += float(nll.double())
+                total_nll += float(window_nll(model, batch, logits_chunk=logits_chunk))
                 total_tokens += batch[:, 1:].numel()
                 bar.update(batch.shape[0])
     finally:
@@ -75,6 +117,7 @@ def perplexity(
     n_windows: int = 16,
     progress: bool | str = False,
     batch_size: int = 1,
+    logits_chunk: int | None = None,
 ) -> float:
     """Perplexity of ``model`` on the last ``n_windows * window`` tokens of ``input_ids``.
 
@@ -82,10 +125,29 @@ def perplexity(
     predicted tokens. In a distributed run (``torch.distributed`` initialised) every process
     scores a share of the windows and all get the same total. ``progress`` is ``True`` for a
     tqdm bar or a string to use as its description. ``batch_size`` windows run per forward
-    pass (same result, more memory).
+    pass (same result, more memory). ``logits_chunk``: see :func:`window_nll` (the default
+    scores long windows chunk by chunk).
     Raises ``ValueError`` when ``input_ids`` is too short for the windows asked.
     """
     windows = last_windows(input_ids, window, n_windows)
+    return windows_perplexity(model, windows, progress=progress, batch_size=batch_size, logits_chunk=logits_chunk)
+
+
+def windows_perplexity(
+    model: Any,
+    windows: torch.Tensor,
+    *,
+    progress: bool | str = False,
+    batch_size: int = 1,
+    logits_chunk: int | None = None,
+) -> float:
+    """Perplexity of ``model`` on given windows ``(n, window)`` of ids, each from scratch.
+
+    As :func:`perplexity` (distributed, progress, batching), for windows cut another way, such as
+    :func:`hf_prope.data.document_windows` (every window inside one document).
+    """
+    if windows.dim() != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
+        raise ValueError(f"windows must be (n >= 1, window >= 2) token ids, got shape {tuple(windows.shape)}.")
     rank, world = rank_and_world()
     # Under torchrun each process scores its share of the windows; the sums are then added up.
     mine = windows[rank::world]
@@ -93,7 +155,7 @@ def perplexity(
     passes = -(-windows[0::world].shape[0] // max(1, batch_size)) if has_partitioned_parameters(model) else None
     desc = progress if isinstance(progress, str) else "perplexity"
     with tqdm(total=mine.shape[0], desc=desc, unit="window", disable=not progress or rank != 0) as bar:
-        nll, count = _nll_sum(model, mine, batch_size, bar, passes=passes)
+        nll, count = _nll_sum(model, mine, batch_size, bar, passes=passes, logits_chunk=logits_chunk)
     if world > 1:
         device = next(model.parameters()).device
         sums = torch.tensor([nll, float(count)], dtype=torch.float64, device=device)

@@ -485,3 +485,25 @@ def layer_frequencies(model: nn.Module, *, original: bool = False) -> torch.Tens
                     freq = freq * hook.channel_keep[: freq.numel()].to(freq.dtype)
         rows.append(freq)
     return torch.stack(rows)
+
+
+def set_base_rope(model: nn.Module, rope_parameters: dict[str, Any], key: str, record: dict[str, Any] | None) -> None:
+    """Give an unpatched model other rope parameters (its own copy of the config), with ``record`` under ``key``.
+
+    The rotary modules are rebuilt from the new config by transformers' own rotary class, as a
+    patch's are. :mod:`hf_prope.context_extension` uses this for its base RoPE types.
+    """
+    parts = model_parts(model)
+    if getattr(parts.config, CONFIG_KEY, None) is not None:
+        raise RuntimeError("set_base_rope needs an unpatched model; unpatch it first.")
+    old = parts.config
+    new = copy.deepcopy(old)
+    new.rope_parameters = copy.deepcopy(rope_parameters)
+    if record is None:
+        if hasattr(new, key):
+            delattr(new, key)
+    else:
+        setattr(new, key, copy.deepcopy(record))
+    _rebind_config(parts.root, old, new)
+    parts.config = new
+    _commit(parts, new, {})

@@ -140,6 +140,13 @@ class LoraRecipeArguments:
         },
     )
     eval_batch_size: int = field(default=1, metadata={"help": "Windows per evaluation forward pass."})
+    eval_extensions: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "After training, also evaluate (a) and (c) under these context extensions: yarn:S, dynamic:S, "
+            "linear:S, temperature:S (hf_prope.context_extension); e.g. [yarn:2,temperature:2]."
+        },
+    )
     control: bool = field(
         default=True, metadata={"help": "Also train the same LoRA on the unpatched model (doubles training time)."}
     )
@@ -187,6 +194,11 @@ class LoraRecipeArguments:
             raise ValueError(f"distill_temperature must be positive, got {self.distill_temperature}.")
         if not 0.0 <= self.distill_weight <= 1.0:
             raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight}.")
+        from hf_prope.context_extension import ContextExtension
+
+        self.extensions = [e for e in map(ContextExtension.parse, self.eval_extensions or []) if e is not None]
+        if len({e.label for e in self.extensions}) != len(self.extensions):
+            raise ValueError(f"eval_extensions lists the same extension twice: {self.eval_extensions}.")
         contexts = self.contexts
         if len(set(contexts)) != len(contexts) or min(contexts) < 2:
             raise ValueError(f"eval_contexts must be distinct lengths of at least 2 tokens, got {contexts}.")
@@ -327,6 +339,11 @@ class LoRARecipe(TrainingRecipe):
             )
         self._check_targets()
         check_patch(self.model, self.spec)
+        for ext in self.recipe_args.extensions:  # an extension the model cannot take fails before training
+            from hf_prope.context_extension import extended_rope_parameters
+            from hf_prope.state import original_rope_parameters
+
+            extended_rope_parameters(self.model.config, ext, original_rope_parameters(self.model.config))
         if ra.gguf is not None:
             check_exportable(self.model, self.spec, tokenizer=vocabulary_for(self.model, self.tokenizer))
         if ra.transfer_steps and ra.transfer_steps >= ta.max_steps:
@@ -543,9 +560,35 @@ class LoRARecipe(TrainingRecipe):
             for context in ra.contexts
         }
 
+    def evaluate_extensions(self) -> dict[str, dict[str, dict[int, float]]]:
+        """(a) and (c) under each ``eval_extensions`` entry: label -> {"base": ..., "patched_after": ...}.
+
+        (a) is the trained model itself with its adapter off and its original RoPE (the extension
+        kept): no second model is loaded. The model is left unextended.
+        """
+        import contextlib
+
+        from hf_prope.context_extension import extend_context
+        from hf_prope.patching import original_rope
+
+        model = self.peft_model
+        out: dict[str, dict[str, dict[int, float]]] = {}
+        try:
+            for ext in self.recipe_args.extensions:
+                extend_context(model, ext)
+                after = self.evaluate(f"(c) + {ext.label}", model)
+                adapter_off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+                with adapter_off, original_rope(model):
+                    base = self.evaluate(f"(a) + {ext.label}", model)
+                out[ext.label] = {"base": base, "patched_after": after}
+        finally:
+            extend_context(model, None)
+        return out
+
     def report(self) -> dict[str, Any]:
         """(c) on the trained model, then ``results.json``, the table and the plot (rank 0 writes)."""
         self.results["patched_after"] = self.evaluate("(c) patched after training", self.peft_model)
+        self.results["extensions"] = self.evaluate_extensions()
         shares = self.parameter_shares()
         self.say(
             f"Parameters held per process ({self.engine()}): "
@@ -568,6 +611,15 @@ class LoRARecipe(TrainingRecipe):
                 "cost_over_base": after / r["base"][c],
                 "gap_over_control": after / control if control else None,
                 "extrapolation": bool(limit is not None and c > limit),
+                "extensions": {
+                    label: {
+                        "base": e["base"][c],
+                        "patched_after_training": e["patched_after"][c],
+                        "cost_over_base": e["patched_after"][c] / e["base"][c],
+                        "cost_over_original": e["patched_after"][c] / r["base"][c],
+                    }
+                    for label, e in r.get("extensions", {}).items()
+                },
             }
         metric = "gap_over_control" if ra.objective == "lm" and "control" in r else "cost_over_base"
         self.summary = {
@@ -837,6 +889,12 @@ def format_table(summary: dict[str, Any]) -> str:
         if all(v is None for v in cells):
             continue
         lines.append(f"{name:<{width}}" + "".join(f"{'-':>10}" if v is None else f"{v:>10.3f}" for v in cells))
+    for label in p[contexts[0]].get("extensions", {}):
+        for key, name in (("base", f"(a) + {label}"), ("patched_after_training", f"(c) + {label}")):
+            cells = [p[c]["extensions"][label][key] for c in contexts]
+            lines.append(f"{name:<{width}}" + "".join(f"{v:>10.2f}" for v in cells))
+        cells = [p[c]["extensions"][label]["cost_over_original"] for c in contexts]
+        lines.append(f"{f'(c) + {label} / (a)':<{width}}" + "".join(f"{v:>10.3f}" for v in cells))
     if any(p[c]["extrapolation"] for c in contexts):
         lines.append(f"* beyond the model's training length ({summary['training_length']} tokens)")
     metric = summary["headline"]["metric"]

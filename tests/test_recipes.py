@@ -100,7 +100,9 @@ def _losses(summary: dict, stage: str = "patched") -> list[float]:
 @pytest.fixture(scope="module")
 def trained(source, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("run") / "out"
-    summary = LoRARecipe.from_config(None, overrides(source, out, eval_contexts=CONTEXTS)).run()
+    summary = LoRARecipe.from_config(
+        None, overrides(source, out, eval_contexts=CONTEXTS, eval_extensions=["yarn:2", "temperature:2"])
+    ).run()
     return {"out": out, "summary": summary}
 
 
@@ -110,6 +112,37 @@ CONTEXTS = [16, WINDOW, 64]  # the held-out WINDOW x N_WINDOWS = 128 tokens, cut
 def at(summary: dict, context: int = WINDOW) -> dict:
     """The figures of one evaluation context."""
     return summary["perplexity"][str(context)]
+
+
+def test_lora_recipe_evaluates_under_context_extensions(source, trained) -> None:
+    """(a) and (c) under YaRN and a temperature: transformers' own YaRN base, and the reloaded adapter extended."""
+    from hf_prope.context_extension import extend_context
+
+    summary, ids = trained["summary"], stream(source)
+    yarn_base = AutoModelForCausalLM.from_pretrained(
+        source["model"],
+        rope_parameters={
+            "rope_type": "yarn",
+            "factor": 2.0,
+            "rope_theta": 10_000.0,
+            "original_max_position_embeddings": 256,
+        },
+    )
+    adapter = hf_prope.from_pretrained(trained["out"] / "adapter")
+    extend_context(adapter, "temperature:2")
+    for context in CONTEXTS:
+        p, n = at(summary, context), WINDOW * N_WINDOWS // context
+        yarn, temp = p["extensions"]["YaRN x2"], p["extensions"]["temperature 1.07"]
+        # This tiny model barely uses positions: the extensions move its perplexity by ~5e-6, so the oracle
+        # must agree ten times closer than that for the check to tell an extension from none.
+        assert yarn["base"] == pytest.approx(loss_perplexity(yarn_base, ids, context, n), rel=3e-7)
+        assert temp["patched_after_training"] == pytest.approx(loss_perplexity(adapter, ids, context, n), rel=3e-7)
+        assert temp["cost_over_original"] == pytest.approx(temp["patched_after_training"] / p["base"])
+        assert abs(temp["patched_after_training"] / p["patched_after_training"] - 1) > 2e-6
+    assert "(c) + YaRN x2" in format_table(summary)
+    assert hf_prope.from_pretrained(trained["out"] / "adapter").config.rope_parameters["rope_type"] != "yarn"
+    with pytest.raises(ValueError, match="method:factor"):
+        LoRARecipe.from_config(None, overrides(source, trained["out"], eval_extensions=["yarn"]))
 
 
 def test_lora_recipe_against_independent_measurements(source, trained) -> None:
@@ -549,6 +582,119 @@ def test_eval_recipe_by_context_against_independent_measurements(source, trained
     assert on_disk["settings"]["eval_tokens"] == 128
     assert (out / "perplexity_by_context.png").read_bytes()[:4] == b"\x89PNG"
     assert summary["training_length"] == 256
+
+
+def test_eval_recipe_long_context_variants_document_windows_and_passkey(source, trained, tmp_path) -> None:
+    """Extensions x variants, windows inside documents, passkey: each figure against its own oracle."""
+    from transformers import AutoTokenizer
+
+    from hf_prope.context_extension import extend_context
+    from hf_prope.passkey import passkey_accuracy
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    text = source["text"].read_text()
+    (docs / "a.txt").write_text(text[:3000])
+    (docs / "b.txt").write_text(text[5000:5200])  # too short: left out
+    (docs / "c.txt").write_text(text[8000:11000])
+    out = tmp_path / "eval"
+    summary = ContextEvalRecipe.from_config(
+        None,
+        {
+            "model": str(source["model"]),
+            "dataset": str(docs),
+            "output_dir": str(out),
+            "p": [1.0, 0.5],
+            "extensions": ["none", "yarn:2", "temperature:2"],
+            "contexts": [64, 512],  # 512 > the model's 256: past its training length
+            "eval_tokens": 1024,
+            "windows": "documents",
+            "trained": [str(trained["out"] / "adapter")],
+            "passkey_lengths": [300, 400],
+            "passkey_depths": [0.0, 1.0],
+            "passkey_trials": 1,
+        },
+    ).run()
+    rows = {r["variant"]: r for r in summary["rows"]}
+    temperature = "temperature 1.07"
+    assert list(rows) == [
+        "RoPE",
+        "YaRN x2",
+        temperature,
+        "p=0.5",
+        "p=0.5 + YaRN x2",
+        f"p=0.5 + {temperature}",
+        "trained: out",
+        "trained: out + YaRN x2",
+        f"trained: out + {temperature}",
+    ]
+    assert summary["documents"] == 2
+    # The oracle: the first 1024 tokens of a.txt and of c.txt, each cut alone; transformers' own loss.
+    tok = AutoTokenizer.from_pretrained(source["model"])
+    firsts = [
+        torch.tensor(tok(p.read_text(), add_special_tokens=False)["input_ids"][:1024])
+        for p in (docs / "a.txt", docs / "c.txt")
+    ]
+    assert all(len(f) == 1024 for f in firsts)
+
+    def doc_perplexity(model, window):
+        windows = torch.cat([f.reshape(-1, window) for f in firsts])
+        model.eval()
+        with torch.no_grad():
+            losses = [model(w[None], labels=w[None]).loss.item() for w in windows]
+        return math.exp(sum(losses) / len(losses))
+
+    base = AutoModelForCausalLM.from_pretrained(source["model"])
+    assert rows["RoPE"]["perplexity"][512] == pytest.approx(doc_perplexity(base, 512), rel=1e-5)
+    yarn = AutoModelForCausalLM.from_pretrained(  # transformers' own YaRN
+        source["model"],
+        rope_parameters={
+            "rope_type": "yarn",
+            "factor": 2.0,
+            "rope_theta": 10_000.0,
+            "original_max_position_embeddings": 256,
+        },
+    )
+    assert rows["YaRN x2"]["perplexity"][512] == pytest.approx(doc_perplexity(yarn, 512), rel=1e-5)
+    hf_prope.patch_model(yarn, "p-rope", p=0.5)
+    assert rows["p=0.5 + YaRN x2"]["perplexity"][64] == pytest.approx(doc_perplexity(yarn, 64), rel=1e-5)
+    adapter = hf_prope.from_pretrained(trained["out"] / "adapter")
+    extend_context(adapter, "temperature:2")
+    assert rows[f"trained: out + {temperature}"]["perplexity"][512] == pytest.approx(
+        doc_perplexity(adapter, 512), rel=1e-5
+    )
+    assert rows["trained: out"]["spec"] == hf_prope.get_patch(adapter).to_dict()
+    assert rows["YaRN x2"]["extension"] == {"method": "yarn", "factor": 2.0}
+    # passkey: the recipe's table is passkey_accuracy's on the same model
+    expected = passkey_accuracy(base, tok, lengths=[300, 400], depths=[0.0, 1.0], trials=1)
+    assert rows["RoPE"]["passkey"] == expected
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["rows"][1]["perplexity"]["512"] == rows["YaRN x2"]["perplexity"][512]
+    for name in ("perplexity_by_context.png", "passkey.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_recipe_long_context_bad_input(source, tmp_path) -> None:
+    with pytest.raises(ValueError, match="method:factor"):
+        ContextEvalRecipe.from_config(None, {"extensions": ["yarn"]})
+    with pytest.raises(ValueError, match="twice"):
+        ContextEvalRecipe.from_config(None, {"extensions": ["yarn:2", "yarn:2.0"]})
+    with pytest.raises(ValueError, match="passkey_lengths"):
+        ContextEvalRecipe.from_config(None, {"passkey_lengths": [16]})
+    with pytest.raises(ValueError, match="windows=documents"):
+        ContextEvalRecipe.from_config(None, {"max_documents": 2})
+    base = {"model": str(source["model"]), "dataset": str(source["text"]), "output_dir": str(tmp_path / "o")}
+    recipe = ContextEvalRecipe.from_config(
+        None, {**base, "windows": "documents", "eval_tokens": 10**6, "contexts": [64]}
+    )
+    with pytest.raises(ValueError, match="No document has 1000000 tokens"):
+        recipe.setup()
+    recipe = ContextEvalRecipe.from_config(
+        None, {**base, "passkey_lengths": [64], "contexts": [64], "eval_tokens": 128}
+    )
+    with pytest.raises(ValueError, match="A passkey prompt needs at least"):
+        recipe.setup()
+    assert not (tmp_path / "o" / "results.json").exists()
 
 
 def test_recipes_load_a_saved_layer_selective_model_with_its_hooks(source, tmp_path) -> None:

@@ -6,19 +6,22 @@ back-to-back calls of a few minutes, each one command that calls this script:
 
     .ci/gpu/run prepare            # CPU machine: wheels, project, corpus, model parts -> .gpu/
     .ci/gpu/run first              # call 1 (carry .gpu/common .gpu/part1): (a) tests, (b) bench
-    .ci/gpu/run second             # call 2 (carry .gpu/common .gpu/part2): (e) FSDP2, (c) distill, (d) + Liger
+    .ci/gpu/run second             # call 2 (carry .gpu/common .gpu/part2): (e) FSDP2, (c) distill, (d) + Liger,
+                                   #   (f) long context: the p=0.5 long retrofit, then 8k-32k by document, 64k
+
     .ci/gpu/run dry-run            # CPU rehearsal of all three (CI runs it): tiny shapes, a few steps
 
 Device calls (each under the tool's 2,000 characters):
 
     run(command=".ci/gpu/run first", carry=[".gpu/common", ".gpu/part1"], timeout_s=420)
-    run(command=".ci/gpu/run second", carry=[".gpu/common", ".gpu/part2"], timeout_s=420)
+    run(command=".ci/gpu/run second", carry=[".gpu/common", ".gpu/part2"], timeout_s=480)
 
 Call 1 keeps its half of the embedded SmolLM2 GGUF in /tmp/hf-prope-gpu (outside the work
 tree, which each call replaces) for call 2, which must follow while the machine is still warm
 (30 s); if it finds no first half it says so and stops. Every result lands as JSON under $OUT:
 ``tests.xml`` and ``tests.json`` (a), ``bench.json`` (b), ``distill.json`` (c),
-``distill_liger.json`` (d), ``fsdp_distill.json`` and ``fsdp_lm.json`` (e), and ``first.json`` /
+``distill_liger.json`` (d), ``fsdp_distill.json`` and ``fsdp_lm.json`` (e), ``long_train.json``,
+``long_eval.json`` and ``long_eval_64k.json`` (f), and ``first.json`` /
 ``second.json`` (what ran, for how long, the machine). Standard library only, plus the project
 once installed.
 
@@ -353,7 +356,70 @@ def second(out: Path, common: Path, part: Path, device: str, quick: bool, dry: b
             shutil.copy2(run_dir / "results.json", target)
             step["results"] = target.name
         report["steps"][name] = step
+    report["steps"]["f_long_context"] = _long_context(out, model, docs, device, quick)
     return report
+
+
+# (f): documents no run of (f) trains on; os and stdtypes hold 32,768 tokens each, the other two 16,384.
+LONG_HELDOUT = (
+    "library/os.rst.txt",
+    "library/stdtypes.rst.txt",
+    "library/multiprocessing.rst.txt",
+    "library/ssl.rst.txt",
+)
+LONG_EVAL = [
+    "p=[1.0,0.5]",
+    "extensions=[none,yarn:2,yarn:4,temperature:4]",
+    "batch_size=1",
+]
+
+
+def _long_context(out: Path, model: Path, docs: Path, device: str, quick: bool) -> dict:
+    """(f) the long-context retrofit (smollm2_135m_p_rope_long, bf16) on the docs less four held out, then the
+    eval recipe on those four: original, YaRN, p=0.5 and the retrofit at 8k/16k/32k (each window inside one
+    document) with passkey, and at 64k (windows across the four documents, joined)."""
+    train, heldout = STASH / "long-train", STASH / "long-heldout"
+    for folder in (train, heldout):
+        shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(docs, train)
+    heldout.mkdir(parents=True)
+    for name in LONG_HELDOUT:
+        shutil.move(str(train / name), str(heldout / Path(name).name))
+    base = [f"model={model}", "report_to=none", "gguf=null", "save_steps=100000"]
+    steps: dict = {}
+    trained = STASH / "long_train"
+    train_args = ["run", "lora", "--config", "smollm2_135m_p_rope_long", *base, f"dataset={train}"]
+    train_args += [f"output_dir={trained}", "overwrite=true"]
+    if quick:
+        train_args += ["max_steps=2", "transfer_steps=1", "transfer_blocks=1", "block_size=256", "eval_window=256"]
+        train_args += ["eval_contexts=[256]"]
+    else:
+        train_args += ["bf16=true", "gradient_checkpointing=true"]
+    steps["train"] = _hf_prope(train_args, out / "long_train.txt")
+    if (trained / "results.json").is_file():
+        shutil.copy2(trained / "results.json", out / "long_train.json")
+    adapter = f"trained=[{trained / 'adapter'}]" if (trained / "adapter").is_dir() else "trained=null"
+    evals = {
+        "long_eval": ["windows=documents", "contexts=[2048,8192,16384,32768]", "eval_tokens=32768"]
+        + ["passkey_lengths=[8192,16384,32768]", "passkey_depths=[0.0,0.25,0.5,0.75,1.0]", "passkey_trials=2"],
+        "long_eval_64k": ["windows=tail", "contexts=[8192,32768,65536]", "eval_tokens=131072", "passkey_lengths=null"],
+    }
+    if quick:
+        evals = {
+            "long_eval": ["windows=documents", "contexts=[128,256]", "eval_tokens=256", "passkey_lengths=[128]"]
+            + ["passkey_depths=[0.0,1.0]", "passkey_trials=1"],
+            "long_eval_64k": ["windows=tail", "contexts=[512]", "eval_tokens=512", "passkey_lengths=null"],
+        }
+    for name, extra in evals.items():
+        folder = STASH / name
+        args = ["run", "eval", "--config", "smollm2_135m_long_eval", f"model={model}", f"dataset={heldout}"]
+        steps[name] = _hf_prope([*args, *LONG_EVAL, *extra, adapter, f"output_dir={folder}"], out / f"{name}.txt")
+        if (folder / "results.json").is_file():
+            shutil.copy2(folder / "results.json", out / f"{name}.json")
+            steps[name]["results"] = f"{name}.json"
+        if (folder / "passkey.png").is_file():
+            shutil.copy2(folder / "passkey.png", out / f"{name}_passkey.png")
+    return steps
 
 
 # (e): the run settings; SmolLM2's decoder layers are Llama's.
@@ -437,7 +503,14 @@ def main(argv: list[str] | None = None) -> int:
                 "second": second(out, dest / "common", dest / "part2", "cpu", True, True),
             }
             produced = sorted(p.name for p in out.iterdir())
-            for name in ("tests.json", "tests.xml", "bench.json", "distill.json"):
+            for name in (
+                "tests.json",
+                "tests.xml",
+                "bench.json",
+                "distill.json",
+                "long_eval.json",
+                "long_eval_64k.json",
+            ):
                 if name not in produced:
                     raise SystemExit(f"the rehearsal produced no {name} (it produced {produced})")
             if reports["first"]["steps"]["a_tests"]["returncode"] != 0:
