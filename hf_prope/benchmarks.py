@@ -846,6 +846,81 @@ def bench_distill(device: torch.device, repeats: int, quick: bool, profile: bool
     ]
 
 
+def window_step(path: str, device: torch.device, quick: bool) -> Callable[[], None]:
+    """Scoring one long window of a SmolLM2-shaped model (random weights, fp32), ``chunked`` or ``whole``.
+
+    ``chunked`` is :func:`hf_prope.evaluation.window_nll` (logits made and scored 1,024 positions at
+    a time); ``whole`` is transformers' own ``model(input_ids, labels=...)`` loss, every logit at once.
+    16,384 tokens with 30 layers (twice SmolLM2's training length); quick: 1,024 tokens, 2 layers.
+    """
+    from transformers import LlamaForCausalLM
+
+    from .evaluation import window_nll
+
+    tokens, layers = (1024, 2) if quick else (16384, 30)
+    config = smollm2_config(num_hidden_layers=layers, max_position_embeddings=tokens)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(device).eval()
+    ids = torch.randint(0, config.vocab_size, (1, tokens), device=device)
+
+    def step() -> None:
+        with torch.inference_mode():
+            if path == "chunked":
+                window_nll(model, ids, logits_chunk=1024)
+            else:
+                model(input_ids=ids, labels=ids, use_cache=False)
+        _sync(device)
+
+    return step
+
+
+def bench_long_window(device: torch.device, repeats: int, quick: bool, profile: bool = False) -> list[Row]:
+    """Peak memory (and time) of scoring one 16,384-token window: chunked logits vs transformers' whole-logits loss.
+
+    Each path in a fresh process (:mod:`hf_prope.memory_probe`), one call: at this length a call
+    takes minutes on a CPU, so ``repeats`` does not apply.
+    """
+    import json
+    import subprocess
+
+    measured = {}
+    for path in ("chunked", "whole"):
+        out = subprocess.run(
+            [sys.executable, "-m", "hf_prope.memory_probe", f"window-{path}", str(device), "1" if quick else "0"],
+            capture_output=True,
+            text=True,
+            timeout=3600,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"The {path} window probe failed:\n{out.stderr[-2000:]}")
+        measured[path] = json.loads(out.stdout.strip().splitlines()[-1])
+    shape = "1 x 1024, 2 layers" if quick else "1 x 16384, 30 layers"
+    note = f"SmolLM2-shaped, vocabulary 49,152, {shape}, fp32, sdpa attention; one call, own process"
+    chunked, whole = measured["chunked"], measured["whole"]
+    return [
+        Row(
+            "peak memory of scoring a long window",
+            "hf-prope (logits in 1,024-token chunks)",
+            chunked["peak_bytes"] / 2**20,
+            "MiB",
+            "transformers' loss (whole logits)",
+            whole["peak_bytes"] / 2**20,
+            "lower",
+            note=note,
+        ),
+        Row(
+            "time of scoring a long window",
+            "hf-prope (logits in 1,024-token chunks)",
+            chunked["seconds"],
+            "s",
+            "transformers' loss (whole logits)",
+            whole["seconds"],
+            "lower",
+            note=note + " (model building included)",
+        ),
+    ]
+
+
 def _runtime(log_history: list[dict[str, Any]]) -> float:
     for entry in reversed(log_history):
         if "train_runtime" in entry:
@@ -860,6 +935,7 @@ RUNNERS: dict[str, Callable[..., list[Row]]] = {
     "patch": bench_patch,
     "recipe": bench_recipe,
     "distill": bench_distill,
+    "long_window": bench_long_window,
 }
 #: The benchmark names, in the order they run: the one list (the CLI's help and choices come from it).
 BENCHMARKS: tuple[str, ...] = tuple(RUNNERS)

@@ -1,10 +1,12 @@
-"""The peak memory of one training step, measured in a process of its own (``hf-prope bench``'s distill row).
+"""The peak memory of one step, measured in a process of its own (``hf-prope bench``'s distill and long_window rows).
 
 ``python -m hf_prope.memory_probe OBJECTIVE DEVICE QUICK`` builds the step of
-:func:`hf_prope.benchmarks.distill_step` (``lm`` or ``distill``), runs it once and prints
-``{"peak_bytes": N}``: on CUDA the allocator's peak beyond what was allocated before the step,
-on Linux CPUs the growth of the peak resident set. A fresh process for each objective, so one
-objective's freed memory cannot hide the other's peak.
+:func:`hf_prope.benchmarks.distill_step` (``lm`` or ``distill``), or with OBJECTIVE
+``window-chunked`` / ``window-whole`` the scoring of one long window
+(:func:`hf_prope.benchmarks.window_step`), runs it once and prints ``{"peak_bytes": N,
+"seconds": S}``: on CUDA the allocator's peak beyond what was allocated before the step, on Linux
+CPUs the growth of the peak resident set. A fresh process for each, so one's freed memory cannot
+hide the other's peak.
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ def _status(key: str) -> int:
 
 def peak_bytes(objective: str, device: str, quick: bool) -> int:
     """One step of ``objective`` on ``device``: its peak memory in bytes."""
-    from .benchmarks import distill_step
+    from .benchmarks import distill_step, window_step
 
-    step = distill_step(objective, torch.device(device), quick)
+    if objective.startswith("window-"):
+        step = window_step(objective.removeprefix("window-"), torch.device(device), quick)
+    else:
+        step = distill_step(objective, torch.device(device), quick)
     if device.startswith("cuda"):
         step()  # warm-up: the caching allocator's pools
         torch.cuda.synchronize()
@@ -44,8 +49,12 @@ def peak_bytes(objective: str, device: str, quick: bool) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import time
+
     objective, device, quick = list(sys.argv[1:] if argv is None else argv)
-    print(json.dumps({"peak_bytes": peak_bytes(objective, device, quick == "1")}))
+    started = time.perf_counter()
+    peak = peak_bytes(objective, device, quick == "1")
+    print(json.dumps({"peak_bytes": peak, "seconds": time.perf_counter() - started}))
     return 0
 
 

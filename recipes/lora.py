@@ -140,6 +140,13 @@ class LoraRecipeArguments:
         },
     )
     eval_batch_size: int = field(default=1, metadata={"help": "Windows per evaluation forward pass."})
+    eval_passkey_lengths: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "After training, also score passkey retrieval of (a) and (c) at these prompt lengths (depths 0, "
+            "0.25, 0.5, 0.75, 1; 2 keys each; seed 0; hf_prope.passkey)."
+        },
+    )
     eval_extensions: list[str] | None = field(
         default=None,
         metadata={
@@ -339,6 +346,10 @@ class LoRARecipe(TrainingRecipe):
             )
         self._check_targets()
         check_patch(self.model, self.spec)
+        for length in self.recipe_args.eval_passkey_lengths or []:  # too short a prompt fails before training
+            from hf_prope.passkey import passkey_prompt
+
+            passkey_prompt(self.tokenizer, length, 0.5)
         for ext in self.recipe_args.extensions:  # an extension the model cannot take fails before training
             from hf_prope.context_extension import extended_rope_parameters
             from hf_prope.state import original_rope_parameters
@@ -560,6 +571,20 @@ class LoRARecipe(TrainingRecipe):
             for context in ra.contexts
         }
 
+    def evaluate_passkey(self) -> dict[str, Any]:
+        """Passkey accuracy of (c) and of (a) (the same model, adapter off, original RoPE) by length and depth."""
+        import contextlib
+
+        from hf_prope.passkey import passkey_accuracy
+        from hf_prope.patching import original_rope
+
+        model, lengths = self.peft_model, self.recipe_args.eval_passkey_lengths
+        after = passkey_accuracy(model, self.tokenizer, lengths=lengths, progress="(c) passkey")
+        adapter_off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+        with adapter_off, original_rope(model):
+            base = passkey_accuracy(model, self.tokenizer, lengths=lengths, progress="(a) passkey")
+        return {"base": base, "patched_after_training": after}
+
     def evaluate_extensions(self) -> dict[str, dict[str, dict[int, float]]]:
         """(a) and (c) under each ``eval_extensions`` entry: label -> {"base": ..., "patched_after": ...}.
 
@@ -589,6 +614,8 @@ class LoRARecipe(TrainingRecipe):
         """(c) on the trained model, then ``results.json``, the table and the plot (rank 0 writes)."""
         self.results["patched_after"] = self.evaluate("(c) patched after training", self.peft_model)
         self.results["extensions"] = self.evaluate_extensions()
+        if self.recipe_args.eval_passkey_lengths:
+            self.results["passkey"] = self.evaluate_passkey()
         shares = self.parameter_shares()
         self.say(
             f"Parameters held per process ({self.engine()}): "
@@ -651,6 +678,7 @@ class LoRARecipe(TrainingRecipe):
                 "engine": self.engine(),
                 "parameters_per_process": shares,
             },
+            "passkey": r.get("passkey"),
             "loss_curves": {stage: loss_curve(history) for stage, history in self.histories.items()},
             "seconds": round(time.perf_counter() - self.started, 1),
             "settings": self.settings(),
@@ -897,6 +925,12 @@ def format_table(summary: dict[str, Any]) -> str:
         lines.append(f"{f'(c) + {label} / (a)':<{width}}" + "".join(f"{v:>10.3f}" for v in cells))
     if any(p[c]["extrapolation"] for c in contexts):
         lines.append(f"* beyond the model's training length ({summary['training_length']} tokens)")
+    if summary.get("passkey"):
+        pk = summary["passkey"]
+        lengths = pk["base"]["lengths"]
+        lines += ["", f"{'passkey accuracy @ length':<{width}}" + "".join(f"{n:>10}" for n in lengths)]
+        for key, name in (("base", "(a) base model"), ("patched_after_training", "(c) patched + LoRA")):
+            lines.append(f"{name:<{width}}" + "".join(f"{sum(a) / len(a):>10.2f}" for a in pk[key]["accuracy"]))
     metric = summary["headline"]["metric"]
     by_context = summary["headline"]["by_context"]
     what = "cost over the original model" if metric == "cost_over_base" else "gap to the same LoRA on RoPE (control)"

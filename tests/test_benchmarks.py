@@ -112,3 +112,10 @@ def test_rotary_benchmark_sets_the_kernel_against_liger_and_transformers_under_t
             for r in kernel.values():
                 assert set(r["extra"]["times_ms"]) == {"transformers", "hf-prope", "hf-prope kernel", "Liger-Kernel"}
                 assert r["value"] == pytest.approx(r["extra"]["times_ms"]["hf-prope kernel"])
+
+
+def test_long_window_benchmark_compares_chunked_scoring_with_the_whole_logits() -> None:
+    memory, seconds = benchmarks.run(["long_window"], repeats=1, quick=True)
+    assert memory.baseline == "transformers' loss (whole logits)" and memory.unit == "MiB"
+    assert memory.value > 0 and memory.baseline_value > 0 and seconds.value > 0 and seconds.baseline_value > 0
+    assert seconds.unit == "s" and "1 x 1024" in memory.note

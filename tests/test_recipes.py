@@ -101,7 +101,14 @@ def _losses(summary: dict, stage: str = "patched") -> list[float]:
 def trained(source, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("run") / "out"
     summary = LoRARecipe.from_config(
-        None, overrides(source, out, eval_contexts=CONTEXTS, eval_extensions=["yarn:2", "temperature:2"])
+        None,
+        overrides(
+            source,
+            out,
+            eval_contexts=CONTEXTS,
+            eval_extensions=["yarn:2", "temperature:2"],
+            eval_passkey_lengths=[300],
+        ),
     ).run()
     return {"out": out, "summary": summary}
 
@@ -140,6 +147,16 @@ def test_lora_recipe_evaluates_under_context_extensions(source, trained) -> None
         assert temp["cost_over_original"] == pytest.approx(temp["patched_after_training"] / p["base"])
         assert abs(temp["patched_after_training"] / p["patched_after_training"] - 1) > 2e-6
     assert "(c) + YaRN x2" in format_table(summary)
+    from transformers import AutoTokenizer
+
+    from hf_prope.passkey import passkey_accuracy
+
+    tok = AutoTokenizer.from_pretrained(source["model"])
+    reloaded = hf_prope.from_pretrained(trained["out"] / "adapter")
+    assert summary["passkey"]["patched_after_training"] == passkey_accuracy(reloaded, tok, lengths=[300])
+    base = AutoModelForCausalLM.from_pretrained(source["model"])
+    assert summary["passkey"]["base"] == passkey_accuracy(base, tok, lengths=[300])
+    assert "passkey accuracy @ length" in format_table(summary)
     assert hf_prope.from_pretrained(trained["out"] / "adapter").config.rope_parameters["rope_type"] != "yarn"
     with pytest.raises(ValueError, match="method:factor"):
         LoRARecipe.from_config(None, overrides(source, trained["out"], eval_extensions=["yarn"]))
