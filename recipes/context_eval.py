@@ -93,6 +93,7 @@ class ContextEvalArguments:
     passkey_trials: int = field(default=2, metadata={"help": "Prompts (different keys) per length and depth."})
     passkey_seed: int = field(default=0, metadata={"help": "Fixes the keys: the same prompts on every machine."})
     batch_size: int = field(default=1, metadata={"help": "Windows per forward pass."})
+    device: str = field(default="auto", metadata={"help": "auto (the GPU when there is one), cpu, cuda, cuda:1..."})
     output_dir: str = field(default="out/eval", metadata={"help": "Where results.json and the plot go."})
 
     def __post_init__(self) -> None:
@@ -112,6 +113,16 @@ class ContextEvalArguments:
                 raise ValueError(f"passkey_depths must be fractions in [0, 1], got {self.passkey_depths}.")
             if self.passkey_trials < 1:
                 raise ValueError(f"passkey_trials must be at least 1, got {self.passkey_trials}.")
+        import torch
+
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as e:
+            raise ValueError(f"device={self.device!r} is not a device torch knows ({e}); use auto, cpu or cuda.") from e
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r}: torch sees no GPU on this machine; use device=cpu or auto.")
         if self.max_documents is not None and self.windows != "documents":
             raise ValueError("max_documents applies to windows=documents; set windows=documents or unset it.")
         if not self.contexts or min(self.contexts) < 2:
@@ -170,6 +181,7 @@ class ContextEvalRecipe(Recipe):
         dataset = self.data_args.load()
         self.say(f"Loading {self.model_args.model} ...")
         self.model, self.tokenizer = self.model_args.load()
+        self.model.to(ea.device)
         for _, spec in self.variants:
             if spec is not None:
                 check_patch(self.model, spec)
@@ -285,7 +297,7 @@ class ContextEvalRecipe(Recipe):
         for path, folder in self.trained:
             # An adapter goes on (a copy of) this recipe's model; a full save is its own base.
             base = {"base_model": copy.deepcopy(self.model)} if (folder / "adapter_config.json").is_file() else {}
-            trained = hf_prope.from_pretrained(folder, **base).eval()
+            trained = hf_prope.from_pretrained(folder, **base).to(self.eval_args.device).eval()
             name = Path(path).parent.name if Path(path).name in ("adapter", "merged") else Path(path).name
             rows += self._rows(trained, f"trained: {name}", get_patch(trained))
             del trained

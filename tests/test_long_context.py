@@ -314,3 +314,21 @@ def test_passkey_accuracy_table(tokenizer) -> None:
     json.dumps(table)
     with pytest.raises(ValueError, match="trials"):
         passkey_accuracy(Knower(), tokenizer, lengths=[240], trials=0)
+
+
+def test_long_window_attention_gets_no_materialised_mask() -> None:
+    """sdpa gets no mask for an unpadded window (it runs causal, never holding the seq x seq scores)."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    masks = []
+
+    def record(module, query, key, value, attention_mask, **kwargs):
+        masks.append(attention_mask)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("hfp_record_mask", record)
+    model = tiny_model("llama", attn="hfp_record_mask")
+    with torch.no_grad():
+        window_nll(model, tokens(batch=1, length=LONG), logits_chunk=64)
+    assert len(masks) == model.config.num_hidden_layers and all(m is None for m in masks)

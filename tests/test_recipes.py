@@ -700,6 +700,11 @@ def test_eval_recipe_long_context_bad_input(source, tmp_path) -> None:
         ContextEvalRecipe.from_config(None, {"passkey_lengths": [16]})
     with pytest.raises(ValueError, match="windows=documents"):
         ContextEvalRecipe.from_config(None, {"max_documents": 2})
+    with pytest.raises(ValueError, match="not a device torch knows"):
+        ContextEvalRecipe.from_config(None, {"device": "tpu9"})
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no GPU"):
+            ContextEvalRecipe.from_config(None, {"device": "cuda"})
     base = {"model": str(source["model"]), "dataset": str(source["text"]), "output_dir": str(tmp_path / "o")}
     recipe = ContextEvalRecipe.from_config(
         None, {**base, "windows": "documents", "eval_tokens": 10**6, "contexts": [64]}

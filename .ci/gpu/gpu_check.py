@@ -404,16 +404,18 @@ def _long_context(out: Path, model: Path, docs: Path, device: str, quick: bool) 
         + ["passkey_lengths=[8192,16384,32768]", "passkey_depths=[0.0,0.25,0.5,0.75,1.0]", "passkey_trials=2"],
         "long_eval_64k": ["windows=tail", "contexts=[8192,32768,65536]", "eval_tokens=131072", "passkey_lengths=null"],
     }
-    if quick:
+    variants = LONG_EVAL
+    if quick:  # the same runs on tiny windows, fewer variants
         evals = {
             "long_eval": ["windows=documents", "contexts=[128,256]", "eval_tokens=256", "passkey_lengths=[128]"]
             + ["passkey_depths=[0.0,1.0]", "passkey_trials=1"],
             "long_eval_64k": ["windows=tail", "contexts=[512]", "eval_tokens=512", "passkey_lengths=null"],
         }
+        variants = ["p=[1.0]", "extensions=[none,yarn:2]", "batch_size=1"]
     for name, extra in evals.items():
         folder = STASH / name
         args = ["run", "eval", "--config", "smollm2_135m_long_eval", f"model={model}", f"dataset={heldout}"]
-        steps[name] = _hf_prope([*args, *LONG_EVAL, *extra, adapter, f"output_dir={folder}"], out / f"{name}.txt")
+        steps[name] = _hf_prope([*args, *variants, *extra, adapter, f"output_dir={folder}"], out / f"{name}.txt")
         if (folder / "results.json").is_file():
             shutil.copy2(folder / "results.json", out / f"{name}.json")
             steps[name]["results"] = f"{name}.json"
