@@ -43,8 +43,12 @@ def window_nll(model: Any, batch: torch.Tensor, *, logits_chunk: int | None = No
     vocabulary times the window. Models whose weights are partitioned (ZeRO-3, FSDP2) take the
     whole path, through their wrapped forward.
     """
+    if logits_chunk is not None and logits_chunk < 1:
+        raise ValueError(f"logits_chunk must be at least 1 token, got {logits_chunk}.")
     vocab = int(getattr(unwrap(model).config, "vocab_size", 0) or 0)
-    if logits_chunk is None and batch.numel() * vocab > FULL_LOGITS_LIMIT and not has_partitioned_parameters(model):
+    if has_partitioned_parameters(model):
+        logits_chunk = None  # its wrapped forward gathers the weights; the decoder alone would not
+    elif logits_chunk is None and batch.numel() * vocab > FULL_LOGITS_LIMIT:
         logits_chunk = LOGITS_CHUNK_TOKENS
     if logits_chunk is None:
         logits = model(input_ids=batch, use_cache=False).logits
@@ -54,8 +58,6 @@ def window_nll(model: Any, batch: torch.Tensor, *, logits_chunk: int | None = No
         return nll.double()
     from .distillation import output_layer
 
-    if logits_chunk < 1:
-        raise ValueError(f"logits_chunk must be at least 1 token, got {logits_chunk}.")
     hidden = unwrap(model).get_decoder()(input_ids=batch, use_cache=False).last_hidden_state[:, :-1]
     head = output_layer(model)
     targets = batch[:, 1:]
