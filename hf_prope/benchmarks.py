@@ -769,6 +769,22 @@ def distill_step(objective: str, device: torch.device, quick: bool) -> Callable[
     return step
 
 
+def _memory_probe(step: str, device: torch.device, quick: bool) -> dict[str, float]:
+    """``python -m hf_prope.memory_probe STEP``: the step's peak memory (bytes) and seconds, in a fresh process."""
+    import json
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, "-m", "hf_prope.memory_probe", step, str(device), "1" if quick else "0"],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"The {step} memory probe failed:\n{out.stderr[-2000:]}")
+    return {k: float(v) for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+
+
 def bench_distill(device: torch.device, repeats: int, quick: bool, profile: bool = False) -> list[Row]:
     """Self-distillation and layer-wise transfer against the LM objective: time of a training step and its peak memory.
 
@@ -777,25 +793,13 @@ def bench_distill(device: torch.device, repeats: int, quick: bool, profile: bool
     allocated before it (CUDA: ``max_memory_allocated``; CPU: the peak resident set during the
     step, reset just before it, less the resident set then; Linux only).
     """
-    import json
-    import subprocess
 
     objectives = ("lm", "distill", "transfer")
     fns = {objective: distill_step(objective, device, quick) for objective in objectives}
     times = interleaved(fns, repeats=repeats, inner=1, device=device)
     if profile:
         _profile("distill vs lm", fns, device)
-    peaks = {}
-    for objective in objectives:
-        out = subprocess.run(
-            [sys.executable, "-m", "hf_prope.memory_probe", objective, str(device), "1" if quick else "0"],
-            capture_output=True,
-            text=True,
-            timeout=1800,
-        )
-        if out.returncode != 0:
-            raise RuntimeError(f"The {objective} memory probe failed:\n{out.stderr[-2000:]}")
-        peaks[objective] = float(json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"])
+    peaks = {objective: _memory_probe(objective, device, quick)["peak_bytes"] for objective in objectives}
     shape = "1 x 128, 2 layers" if quick else ("1 x 2048" if device.type == "cpu" else "4 x 4096") + ", 30 layers"
     note = f"SmolLM2-shaped, p=0.75, LoRA r=16 q/k/v/o, {shape}, fp32; teacher = the model itself"
     return [
@@ -880,20 +884,7 @@ def bench_long_window(device: torch.device, repeats: int, quick: bool, profile: 
     Each path in a fresh process (:mod:`hf_prope.memory_probe`), one call: at this length a call
     takes minutes on a CPU, so ``repeats`` does not apply.
     """
-    import json
-    import subprocess
-
-    measured = {}
-    for path in ("chunked", "whole"):
-        out = subprocess.run(
-            [sys.executable, "-m", "hf_prope.memory_probe", f"window-{path}", str(device), "1" if quick else "0"],
-            capture_output=True,
-            text=True,
-            timeout=3600,
-        )
-        if out.returncode != 0:
-            raise RuntimeError(f"The {path} window probe failed:\n{out.stderr[-2000:]}")
-        measured[path] = json.loads(out.stdout.strip().splitlines()[-1])
+    measured = {path: _memory_probe(f"window-{path}", device, quick) for path in ("chunked", "whole")}
     shape = "1 x 1024, 2 layers" if quick else "1 x 16384, 30 layers"
     note = f"SmolLM2-shaped, vocabulary 49,152, {shape}, fp32, sdpa attention; one call, own process"
     chunked, whole = measured["chunked"], measured["whole"]

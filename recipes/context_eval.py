@@ -449,7 +449,8 @@ def plot_passkey(summary: dict[str, Any], path: Path) -> None:
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="accuracy (greedy, exact)")
     first = rows[0]["passkey"]
     fig.suptitle(
-        f"{summary['model']}: passkey retrieval, {first['trials']} keys per cell (seed {first['seed']})"
+        f"{summary['model']}: passkey retrieval, {first['trials']} key{'s' if first['trials'] > 1 else ''} per cell "
+        f"(seed {first['seed']})"
         + (
             f"; dashed: past the training length {summary['training_length']}" if summary.get("training_length") else ""
         ),

@@ -121,20 +121,18 @@ def at(summary: dict, context: int = WINDOW) -> dict:
     return summary["perplexity"][str(context)]
 
 
+def native_yarn(source, factor: float = 2.0):
+    """The tiny model as transformers itself builds it with YaRN (the oracle of the extension rows)."""
+    rope = {"rope_type": "yarn", "factor": factor, "rope_theta": 10_000.0, "original_max_position_embeddings": 256}
+    return AutoModelForCausalLM.from_pretrained(source["model"], rope_parameters=rope)
+
+
 def test_lora_recipe_evaluates_under_context_extensions(source, trained) -> None:
     """(a) and (c) under YaRN and a temperature: transformers' own YaRN base, and the reloaded adapter extended."""
     from hf_prope.context_extension import extend_context
 
     summary, ids = trained["summary"], stream(source)
-    yarn_base = AutoModelForCausalLM.from_pretrained(
-        source["model"],
-        rope_parameters={
-            "rope_type": "yarn",
-            "factor": 2.0,
-            "rope_theta": 10_000.0,
-            "original_max_position_embeddings": 256,
-        },
-    )
+    yarn_base = native_yarn(source)
     adapter = hf_prope.from_pretrained(trained["out"] / "adapter")
     extend_context(adapter, "temperature:2")
     for context in CONTEXTS:
@@ -663,15 +661,7 @@ def test_eval_recipe_long_context_variants_document_windows_and_passkey(source, 
 
     base = AutoModelForCausalLM.from_pretrained(source["model"])
     assert rows["RoPE"]["perplexity"][512] == pytest.approx(doc_perplexity(base, 512), rel=1e-5)
-    yarn = AutoModelForCausalLM.from_pretrained(  # transformers' own YaRN
-        source["model"],
-        rope_parameters={
-            "rope_type": "yarn",
-            "factor": 2.0,
-            "rope_theta": 10_000.0,
-            "original_max_position_embeddings": 256,
-        },
-    )
+    yarn = native_yarn(source)
     assert rows["YaRN x2"]["perplexity"][512] == pytest.approx(doc_perplexity(yarn, 512), rel=1e-5)
     hf_prope.patch_model(yarn, "p-rope", p=0.5)
     assert rows["p=0.5 + YaRN x2"]["perplexity"][64] == pytest.approx(doc_perplexity(yarn, 64), rel=1e-5)
