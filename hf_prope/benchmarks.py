@@ -310,8 +310,8 @@ def bench_rotary(device: torch.device, repeats: int, quick: bool, profile: bool 
     from hf_prope import rotary_kernel, rotation
 
     rotation.install(modeling.__name__)
-    wrapped = modeling.apply_rotary_pos_emb
-    native = getattr(wrapped, "__hf_prope_original__", wrapped)
+    wrapped = modeling.apply_rotary_pos_emb  # what the attention calls: ours in front of transformers'
+    native = rotation.transformers_apply(modeling.__name__)
     dtype = _dtype(device)  # GPUs train in bf16
     close = (
         torch.equal

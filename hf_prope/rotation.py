@@ -15,7 +15,9 @@ How it is installed, and why this way:
   ``apply_rotary_pos_emb``) still gets the right numbers.
 * The architecture's module-level ``apply_rotary_pos_emb`` is wrapped once (as
   Liger-Kernel swaps it; the attention ``forward`` looks it up at call time and is never
-  copied). A tagged call large enough to gain (:data:`MIN_ELEMENTS_TRAINING`,
+  copied). Where the ``kernels`` package is installed (newer transformers releases require it),
+  that attribute is an ``nn.Module`` made from the function; its instance ``forward`` is
+  replaced instead, so the object every attention and pickle refers to stays the same. A tagged call large enough to gain (:data:`MIN_ELEMENTS_TRAINING`,
   :data:`MIN_ELEMENTS_INFERENCE`) goes to :func:`rotate_prefix`; any other call goes to
   transformers' own function, unchanged. Because the tagged values are right at full width,
   either choice gives the same numbers. The per-model part (the tag hooks) is installed
@@ -55,8 +57,9 @@ TAG = "_hf_prope_rotating_pairs"
 MIN_ELEMENTS_TRAINING = 1 << 19
 MIN_ELEMENTS_INFERENCE = 1 << 20
 
-# modeling module name -> transformers' own apply_rotary_pos_emb, while the wrapper is in place
-_ORIGINALS: dict[str, Callable[..., Any]] = {}
+# modeling module name -> what its apply_rotary_pos_emb was (a function, or the nn.Module that
+# the kernels package makes of it), while the wrapper is in place
+_ORIGINALS: dict[str, Any] = {}
 _enabled = True
 
 
@@ -216,19 +219,39 @@ def disabled() -> Iterator[None]:
         _enabled = previous
 
 
+def _own_function(current: Any) -> Callable[..., Any] | None:
+    """transformers' own ``apply_rotary_pos_emb`` behind a module attribute, as a plain callable.
+
+    Without the ``kernels`` package the attribute is the function. With it, transformers'
+    ``use_kernel_forward_from_hub`` turns the function into an ``nn.Module`` instance whose
+    class ``forward`` is the function (and dispatches to a Hub kernel once a model is
+    kernelized); calling that class ``forward`` on the instance keeps that dispatch.
+    """
+    if isinstance(current, nn.Module):
+        return functools.partial(type(current).forward, current)
+    return current if callable(current) else None
+
+
+def _parameters(fn: Callable[..., Any]) -> list[str]:
+    if isinstance(fn, functools.partial):
+        return list(inspect.signature(fn.func).parameters)[1:]  # self, then the function's own
+    return list(inspect.signature(fn).parameters)
+
+
 def install(modeling_module: str) -> bool:
     """Wrap ``apply_rotary_pos_emb`` of one transformers modeling module (once); False if it has none."""
     if modeling_module in _ORIGINALS:
         return True
     module = importlib.import_module(modeling_module)
-    original = getattr(module, "apply_rotary_pos_emb", None)
-    if not callable(original):
-        return False
+    current = getattr(module, "apply_rotary_pos_emb", None)
+    original = _own_function(current)
     # Only the signature this wrapper understands; anything else keeps transformers' own function.
-    if list(inspect.signature(original).parameters) != ["q", "k", "cos", "sin", "unsqueeze_dim"]:
+    if original is None or _parameters(original) != ["q", "k", "cos", "sin", "unsqueeze_dim"]:
         return False
+    if isinstance(current, nn.Module) and "forward" in current.__dict__:
+        return False  # its forward was replaced already (a Hub kernel, another library): leave it
 
-    @functools.wraps(original)
+    @functools.wraps(original.func if isinstance(original, functools.partial) else original)
     def apply_rotary_pos_emb(
         q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,14 +267,21 @@ def install(modeling_module: str) -> bool:
         return original(q, k, cos, sin, unsqueeze_dim)
 
     apply_rotary_pos_emb.__hf_prope_original__ = original  # type: ignore[attr-defined]
-    # Some transformers versions keep the function on every attention module (``rotary_fn``),
-    # and pickle finds a function by its module and name, which now hold the wrapper. Give the
-    # original a name pickle can resolve here, in this process or a fresh one (module __getattr__).
-    original.__hf_prope_name__ = (original.__module__, original.__qualname__)  # type: ignore[attr-defined]
-    original.__module__ = __name__
-    original.__qualname__ = _PICKLE_PREFIX + modeling_module.replace(".", "__")
-    module.apply_rotary_pos_emb = apply_rotary_pos_emb  # type: ignore[attr-defined]
-    _ORIGINALS[modeling_module] = original
+    if isinstance(current, nn.Module):
+        # The instance stays the module attribute, so everything that holds it (each attention's
+        # copies of it, pickles that name it, other modules that imported it) stays valid; only
+        # its forward is ours. nn.Module.__call__ looks forward up on the instance first.
+        current.forward = apply_rotary_pos_emb
+    else:
+        # Some transformers versions keep the function on every attention module (``rotary_fn``),
+        # and pickle finds a function by its module and name, which now hold the wrapper. Give
+        # the original a name pickle can resolve here, in this process or a fresh one (module
+        # __getattr__).
+        original.__hf_prope_name__ = (original.__module__, original.__qualname__)  # type: ignore[attr-defined]
+        original.__module__ = __name__
+        original.__qualname__ = _PICKLE_PREFIX + modeling_module.replace(".", "__")
+        module.apply_rotary_pos_emb = apply_rotary_pos_emb  # type: ignore[attr-defined]
+    _ORIGINALS[modeling_module] = current
     return True
 
 
@@ -267,6 +297,18 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def transformers_apply(modeling_module: str) -> Callable[..., Any]:
+    """transformers' own ``apply_rotary_pos_emb`` of a modeling module, as a callable, wrapped or not.
+
+    The oracle for the fast path: it always computes the full-width formula (or a Hub kernel,
+    where a model was kernelized), whatever :func:`install` did.
+    """
+    current = importlib.import_module(modeling_module).apply_rotary_pos_emb
+    if isinstance(current, nn.Module):
+        return _own_function(current)  # type: ignore[return-value]
+    return getattr(current, "__hf_prope_original__", current)
+
+
 def uninstall(modeling_module: str | None = None) -> None:
     """Put transformers' own ``apply_rotary_pos_emb`` back (one module, or all).
 
@@ -275,7 +317,11 @@ def uninstall(modeling_module: str | None = None) -> None:
     """
     for name in [modeling_module] if modeling_module else list(_ORIGINALS):
         original = _ORIGINALS.pop(name, None)
-        if original is not None:
+        if isinstance(original, nn.Module):
+            ours = original.__dict__.get("forward")
+            if ours is not None and hasattr(ours, "__hf_prope_original__"):
+                del original.forward
+        elif original is not None:
             original.__module__, original.__qualname__ = original.__hf_prope_name__  # type: ignore[attr-defined]
             importlib.import_module(name).apply_rotary_pos_emb = original  # type: ignore[attr-defined]
 

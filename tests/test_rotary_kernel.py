@@ -71,9 +71,9 @@ def _case(
 
 
 def _reference(q, k, cos, sin):
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    from hf_prope import rotation
 
-    original = getattr(apply_rotary_pos_emb, "__hf_prope_original__", apply_rotary_pos_emb)
+    original = rotation.transformers_apply("transformers.models.llama.modeling_llama")
     return original(q, k, cos if cos.dim() == 3 else cos[None], sin if sin.dim() == 3 else sin[None])
 
 

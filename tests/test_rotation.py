@@ -225,18 +225,24 @@ def test_direct_rotary_callers_and_foreign_apply_functions_still_get_full_width_
     assert cos.shape == (1, 10, HEAD_DIM) and rotation.tagged_prefix(cos) == 2
     assert torch.equal(cos[..., 2 : HEAD_DIM // 2], torch.ones(1, 10, HEAD_DIM // 2 - 2))
     assert not sin[..., 2 : HEAD_DIM // 2].any()
-    # Another library swapping the module's apply_rotary_pos_emb (as Liger-Kernel does) after us.
+    # Another library swapping the module's apply_rotary_pos_emb (as Liger-Kernel does) after us:
+    # its own full-width formula, which reads no tag.
     modeling = importlib.import_module(get_architecture("llama").modeling_module)
     ours = modeling.apply_rotary_pos_emb
+
+    def foreign_apply(q, k, cos, sin, unsqueeze_dim=1):
+        assert unsqueeze_dim == 1
+        return _native_apply(q, cos, sin), _native_apply(k, cos, sin)
+
     try:
-        modeling.apply_rotary_pos_emb = ours.__hf_prope_original__
+        modeling.apply_rotary_pos_emb = foreign_apply
         with torch.no_grad():
             foreign = model(tokens()).logits
         assert calls["n"] == 0
     finally:
         modeling.apply_rotary_pos_emb = ours
     with torch.no_grad():
-        assert torch.equal(model(tokens()).logits, foreign)
+        torch.testing.assert_close(model(tokens()).logits, foreign, rtol=1e-6, atol=1e-6)
     assert calls["n"] > 0
 
 
@@ -256,16 +262,24 @@ def test_unpatch_removes_the_tags_and_uninstall_restores_transformers(calls) -> 
     with torch.no_grad():
         assert torch.equal(model(ids).logits, before)
     assert calls["n"] == 0
-    wrapped = modeling.apply_rotary_pos_emb
+    held = modeling.apply_rotary_pos_emb
     rotation.uninstall(arch.modeling_module)
-    assert modeling.apply_rotary_pos_emb is wrapped.__hf_prope_original__
-    with torch.no_grad():
-        assert torch.equal(model(ids).logits, before)
-    hf_prope.patch_model(model, "p-rope", p=0.25)  # re-installs
-    assert modeling.apply_rotary_pos_emb is not wrapped.__hf_prope_original__
+    assert arch.modeling_module not in rotation.installed()
+    assert not hasattr(modeling.apply_rotary_pos_emb, "__hf_prope_original__")
+    assert not hasattr(modeling.apply_rotary_pos_emb.__dict__.get("forward"), "__hf_prope_original__")
+    hf_prope.patch_model(model, "p-rope", p=0.25)
     with torch.no_grad():
         model(ids)
-    assert calls["n"] > 0
+    assert calls["n"] > 0  # re-installed by patch_model
+    rotation.uninstall(arch.modeling_module)
+    calls["n"] = 0
+    with torch.no_grad():
+        model(ids)
+    assert calls["n"] == 0  # uninstalled: transformers' own function only
+    if isinstance(held, torch.nn.Module):
+        # kernels' form: the same object stays the module attribute throughout
+        assert modeling.apply_rotary_pos_emb is held
+    rotation.install(arch.modeling_module)
     # Uninstalling under a patched model keeps its results (the tags are simply not read).
     with torch.no_grad():
         fast = model(ids).logits
@@ -364,7 +378,11 @@ def test_models_holding_transformers_function_still_pickle_while_it_is_wrapped(t
     arch = get_architecture("gemma3_text")
     rotation.install(arch.modeling_module)
     plain = tiny_model("gemma3_text")  # unpatched, built while the wrapper is installed
-    original = importlib.import_module(arch.modeling_module).apply_rotary_pos_emb.__hf_prope_original__
+    modeling = importlib.import_module(arch.modeling_module)
+    # What such a version stores: transformers' own object (the module attribute where kernels makes
+    # it a module, whose forward is ours now; else the function the wrapper replaced).
+    held = modeling.apply_rotary_pos_emb
+    original = held if isinstance(held, torch.nn.Module) else held.__hf_prope_original__
     for module in plain.modules():
         if isinstance(module, arch.attention_class):
             module.rotary_fn = original  # what those versions do in __init__
