@@ -398,18 +398,10 @@ def _run_recipe(argv: list[str]) -> int:
     config, rest = _pop_config(rest)
     recipe = recipe_cls.from_config(config or recipe_cls.default_config, rest)
     recipe.run()
-    _end_process_group()
+    from hf_prope.distributed import end_process_group
+
+    end_process_group()
     return 0
-
-
-def _end_process_group() -> None:
-    """Under torchrun, leave the process group before exit: a process that exits holding gloo's
-    threads can abort ("terminate called without an active exception") after its work is done."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def _analyze(argv: list[str]) -> int:

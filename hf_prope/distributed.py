@@ -272,3 +272,17 @@ def parameter_share(model: torch.nn.Module) -> dict[str, Any]:
             held += p.numel()
             total += p.numel()
     return {"held": held, "total": total, "share": held / total if total else 1.0}
+
+
+def end_process_group() -> None:
+    """Leave the process group (torchrun, accelerate) before the process exits; nothing without one.
+
+    A process that exits while gloo's threads are alive can abort after its work is done
+    ("terminate called without an active exception", exit -6 on one rank). ``hf-prope run``
+    calls this after its recipe; a script that runs a recipe under torchrun should too.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -49,6 +49,9 @@ class KillAfterSave(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)  # a real crash: no cleanup
 
 LoRARecipe.from_config(None, json.loads(sys.argv[1]), callbacks=[KillAfterSave()]).run()
+from hf_prope.distributed import end_process_group
+
+end_process_group()
 """
 
 

@@ -232,9 +232,9 @@ if sys.argv[2] == "shard":
     fully_shard(recipe.peft_model)
 recipe.report()
 recipe.save()
-from hf_prope.cli import _end_process_group
+from hf_prope.distributed import end_process_group
 
-_end_process_group()  # as `hf-prope run` does
+end_process_group()  # as `hf-prope run` does
 """
 
 

@@ -285,6 +285,9 @@ class KillAfterSave(TrainerCallback):
 
 recipe = LoRARecipe.from_config(None, json.loads(sys.argv[1]), callbacks=[KillAfterSave()])
 recipe.run()
+from hf_prope.distributed import end_process_group
+
+end_process_group()
 """
 
 
@@ -357,6 +360,9 @@ class RecordBatches(TrainerCallback):
 
 recipe = LoRARecipe.from_config(None, json.loads(sys.argv[2]), callbacks=[RecordBatches()])
 recipe.run()
+from hf_prope.distributed import end_process_group
+
+end_process_group()
 """
 
 
