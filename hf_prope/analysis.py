@@ -5,6 +5,7 @@ The measurements of section 5 of the paper, for any supported model::
     usage = hf_prope.analysis.frequency_usage(model, tokenizer, texts)   # layer x head x pair norms
     heads = hf_prope.analysis.positional_heads(model, tokenizer, texts)  # diagonal / previous-token heads
     suggestion = hf_prope.analysis.suggest_p(usage)                      # largest safe cut, with evidence
+    spec = hf_prope.analysis.head_mask(usage, p=0.25)                    # per KV head: the pairs it uses most
     hf_prope.analysis.check_suggestion(model, tokenizer, texts, suggestion)  # perplexity around it
 
 Queries and keys are read with forward hooks on the attention's own projections (and
@@ -32,6 +33,7 @@ from .evaluation import zero_shot_table
 from .patching import layer_frequencies, patch_model, unpatch_model
 from .spec import PatchSpec, rotated_pairs
 from .state import ModelParts, check_layer_indices, check_layer_types, get_patch, model_parts
+from .suggestions import closest
 
 Which = Literal["query", "key"]
 
@@ -131,6 +133,7 @@ class FrequencyUsage:
     tokens: int
     window: int
     patch: dict[str, Any] | None = None
+    num_layers: int | None = None  # the model's decoder layers (``layers`` may be some of them)
 
     @property
     def n_pairs(self) -> int:
@@ -192,6 +195,7 @@ class FrequencyUsage:
             "tokens": self.tokens,
             "window": self.window,
             "patch": self.patch,
+            "num_layers": self.num_layers,
             "attention_span": self.attention_span,
             "query": self.query.tolist(),
             "key": self.key.tolist(),
@@ -219,6 +223,7 @@ class FrequencyUsage:
             tokens=int(data["tokens"]),
             window=int(data["window"]),
             patch=data.get("patch"),
+            num_layers=data.get("num_layers"),
         )
 
 
@@ -285,6 +290,7 @@ def frequency_usage(
         tokens=int(windows.numel()),
         window=int(window),
         patch=spec.to_dict() if spec is not None else None,
+        num_layers=parts.num_layers,
     )
 
 
@@ -548,6 +554,74 @@ def _pair_weights(usage: FrequencyUsage) -> torch.Tensor:
     heads, kv_heads = usage.query.shape[1], usage.key.shape[1]
     key = usage.key.repeat_interleave(heads // kv_heads, dim=1)
     return usage.query * key
+
+
+HeadSelect = Literal["2-norm", "2-norm-shared", "highest"]
+HEAD_SELECT: tuple[str, ...] = ("2-norm", "2-norm-shared", "highest")
+
+
+def head_scores(usage: FrequencyUsage) -> torch.Tensor:
+    """``(layers, kv heads, pairs)``: MHA2MLA's 2-norm score of each pair of each key/value head.
+
+    ``mean|k_i|`` of the KV head times the sum of ``mean|q_i|`` over the query heads that share it:
+    the bound on what pair ``i`` adds to that group's attention logits.
+    """
+    heads, kv_heads = usage.query.shape[1], usage.key.shape[1]
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads do not split into groups of {kv_heads} key/value heads.")
+    grouped = usage.query.unflatten(1, (kv_heads, heads // kv_heads)).sum(dim=2)
+    return grouped * usage.key
+
+
+def head_mask(
+    usage: FrequencyUsage,
+    *,
+    p: float | None = None,
+    pairs: int | None = None,
+    select: HeadSelect = "2-norm",
+) -> PatchSpec:
+    """A patch that keeps, per key/value head, the pairs the model uses most (MHA2MLA's 2-norm rule).
+
+    ``usage`` comes from :func:`frequency_usage` on the original model and must cover every
+    layer. The budget is ``p`` (the fraction of pairs that rotate, the paper's rule for the
+    count) or ``pairs`` per head. ``select``:
+
+    * ``"2-norm"``: each KV head of each layer keeps its own ``r`` pairs of largest
+      :func:`head_scores` (a ``head-mask``; every query head uses its KV head's mask);
+    * ``"2-norm-shared"``: one set of ``r`` pairs for every head of every layer, those of
+      largest score share summed over layers and heads (a ``freq-mask``: the comparison the
+      per-head rule is measured against);
+    * ``"highest"``: every head keeps the highest ``r`` (a ``head-mask`` equal to p-RoPE).
+
+    Ties go to the higher frequency. Write the result with ``spec.save("mask.json")``;
+    ``patch_model`` and the recipes take that file.
+    """
+    if select not in HEAD_SELECT:
+        raise ValueError(
+            f"select must be one of {', '.join(HEAD_SELECT)}, got {select!r}." + closest(str(select), HEAD_SELECT)
+        )
+    if (p is None) == (pairs is None):
+        raise ValueError("Give the budget as p= (a fraction of the pairs) or pairs= (a count per head), exactly one.")
+    n_pairs = usage.n_pairs
+    budget = PatchSpec("head-mask", p=p, pairs=pairs, select="highest")  # validates p / pairs
+    r = pairs if pairs is not None else rotated_pairs(float(p), 2 * n_pairs)  # type: ignore[arg-type]
+    if r > n_pairs:
+        raise ValueError(f"pairs={r} but this model has {n_pairs} frequency pairs per head.")
+    if select == "highest":
+        return budget
+    if usage.layers != list(range(usage.num_layers if usage.num_layers is not None else len(usage.layers))):
+        raise ValueError(
+            f"A head mask covers every layer; this usage holds layers {_ranges(usage.layers)}. Measure with layers=None."
+        )
+    scores = head_scores(usage).double()
+    # Stable, descending: among equal scores the lower index (the higher frequency) wins.
+    order = lambda row: sorted(range(n_pairs), key=lambda i: (-float(row[i]), i))  # noqa: E731
+    if select == "2-norm-shared":
+        share = (scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-300)).sum(dim=(0, 1))
+        kept = sorted(order(share)[:r])
+        return PatchSpec("freq-mask", mask=tuple(i in kept for i in range(n_pairs)))
+    head_keep = tuple(tuple(tuple(sorted(order(head)[:r])) for head in layer) for layer in scores)
+    return PatchSpec("head-mask", p=p, pairs=pairs, select="2-norm", head_keep=head_keep)
 
 
 def suggest_p(

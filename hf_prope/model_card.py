@@ -177,7 +177,7 @@ def serving_table(
     assert spec is not None
     model_type = state.model_type
     native = state.native
-    selective = spec.is_layer_selective
+    selective = spec.is_layer_selective or spec.is_per_head
     rows: list[tuple[str, str]] = []
     if save_method == "adapter":
         rows.append(
@@ -240,7 +240,9 @@ def serving_table(
         )
     else:
         why = (
-            "its graph shares one frequency-factor tensor across layers, so a layer-selective patch cannot be carried"
+            "its graph shares one frequency-factor tensor across heads, so a per-head mask cannot be carried"
+            if spec.is_per_head and model_type in exportable_model_types()
+            else "its graph shares one frequency-factor tensor across layers, so a layer-selective patch cannot be carried"
             if selective and model_type in exportable_model_types()
             else f"llama.cpp's {model_type} graph passes no frequency factors to its rotary op"
         )

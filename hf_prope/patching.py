@@ -57,7 +57,8 @@ class _Plan:
     spec: PatchSpec
     original_rope: dict[str, Any]
     rope_parameters: dict[str, Any]
-    hook_masks: dict[int, list[bool]] = field(default_factory=dict)  # layer -> kept pairs
+    # layer -> kept pairs, or for a head-mask kept pairs per KV head ([kv head][pair])
+    hook_masks: dict[int, Any] = field(default_factory=dict)
 
 
 def _with_rope(config: Any, rope_parameters: dict[str, Any]) -> Any:
@@ -78,6 +79,17 @@ def _inv_freq(rotary: nn.Module, key: str | None) -> torch.Tensor:
     return getattr(rotary, "inv_freq" if key is None else f"{key}_inv_freq")
 
 
+def _kv_heads(parts: ModelParts, layer: int) -> int:
+    attention = parts.attentions.get(layer)
+    config = getattr(attention, "config", None) or parts.config
+    heads = getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", None)
+    if not heads:
+        raise ValueError(
+            f"Cannot tell how many key/value heads layer {layer} has (no num_key_value_heads in its config)."
+        )
+    return int(heads)
+
+
 def _plan(parts: ModelParts, spec: PatchSpec) -> _Plan:
     original = original_rope_parameters(parts.config)
     base_rotary = _build_rotary(parts, _with_rope(parts.config, original))
@@ -88,8 +100,19 @@ def _plan(parts: ModelParts, spec: PatchSpec) -> _Plan:
     layer_types = parts.layer_types
 
     model_wide: dict[str | None, list[bool]] = {}
-    hook_masks: dict[int, list[bool]] = {}
-    if spec.layers is not None:
+    hook_masks: dict[int, Any] = {}
+    if spec.is_per_head:
+        kv_heads = [_kv_heads(parts, i) for i in range(n_layers)]
+        for i, heads in enumerate(spec.head_masks(kv_heads, head_dim // 2)):
+            if not all(all(m) for m in heads):
+                hook_masks[i] = heads
+        if hook_masks and not rotation.install(parts.arch.modeling_module):
+            raise ValueError(
+                f"A head-mask needs hf-prope's rotary function in {parts.arch.modeling_module}, but its "
+                "apply_rotary_pos_emb has another signature or was replaced (a Hub kernel, another library); "
+                "use a per-layer patch (p-rope, freq-mask) instead."
+            )
+    elif spec.layers is not None:
         check_layer_indices(spec.layers, n_layers)
         for i in spec.layers:
             hook_masks[i] = spec.keep_mask(base_freqs[parts.rope_key_of_layer(i)])
@@ -107,7 +130,8 @@ def _plan(parts: ModelParts, spec: PatchSpec) -> _Plan:
         for k in keys:
             model_wide[k] = spec.keep_mask(base_freqs[k])
 
-    hook_masks = {i: m for i, m in hook_masks.items() if not all(m)}
+    if not spec.is_per_head:
+        hook_masks = {i: m for i, m in hook_masks.items() if not all(m)}
 
     def entry(key: str | None) -> dict[str, Any]:
         return original if key is None else original[key]
@@ -143,17 +167,32 @@ def _plan(parts: ModelParts, spec: PatchSpec) -> _Plan:
 class PositionMaskHook:
     """Forward pre-hook that stops chosen frequency pairs rotating in one attention layer.
 
+    ``keep`` is one flag per pair (the whole layer), or one list of flags per key/value head
+    (a head-mask): then the cos/sin handed on are per KV head, ``(batch, kv heads, tokens, d)``,
+    tagged for :mod:`hf_prope.rotation`'s per-head path, which gives each query head its group's.
     A picklable class rather than a closure so patched models can be deep-copied,
     pickled for multiprocessing and traced by ``torch.compile``.
     """
 
-    def __init__(self, keep: list[bool], attention_scaling: float) -> None:
+    def __init__(
+        self, keep: list[bool] | list[list[bool]], attention_scaling: float, modeling_module: str = ""
+    ) -> None:
         kept = torch.tensor(keep, dtype=torch.bool)
-        self.channel_keep = torch.cat([kept, kept])  # HF layout: pair i is channels i and i + d/2
+        self.channel_keep = torch.cat([kept, kept], dim=-1)  # HF layout: pair i is channels i and i + d/2
+        self.per_head = kept.dim() == 2
+        self.modeling_module = modeling_module
         self.attention_scaling = float(attention_scaling)
         # A stopped pair is passed through only when unscaled; then a prefix can skip the rest.
-        self.prefix = rotation.prefix_length(keep) if self.attention_scaling == 1.0 else None
+        self.prefix = (
+            rotation.prefix_length(keep) if self.attention_scaling == 1.0 and not self.per_head else None  # type: ignore[arg-type]
+        )
         self.active = True  # off while original_rope() runs the unpatched model
+
+    def layer_keep(self) -> torch.Tensor:
+        """Per pair: whether it rotates in this layer (for a head-mask: in any of its heads)."""
+        n = self.channel_keep.shape[-1] // 2
+        keep = self.channel_keep[..., :n]
+        return keep.any(dim=0) if self.per_head else keep
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
         if not getattr(self, "active", True):
@@ -166,11 +205,27 @@ class PositionMaskHook:
             )
         cos, sin = pe
         keep = self.channel_keep.to(cos.device)
+        if self.per_head:
+            if not rotation.is_installed(self.modeling_module):
+                raise RuntimeError(
+                    "hf-prope: this layer's head-mask needs hf-prope's rotary function, which was uninstalled "
+                    "(hf_prope.rotation.uninstall); patch the model again to put it back."
+                )
+            if cos.dim() == 2:
+                cos, sin = cos[None], sin[None]
+            keep = keep[:, None, :]  # (kv heads, 1, d) against (batch, 1, tokens, d)
+            cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)
         # What frequency 0 gives in the rotary module: cos(0) * scaling and sin(0) * scaling.
         one = torch.tensor(self.attention_scaling, dtype=torch.float32, device=cos.device).to(cos.dtype)
         kwargs = dict(kwargs)
-        masked = (torch.where(keep, cos, one), torch.where(keep, sin, torch.zeros_like(sin)))
-        kwargs["position_embeddings"] = masked if self.prefix is None else rotation.tag(*masked, self.prefix)
+        masked = (
+            torch.where(keep, cos, one),
+            torch.where(keep, sin, torch.zeros((), dtype=sin.dtype, device=sin.device)),
+        )
+        if self.per_head:
+            kwargs["position_embeddings"] = rotation.tag_heads(*masked)
+        else:
+            kwargs["position_embeddings"] = masked if self.prefix is None else rotation.tag(*masked, self.prefix)
         return args, kwargs
 
 
@@ -245,7 +300,7 @@ def _prefixes(rotary: nn.Module, keys: list[str | None]) -> dict[str | None, int
     return out
 
 
-def _commit(parts: ModelParts, new_config: Any, hook_masks: dict[int, list[bool]]) -> None:
+def _commit(parts: ModelParts, new_config: Any, hook_masks: dict[int, Any]) -> None:
     fresh = _build_rotary(parts, new_config)
     keys = parts.rope_keys()
     _remove_hooks(parts.model)
@@ -263,7 +318,7 @@ def _commit(parts: ModelParts, new_config: Any, hook_masks: dict[int, list[bool]
         handles += [r.register_forward_hook(tagger, with_kwargs=True) for r in parts.rotaries]
     for layer, keep in sorted(hook_masks.items()):
         key = parts.rope_key_of_layer(layer)
-        hook = PositionMaskHook(keep, _attention_scaling(parts.rotaries[0], key))
+        hook = PositionMaskHook(keep, _attention_scaling(parts.rotaries[0], key), parts.arch.modeling_module)
         handles.append(parts.attentions[layer].register_forward_pre_hook(hook, with_kwargs=True))
     if handles:
         setattr(parts.model, _HOOKS_ATTR, handles)
@@ -281,7 +336,7 @@ def _install(parts: ModelParts, plan: _Plan | None, *, isolate_config: bool) -> 
         new.rope_parameters = copy.deepcopy(original_rope_parameters(old))
         if hasattr(new, CONFIG_KEY):
             delattr(new, CONFIG_KEY)
-        hook_masks: dict[int, list[bool]] = {}
+        hook_masks: dict[int, Any] = {}
     else:
         new.rope_parameters = plan.rope_parameters
         setattr(
@@ -482,7 +537,26 @@ def layer_frequencies(model: nn.Module, *, original: bool = False) -> torch.Tens
         if not original and attention is not None:
             for hook in attention._forward_pre_hooks.values():
                 if isinstance(hook, PositionMaskHook):
-                    freq = freq * hook.channel_keep[: freq.numel()].to(freq.dtype)
+                    freq = freq * hook.layer_keep().to(freq.dtype)
+        rows.append(freq)
+    return torch.stack(rows)
+
+
+def head_frequencies(model: nn.Module) -> torch.Tensor:
+    """What each KV head of each decoder layer rotates pair ``i`` by now, shape ``(layers, kv heads, pairs)``.
+
+    Equal across the heads of a layer except under a head-mask (0 where a head's pair is stopped).
+    """
+    parts = model_parts(model)
+    current = layer_frequencies(model)
+    rows = []
+    for layer in range(parts.num_layers):
+        freq = current[layer].expand(_kv_heads(parts, layer), -1).clone()
+        attention = parts.attentions.get(layer)
+        for hook in attention._forward_pre_hooks.values() if attention is not None else ():
+            if isinstance(hook, PositionMaskHook) and hook.per_head:
+                rotary = _inv_freq(parts.rotaries[0], parts.rope_key_of_layer(layer)).detach().float().cpu()
+                freq = rotary * hook.channel_keep[:, : rotary.numel()].to(freq.dtype)
         rows.append(freq)
     return torch.stack(rows)
 

@@ -48,6 +48,8 @@ import torch
 from torch import nn
 
 TAG = "_hf_prope_rotating_pairs"
+# On cos/sin of shape (batch, kv heads, tokens, d): one row per key/value head (a head-mask).
+HEAD_TAG = "_hf_prope_per_kv_head"
 
 # Below these sizes (elements of q) transformers' full-width formula is as fast or faster:
 # the prefix path runs more, smaller operations, and per-operation overhead wins until the
@@ -203,6 +205,40 @@ def tag(cos: torch.Tensor, sin: torch.Tensor, r: int) -> tuple[torch.Tensor, tor
     return cos, sin
 
 
+def tag_heads(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mark ``cos``/``sin`` of shape ``(batch, kv heads, tokens, d)`` as one row per key/value head.
+
+    Unlike :func:`tag` this is not an optimisation: transformers' function cannot read such
+    tensors, so :func:`install`'s wrapper must route them (:func:`rotate_heads`).
+    """
+    setattr(cos, HEAD_TAG, True)
+    setattr(sin, HEAD_TAG, True)
+    return cos, sin
+
+
+def rotate_heads(
+    original: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE with one cos/sin per key/value head: query head ``h`` uses KV head ``h // (heads / kv heads)``.
+
+    ``original`` is transformers' own function, called on q viewed as ``(batch, kv heads, group,
+    tokens, d)`` with cos/sin broadcast over the group (``unsqueeze_dim=2``): the same products
+    and sums as the shared-cos formula, so a head-mask equal for every head gives the same bits.
+    That grouping is ``repeat_kv``'s: KV head ``j`` serves query heads ``j*g .. j*g + g - 1``.
+    """
+    kv = k.shape[1]
+    if cos.dim() != 4 or cos.shape[1] != kv or q.shape[1] % kv:
+        raise ValueError(
+            f"per-KV-head cos/sin of shape {tuple(cos.shape)} do not fit k of {kv} heads and q of {q.shape[1]} heads."
+        )
+    q_out, k_out = original(q.unflatten(1, (kv, q.shape[1] // kv)), k.unsqueeze(2), cos, sin, 2)
+    return q_out.flatten(1, 2), k_out.squeeze(2)
+
+
 def tagged_prefix(cos: torch.Tensor) -> int | None:
     """The ``r`` a tensor was tagged with, or ``None``."""
     return getattr(cos, TAG, None)
@@ -255,6 +291,12 @@ def install(modeling_module: str) -> bool:
     def apply_rotary_pos_emb(
         q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if getattr(cos, HEAD_TAG, False):
+            if unsqueeze_dim != 1:
+                raise ValueError(
+                    f"hf-prope's head-mask expects q/k as (batch, heads, tokens, d), got unsqueeze_dim={unsqueeze_dim}."
+                )
+            return rotate_heads(original, q, k, cos, sin)
         r = getattr(cos, TAG, None)
         if r is None or cos.shape[-1] != q.shape[-1]:
             return original(q, k, cos, sin, unsqueeze_dim)
@@ -324,6 +366,11 @@ def uninstall(modeling_module: str | None = None) -> None:
         elif original is not None:
             original.__module__, original.__qualname__ = original.__hf_prope_name__  # type: ignore[attr-defined]
             importlib.import_module(name).apply_rotary_pos_emb = original  # type: ignore[attr-defined]
+
+
+def is_installed(modeling_module: str) -> bool:
+    """Whether :func:`install` wrapped this modeling module's ``apply_rotary_pos_emb`` (and it still is)."""
+    return modeling_module in _ORIGINALS
 
 
 def installed() -> list[str]:

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 from .suggestions import closest
 
 #: The patch names: the one list (CLI choices, help texts and checks are derived from it).
-PatchName = Literal["p-rope", "freq-mask", "nope", "rope"]
+PatchName = Literal["p-rope", "freq-mask", "head-mask", "nope", "rope"]
 PATCH_NAMES: tuple[str, ...] = get_args(PatchName)
 SPEC_FORMAT_VERSION = 1
 
@@ -26,10 +28,20 @@ SPEC_FORMAT_VERSION = 1
 _ALLOWED_PARAMS: dict[str, frozenset[str]] = dict(
     zip(
         PATCH_NAMES,
-        (frozenset({"p", "rotate"}), frozenset({"keep", "mask", "max_wavelength"}), frozenset(), frozenset()),
+        (
+            frozenset({"p", "rotate"}),
+            frozenset({"keep", "mask", "max_wavelength"}),
+            frozenset({"p", "pairs", "select", "head_keep"}),
+            frozenset(),
+            frozenset(),
+        ),
     )
 )
-_PARAM_FIELDS = ("p", "rotate", "keep", "mask", "max_wavelength")
+_PARAM_FIELDS = ("p", "rotate", "keep", "mask", "max_wavelength", "pairs", "select", "head_keep")
+#: How a ``head-mask`` chose its pairs: ``highest`` (every head keeps the highest ones: p-RoPE),
+#: ``2-norm`` (per KV head, the pairs of largest query-key norm product, MHA2MLA's rule; measured by
+#: :func:`hf_prope.analysis.head_mask`) or ``explicit`` (given).
+HEAD_SELECTIONS = ("highest", "2-norm", "explicit")
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,15 @@ class PatchSpec:
         max_wavelength: for ``"freq-mask"``, keep only pairs whose wavelength
             ``2*pi/theta_i`` (in tokens, from the model's own frequencies) is at most
             this many tokens; longer ones stop rotating (FoPE's rule).
+        pairs: for ``"head-mask"``, the budget as a number of pairs per head (instead of ``p``).
+        select: for ``"head-mask"``, how the pairs were chosen: ``"highest"`` (every head
+            keeps the highest ``p`` / ``pairs``; the same as p-RoPE), ``"2-norm"`` (each KV head
+            keeps the pairs of largest query-key norm product on a calibration text, MHA2MLA's
+            rule: :func:`hf_prope.analysis.head_mask` measures it and returns the spec with
+            ``head_keep``) or ``"explicit"`` (the default when ``head_keep`` is given).
+        head_keep: for ``"head-mask"``, per decoder layer, per key/value head, the indices of the
+            pairs that keep rotating. Under grouped-query attention every query head uses the
+            mask of its KV head.
         layers: apply only to these decoder-layer indices.
         layer_types: apply only to layers of these types (``config.layer_types``,
             e.g. ``"full_attention"``). Default (neither): every layer.
@@ -65,6 +86,9 @@ class PatchSpec:
     keep: tuple[int, ...] | None = None
     mask: tuple[bool, ...] | None = None
     max_wavelength: float | None = None
+    pairs: int | None = None
+    select: Literal["highest", "2-norm", "explicit"] | None = None
+    head_keep: tuple[tuple[tuple[int, ...], ...], ...] | None = None
     layers: tuple[int, ...] | None = None
     layer_types: tuple[str, ...] | None = None
 
@@ -92,6 +116,8 @@ class PatchSpec:
                 )
         if self.name == "freq-mask":
             self._check_mask_params(given)
+        if self.name == "head-mask":
+            self._check_head_params()
         self._check_targets()
 
     def _check_p(self) -> None:
@@ -131,6 +157,58 @@ class PatchSpec:
                 raise ValueError(f"max_wavelength must be a positive number of tokens, got {w!r}.")
             object.__setattr__(self, "max_wavelength", float(w))
 
+    def _check_head_params(self) -> None:
+        if self.layers is not None or self.layer_types is not None:
+            raise ValueError(
+                "Patch 'head-mask' names every layer in head_keep; it takes no layers= or layer_types= "
+                "(give a layer all of its pairs to leave it rotating)."
+            )
+        if self.p is not None and self.pairs is not None:
+            raise ValueError("Give the head-mask budget as p= (a fraction) or pairs= (a count per head), not both.")
+        if self.p is not None:
+            self._check_p()
+        if self.pairs is not None:
+            if isinstance(self.pairs, bool) or not isinstance(self.pairs, int) or self.pairs < 0:
+                raise ValueError(f"pairs must be a non-negative number of pairs per head, got {self.pairs!r}.")
+        select = self.select if self.select is not None else ("explicit" if self.head_keep is not None else "highest")
+        if select not in HEAD_SELECTIONS:
+            raise ValueError(
+                f"select must be one of {', '.join(HEAD_SELECTIONS)}, got {select!r}."
+                + closest(str(select), HEAD_SELECTIONS)
+            )
+        object.__setattr__(self, "select", select)
+        if self.head_keep is None:
+            if select == "2-norm":
+                raise ValueError(
+                    "select='2-norm' chooses each head's pairs from the model's own query/key statistics, which a "
+                    "spec cannot hold until they are measured: spec = hf_prope.analysis.head_mask(model, tokenizer, "
+                    "texts, p=...) (or `hf-prope run analyze ... head_mask_p=...`, which writes it as a patch file)."
+                )
+            if select == "explicit":
+                raise ValueError("select='explicit' needs head_keep: per layer, per KV head, the pairs that rotate.")
+            if self.p is None and self.pairs is None:
+                raise ValueError("Patch 'head-mask' needs a budget (p= or pairs=) or an explicit head_keep.")
+            return
+        if isinstance(self.head_keep, (str, bytes)) or not isinstance(self.head_keep, Sequence) or not self.head_keep:
+            raise TypeError(
+                "head_keep must be a list (one entry per decoder layer) of lists (one per KV head) of pairs."
+            )
+        layers = []
+        for i, heads in enumerate(self.head_keep):
+            if isinstance(heads, (str, bytes)) or not isinstance(heads, Sequence) or not heads:
+                raise TypeError(f"head_keep[{i}] must be a non-empty list with one list of pair indices per KV head.")
+            layers.append(tuple(_int_tuple(f"head_keep[{i}][{h}]", keep, unique=True) for h, keep in enumerate(heads)))
+        object.__setattr__(self, "head_keep", tuple(layers))
+        if self.pairs is not None:
+            wrong = [
+                (i, h) for i, heads in enumerate(layers) for h, keep in enumerate(heads) if len(keep) != self.pairs
+            ]
+            if wrong:
+                raise ValueError(
+                    f"head_keep gives layer {wrong[0][0]}, KV head {wrong[0][1]} {len(layers[wrong[0][0]][wrong[0][1]])} "
+                    f"pairs, but the budget is pairs={self.pairs} per head."
+                )
+
     def _check_targets(self) -> None:
         if self.layers is not None and self.layer_types is not None:
             raise ValueError("Give layers= (indices) or layer_types= (names), not both.")
@@ -159,6 +237,8 @@ class PatchSpec:
         """
         freqs = [float(f) for f in inv_freq]
         n = len(freqs)
+        if self.name == "head-mask":
+            raise ValueError("A head-mask has one mask per KV head, not one per layer: use head_masks().")
         if self.name == "rope":
             return [True] * n
         if self.name == "nope":
@@ -186,9 +266,57 @@ class PatchSpec:
         assert self.max_wavelength is not None
         return [f > 0 and 2 * math.pi / f <= self.max_wavelength for f in freqs]
 
+    def head_masks(self, kv_heads: Sequence[int], n_pairs: int) -> list[list[list[bool]]]:
+        """Which pairs keep rotating in each KV head of each layer: ``[layer][kv head][pair]``.
+
+        ``kv_heads`` is the number of key/value heads of each decoder layer and ``n_pairs`` the
+        pairs per head. Raises ``ValueError`` when the spec does not fit the model.
+        """
+        if self.name != "head-mask":
+            raise ValueError(f"Patch {self.name!r} has one mask per layer; head_masks() is for 'head-mask'.")
+        if self.head_keep is None:
+            r = self.pairs if self.pairs is not None else rotated_pairs(float(self.p or 0.0), 2 * n_pairs)
+            if r > n_pairs:
+                raise ValueError(f"pairs={r} but this model has {n_pairs} frequency pairs per head.")
+            return [[[i < r for i in range(n_pairs)] for _ in range(h)] for h in kv_heads]
+        if len(self.head_keep) != len(kv_heads):
+            raise ValueError(
+                f"head_keep has {len(self.head_keep)} layers but this model has {len(kv_heads)} decoder layers; "
+                "give one entry per layer."
+            )
+        out = []
+        for i, (heads, n_heads) in enumerate(zip(self.head_keep, kv_heads)):
+            if len(heads) != n_heads:
+                raise ValueError(
+                    f"head_keep[{i}] has {len(heads)} KV heads but layer {i} of this model has {n_heads} "
+                    "key/value heads (under grouped-query attention a mask is per KV head, not per query head)."
+                )
+            for h, keep in enumerate(heads):
+                bad = [j for j in keep if j >= n_pairs]
+                if bad:
+                    raise ValueError(
+                        f"head_keep[{i}][{h}] holds pair indices {bad} but this model has {n_pairs} frequency pairs "
+                        f"per head (indices 0..{n_pairs - 1}, 0 = highest frequency)."
+                    )
+            out.append([[j in set(keep) for j in range(n_pairs)] for keep in heads])
+        if self.p is not None:
+            r = rotated_pairs(self.p, 2 * n_pairs)
+            wrong = [(i, h) for i, heads in enumerate(out) for h, m in enumerate(heads) if sum(m) != r]
+            if wrong:
+                raise ValueError(
+                    f"head_keep gives layer {wrong[0][0]}, KV head {wrong[0][1]} {sum(out[wrong[0][0]][wrong[0][1]])} "
+                    f"pairs, but the budget p={self.p:g} is {r} of this model's {n_pairs} pairs per head."
+                )
+        return out
+
     @property
     def is_layer_selective(self) -> bool:
         return self.layers is not None or self.layer_types is not None
+
+    @property
+    def is_per_head(self) -> bool:
+        """Whether the heads of a layer may differ (``head-mask``): applied by per-layer hooks, as a selective patch is."""
+        return self.name == "head-mask"
 
     # -- serialisation ----------------------------------------------------------------------
 
@@ -197,7 +325,7 @@ class PatchSpec:
         out: dict[str, Any] = {"format_version": SPEC_FORMAT_VERSION}
         for key, value in asdict(self).items():
             if value is not None:
-                out[key] = list(value) if isinstance(value, tuple) else value
+                out[key] = _lists(value)
         return out
 
     @classmethod
@@ -224,7 +352,31 @@ class PatchSpec:
         for key in ("keep", "mask", "layers", "layer_types"):
             if isinstance(data.get(key), list):
                 data[key] = tuple(data[key])
+        if isinstance(data.get("head_keep"), list):
+            data["head_keep"] = tuple(
+                tuple(tuple(k) if isinstance(k, list) else k for k in heads) if isinstance(heads, list) else heads
+                for heads in data["head_keep"]
+            )
         return cls(**data)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write this spec as a patch file (JSON), atomically: what ``patch_model``, the CLI and recipes take."""
+        from .files import write_atomic
+
+        write_atomic(path, json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> PatchSpec:
+        """Read a patch file written by :meth:`save` (or by ``hf-prope run analyze``)."""
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"No patch file at {str(file)!r}: expected a JSON file written by PatchSpec.save()."
+            )
+        try:
+            return cls.from_json(file.read_text(encoding="utf-8"))
+        except ValueError as err:
+            raise ValueError(f"Patch file {str(file)!r}: {err}") from err
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -246,6 +398,9 @@ class PatchSpec:
             return "NoPE"
         if self.name == "p-rope":
             return f"p={self.p:g}" if self.rotate == "highest" else f"highest {1 - self.p:.0%} dropped"
+        if self.name == "head-mask":
+            budget = f"p={self.p:g}" if self.p is not None else f"{self.pairs} pairs" if self.pairs is not None else ""
+            return f"per-head {self.select}" + (f" {budget}" if budget else "")
         if self.keep is not None:
             return f"pairs {list(self.keep)}"
         if self.mask is not None:
@@ -268,6 +423,17 @@ class PatchSpec:
                 what = f"frequency mask: {sum(self.mask)} of {len(self.mask)} pairs rotate"
             else:
                 what = f"frequency mask: pairs with wavelength above {self.max_wavelength:g} tokens do not rotate"
+        elif self.name == "head-mask":
+            if self.head_keep is None:
+                budget = f"{self.p:.0%} of pairs" if self.p is not None else f"{self.pairs} pairs"
+                what = f"per-head frequency mask: every head keeps its highest {budget} rotating"
+            else:
+                counts = [len(k) for heads in self.head_keep for k in heads]
+                what = (
+                    f"per-head frequency mask ({self.select}): each KV head keeps its own "
+                    + (f"{counts[0]} pairs" if len(set(counts)) == 1 else f"{min(counts)}-{max(counts)} pairs")
+                    + " rotating"
+                )
         elif self.name == "nope":
             what = "NoPE: no positional rotation"
         else:
@@ -286,6 +452,10 @@ def label_of(spec: PatchSpec | None) -> str:
     if spec is None or (spec.name == "p-rope" and spec.p == 1.0 and spec.rotate == "highest"):
         return "RoPE"
     return spec.label
+
+
+def _lists(value: Any) -> Any:
+    return [_lists(v) for v in value] if isinstance(value, (tuple, list)) else value
 
 
 def rotated_pairs(p: float, head_dim: int) -> int:
@@ -319,8 +489,14 @@ def make_spec(spec: PatchSpec | str, **params: Any) -> PatchSpec:
                 "the patch name instead of a spec."
             )
         return spec
+    if isinstance(spec, os.PathLike) or (isinstance(spec, str) and spec not in PATCH_NAMES and spec.endswith(".json")):
+        if params:
+            raise TypeError(f"Got a patch file and keyword parameters {sorted(params)}; put them in the file.")
+        return PatchSpec.load(spec)
     if not isinstance(spec, str):
-        raise TypeError(f"A patch is a name such as 'p-rope' or a PatchSpec, got {type(spec).__name__}.")
+        raise TypeError(
+            f"A patch is a name such as 'p-rope', a PatchSpec or a patch file (.json), got {type(spec).__name__}."
+        )
     known = {f.name for f in fields(PatchSpec)} - {"name"}
     unknown = [k for k in params if k not in known]
     if unknown:
@@ -333,4 +509,6 @@ def make_spec(spec: PatchSpec | str, **params: Any) -> PatchSpec:
             params[key] = tuple(params[key])
     if isinstance(params.get("layer_types"), list):
         params["layer_types"] = tuple(params["layer_types"])
+    if isinstance(params.get("head_keep"), list):
+        params["head_keep"] = tuple(tuple(tuple(k) for k in heads) for heads in params["head_keep"])
     return PatchSpec(name=spec, **params)  # type: ignore[arg-type]

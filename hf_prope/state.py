@@ -149,8 +149,11 @@ def get_patch(model: nn.Module) -> PatchSpec | None:
     if spec is None:
         return None
     inner = unwrap(model)
-    if _needs_hooks(inner.config) and inner.__dict__.get(APPLIED_ATTR) != spec:
-        return None
+    if _needs_hooks(inner.config):
+        # patch_model marks the model it was given; a class-level patch marks the base model it built.
+        base = getattr(inner, "base_model", inner)
+        if spec not in (inner.__dict__.get(APPLIED_ATTR), getattr(base, "__dict__", {}).get(APPLIED_ATTR)):
+            return None
     return spec
 
 

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import rotation
 from .distributed import fsdp_call, fsdp_modules, fsdp_owners
 from .patching import PositionMaskHook, original_rope
 from .state import is_peft_model, model_parts, unwrap
@@ -184,7 +185,10 @@ def _student_layer(
         q, k = module.q_norm(q), module.k_norm(k)
     q, k = q.transpose(1, 2), k.transpose(1, 2)
     rotate = _apply_rotary(module)
-    q = rotate(q, q, cos[:, queries], sin[:, queries])[0]
+    if getattr(cos, rotation.HEAD_TAG, False):  # a head-mask: (batch, kv heads, tokens, d), re-tagged once sliced
+        q = rotate(q, k[:, :, queries], *rotation.tag_heads(cos[:, :, queries], sin[:, :, queries]))[0]
+    else:
+        q = rotate(q, q, cos[:, queries], sin[:, queries])[0]
     k = rotate(k, k, cos, sin)[0]
     groups = q.shape[1] // k.shape[1]
     if groups > 1:

@@ -45,6 +45,7 @@ SUMMARY_FILE = "summary.md"
 USAGE_PLOT = "frequency_usage.png"
 HEADS_PLOT = "positional_heads.png"
 PPL_PLOT = "perplexity_vs_p.png"
+HEAD_MASK_FILE = "head_mask.json"
 
 
 @dataclass
@@ -91,6 +92,14 @@ class AnalysisArguments:
         default_factory=lambda: list(DEFAULT_GRID), metadata={"help": "Values of p tried (1 = RoPE)."}
     )
     check: bool = field(default=True, metadata={"help": "Measure zero-shot perplexity over the grid (the check)."})
+    head_mask_p: float | None = field(
+        default=None,
+        metadata={
+            "help": "Also choose a per-KV-head mask keeping this fraction of pairs by MHA2MLA's 2-norm rule, "
+            f"written as {HEAD_MASK_FILE} (a patch file: patch_model, patch_file= of the recipes) and marked "
+            "on the head x pair heat map."
+        },
+    )
     output_dir: str = field(default="report", metadata={"help": "Where the report goes."})
 
     def __post_init__(self) -> None:
@@ -108,6 +117,10 @@ class AnalysisArguments:
             raise ValueError(f"tolerance must be positive, got {self.tolerance}.")
         if not self.grid or any(not 0.0 <= p <= 1.0 for p in self.grid):
             raise ValueError(f"grid must list values of p in [0, 1], got {self.grid}.")
+        if self.head_mask_p is not None and not 0.0 <= self.head_mask_p <= 1.0:
+            raise ValueError(
+                f"head_mask_p must be in [0, 1] (the fraction of pairs each head keeps), got {self.head_mask_p}."
+            )
 
 
 class AnalyzeRecipe(Recipe):
@@ -191,6 +204,7 @@ class AnalyzeRecipe(Recipe):
                 )
                 suggestion.check = analysis.mark_suggestion(rows, suggestion)
                 curves.append({"layer_types": scope, "rows": rows})
+        head_spec = analysis.head_mask(usage, p=aa.head_mask_p) if aa.head_mask_p is not None else None
         self.usage, self.heads, self.suggestions, self.curves = usage, heads, suggestions, curves
         self.layer = aa.layer if aa.layer is not None else _busiest_layer(heads, usage.layers)
         self.summary = {
@@ -205,6 +219,7 @@ class AnalyzeRecipe(Recipe):
             "positional_heads": heads.to_dict(),
             "suggestions": [s.to_dict() for s in suggestions],
             "perplexity_by_p": curves,
+            "head_mask": head_spec.to_dict() if head_spec is not None else None,
             "seconds": round(time.perf_counter() - self.started, 1),
             "settings": self.settings(),
         }
@@ -221,16 +236,21 @@ def write_report(out: Path, summary: dict[str, Any]) -> None:
     ``write_report(folder, json.load(open(folder / "report.json")))`` redraws a report.
     """
     from hf_prope.analysis import FrequencyUsage, PositionalHeads, Suggestion
+    from hf_prope.spec import PatchSpec
 
+    head_spec = PatchSpec.from_dict(summary["head_mask"]) if summary.get("head_mask") else None
     usage = FrequencyUsage.from_dict(summary["usage"])
     heads = PositionalHeads.from_dict(summary["positional_heads"])
     suggestions = [Suggestion.from_dict(s) for s in summary["suggestions"]]
     model, layer = summary["model"], summary["layer"]
     layer_plot = f"frequency_usage_layer{layer}.png"
     plot_usage(usage, model, out / USAGE_PLOT, suggestions[0])
-    plot_layer(usage, model, layer, out / layer_plot, heads)
+    plot_layer(usage, model, layer, out / layer_plot, heads, head_spec)
     plot_heads(heads, model, out / HEADS_PLOT)
     files = [USAGE_PLOT, layer_plot, HEADS_PLOT]
+    if head_spec is not None:
+        head_spec.save(out / HEAD_MASK_FILE)
+        files.append(HEAD_MASK_FILE)
     if summary["perplexity_by_p"]:
         plot_perplexity(summary["perplexity_by_p"], suggestions, model, summary["context_length"], out / PPL_PLOT)
         files.append(PPL_PLOT)
@@ -319,10 +339,18 @@ def plot_usage(usage: Any, model: str, path: Path, suggestion: Any | None = None
     save_figure(fig, path)
 
 
-def plot_layer(usage: Any, model: str, layer: int, path: Path, heads: Any | None = None) -> None:
-    """Head x pair heat maps of one layer, query and key; positional query heads are named."""
+def plot_layer(
+    usage: Any, model: str, layer: int, path: Path, heads: Any | None = None, head_spec: Any | None = None
+) -> None:
+    """Head x pair heat maps of one layer, query and key; positional query heads are named.
+
+    With ``head_spec`` (a head-mask), the pairs each head keeps rotating are boxed.
+    """
     plt = pyplot()
     n = usage.n_pairs
+    kept = None
+    if head_spec is not None and head_spec.head_keep is not None:
+        kept = head_spec.head_keep[layer]
     kinds = {h["head"]: h["kind"] for h in (heads.heads if heads is not None else []) if h["layer"] == layer}
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
     for ax, which in zip(axes, ("query", "key")):
@@ -342,7 +370,16 @@ def plot_layer(usage: Any, model: str, layer: int, path: Path, heads: Any | None
             )
         ax.set_ylabel(f"{which} head" if which == "query" else "key/value head")
         _pair_axis(ax, n)
-        ax.set_title(f"{which}: share of each head's norm per pair")
+        title = f"{which}: share of each head's norm per pair"
+        if kept is not None:
+            group = share.shape[0] // len(kept)  # query head h uses KV head h // group
+            for row in range(share.shape[0]):
+                for pair in kept[row // group if which == "query" else row]:
+                    ax.add_patch(
+                        plt.Rectangle((pair - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="white", linewidth=1.2)
+                    )
+            title += f"\nboxed: kept rotating ({head_spec.label})"
+        ax.set_title(title, fontsize=10)
         fig.colorbar(image, ax=ax).set_label(f"% of the head's {which} norm")
     lt = f" ({usage.layer_types[usage.layers.index(layer)]})" if usage.layer_types else ""
     fig.suptitle(
@@ -483,6 +520,22 @@ def summary_markdown(summary: dict[str, Any], usage: Any, heads: Any, suggestion
                 mark = " (suggested)" if row["suggested"] else ""
                 lines.append(f"| {row['p']:g}{mark} | {row['perplexity']:.2f} | {row['ratio_to_rope']:.3f} |")
         lines.append("")
+    if summary.get("head_mask"):
+        from hf_prope.spec import PatchSpec
+
+        spec = PatchSpec.from_dict(summary["head_mask"])
+        assert spec.head_keep is not None
+        lines += [
+            "## Per-head mask",
+            "",
+            f"{spec.describe()}: each key/value head keeps the pairs of largest mean |q_i| x mean |k_i| (MHA2MLA's "
+            f"2-norm; its query heads summed). Written as `{HEAD_MASK_FILE}`; patch with "
+            f'`hf_prope.patch_model(model, "{HEAD_MASK_FILE}")` or train with `patch_file={HEAD_MASK_FILE}`. '
+            f"Layer {summary['layer']} keeps: "
+            + "; ".join(f"KV head {h}: {list(k)}" for h, k in enumerate(spec.head_keep[summary["layer"]]))
+            + ".",
+            "",
+        ]
     lines += [
         "## Pictures",
         "",

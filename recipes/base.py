@@ -97,18 +97,42 @@ class PatchArguments:
     )
     keep: list[int] | None = field(default=None, metadata={"help": "freq-mask: indices of pairs that rotate."})
     max_wavelength: float | None = field(default=None, metadata={"help": "freq-mask: longest wavelength kept."})
+    pairs: int | None = field(default=None, metadata={"help": "head-mask: pairs per head that rotate (instead of p)."})
     layers: list[int] | None = field(default=None, metadata={"help": "Patch only these layer indices."})
     layer_types: list[str] | None = field(
         default=None, metadata={"help": "Patch only layers of these types (e.g. full_attention on Gemma 3)."}
     )
+    patch_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "A patch file (JSON, PatchSpec.save; e.g. the head_mask.json `hf-prope analyze ... "
+            "head_mask_p=0.25` writes): the patch, instead of patch= and its parameters."
+        },
+    )
 
     def spec(self) -> Any:
         """The :class:`hf_prope.PatchSpec` these settings describe (validated)."""
-        from hf_prope.spec import make_spec
+        from pathlib import Path
 
-        params = {f.name: getattr(self, f.name) for f in fields(PatchArguments) if f.name != "patch"}
-        if self.patch != "p-rope" and params["p"] == PatchArguments.p:
-            params["p"] = None  # the default p belongs to p-rope; other patches take none
+        from hf_prope.spec import PatchSpec, make_spec
+
+        if self.patch_file is not None:
+            changed = [
+                f.name
+                for f in fields(PatchArguments)
+                if f.name not in ("patch_file", "p") and getattr(self, f.name) != f.default
+            ]
+            if changed:
+                raise ValueError(
+                    f"patch_file={self.patch_file} is the whole patch; leave out {', '.join(changed)} (or the file)."
+                )
+            return PatchSpec.load(Path(self.patch_file))
+
+        params = {
+            f.name: getattr(self, f.name) for f in fields(PatchArguments) if f.name not in ("patch", "patch_file")
+        }
+        if params["p"] == PatchArguments.p and (self.patch not in ("p-rope", "head-mask") or self.pairs is not None):
+            params["p"] = None  # the default p belongs to p-rope (and a head-mask's budget); other patches take none
         return make_spec(self.patch, **{k: v for k, v in params.items() if v is not None})
 
 

@@ -203,6 +203,7 @@ def test_class_level_layer_selective_for_every_arch(model_type) -> None:
     hf_prope.patch_model(direct, "nope", layers=[2])
     ids = tokens()
     assert torch.equal(logits(model, ids), logits(direct, ids))
+    assert hf_prope.get_patch(model) == hf_prope.get_patch(direct) == PatchSpec("nope", layers=(2,))
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)

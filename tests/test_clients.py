@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
-from tiny import char_tokenizer, logits, tiny_model, tokens
+from tiny import HEAD_KEEP, char_tokenizer, logits, tiny_model, tokens
 from transformers import AutoModelForCausalLM
 
 import hf_prope
 from hf_prope.patch_record import ADAPTER_WEIGHTS_FILE, BASE_CONFIG_FILE, PATCH_FILE, record_from_safetensors
 
-PATCHES = {"p-rope": {"p": 0.5}, "freq-mask": {"keep": [0, 2, 5]}}
+PATCHES = {"p-rope": {"p": 0.5}, "freq-mask": {"keep": [0, 2, 5]}, "head-mask": {"head_keep": HEAD_KEEP}}
 FAR = 1.0  # max |logit difference| of the same weights with plain RoPE is several units on this model
 
 

@@ -20,7 +20,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from tiny import bpe_tokenizer, tiny_model
+from tiny import HEAD_KEEP, bpe_tokenizer, tiny_model
 
 import hf_prope
 from hf_prope.gguf import STOPPED_FACTOR, GGUFExportError, export_gguf, llama_cpp_logits, read_rope_factors
@@ -264,6 +264,7 @@ def test_architectures_whose_graph_ignores_factors_are_refused(model_type, token
     "build,match",
     [
         (lambda: hf_prope.patch_model(_tiny(), "p-rope", p=0.25, layers=[0, 1]), "applies only to some layers"),
+        (lambda: hf_prope.patch_model(_tiny(), "head-mask", head_keep=HEAD_KEEP), "each key/value head its own"),
         (
             lambda: hf_prope.patch_model(
                 _tiny(
@@ -286,7 +287,7 @@ def test_architectures_whose_graph_ignores_factors_are_refused(model_type, token
             "'dynamic'",
         ),
     ],
-    ids=["layer-selective", "yarn", "dynamic"],
+    ids=["layer-selective", "per-head", "yarn", "dynamic"],
 )
 def test_patches_a_gguf_cannot_carry_are_refused(build, match, tokenizer, tmp_path) -> None:
     with pytest.raises(GGUFExportError, match=match):
@@ -474,6 +475,9 @@ def test_card_serving_rows_follow_the_patch(tmp_path) -> None:
     assert "gemma3_text graph passes no frequency factors" in gemma["llama.cpp"]
     selective = _serving(hf_prope.patch_model(_tiny(), "p-rope", p=0.25, layers=[0, 1]))
     assert "layer-selective" in selective["llama.cpp"]
+    per_head = _serving(hf_prope.patch_model(_tiny(), "head-mask", head_keep=HEAD_KEEP))
+    assert "per-head mask cannot be carried" in per_head["llama.cpp"] and per_head["vLLM"].startswith("refuses")
+    assert per_head["transformers (no hf-prope)"].startswith("refuses") and per_head["mlx-lm"].startswith("refuses")
     # mlx-lm: exact for a native prefix, refused otherwise (tests/test_mlx_lm.py runs mlx-lm itself).
     native = "exact" if has_native_proportional() else "refuses"  # before 5.5 every patch is hf-prope's rope type
     assert rows["mlx-lm"].startswith(native) and gemma["mlx-lm"].startswith(native)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny import char_tokenizer, logits, tiny_model, tokens
+from tiny import HEAD_KEEP, char_tokenizer, logits, tiny_model, tokens
 from transformers import AutoModelForCausalLM
 
 import hf_prope
@@ -45,6 +45,8 @@ REFUSED = [
     ("mistral", "p-rope", {"p": 0.5, "rotate": "lowest"}, {}, ValueError, "Unsupported RoPE type hf_prope"),
     ("qwen2", "nope", {"layers": [1]}, FULL, ValueError, "Unsupported RoPE type hf_prope"),
     ("qwen3", "freq-mask", {"keep": [0, 2, 5]}, FULL, ValueError, "Unsupported RoPE type hf_prope"),
+    ("llama", "head-mask", {"head_keep": HEAD_KEEP}, {}, ValueError, "Unsupported RoPE type hf_prope"),
+    ("gemma2", "head-mask", {"head_keep": HEAD_KEEP}, {}, TypeError, "base: str"),
     ("gemma", "p-rope", {"p": 0.5}, {}, TypeError, "base: str"),
     ("gemma2", "p-rope", {"p": 0.5}, {}, TypeError, "base: str"),
     ("gemma3_text", "p-rope", {"p": 0.5}, GEMMA3, TypeError, "base: str"),  # mlx-lm's sliding layers read no type

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from tiny import MODEL_TYPES, logits, tiny_model, tokens
+from tiny import HEAD_KEEP, MODEL_TYPES, logits, tiny_model, tokens
 from transformers import AutoModelForCausalLM
 
 import hf_prope
@@ -92,7 +92,12 @@ def test_custom_type_fails_loudly_without_hf_prope(tmp_path) -> None:
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 @pytest.mark.parametrize(
     "patch",
-    [("freq-mask", {"keep": [0, 1, 2, 5]}), ("nope", {"layers": [1, 4]}), ("p-rope", {"p": 0.5, "rotate": "lowest"})],
+    [
+        ("freq-mask", {"keep": [0, 1, 2, 5]}),
+        ("nope", {"layers": [1, 4]}),
+        ("p-rope", {"p": 0.5, "rotate": "lowest"}),
+        ("head-mask", {"head_keep": HEAD_KEEP}),
+    ],
 )
 def test_round_trip_reproduces_patched_model(model_type, patch, tmp_path) -> None:
     name, params = patch
@@ -106,7 +111,7 @@ def test_round_trip_reproduces_patched_model(model_type, patch, tmp_path) -> Non
     spec = hf_prope.get_patch(model)
     state = hf_prope.patch_state(loaded)
     assert state.recorded == spec
-    if spec.is_layer_selective:
+    if spec.is_layer_selective or spec.is_per_head:
         # hooks cannot live in a config: the patch is recorded but not in effect until restore_patch
         assert hf_prope.get_patch(loaded) is None and state.spec is None and state.pending
         hf_prope.restore_patch(loaded)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from tiny import MODEL_TYPES, clone_with_config, tiny_model, tokens
+from tiny import HEAD_KEEP, MODEL_TYPES, clone_with_config, tiny_model, tokens
 
 import hf_prope
 from hf_prope.state import model_parts
@@ -68,8 +68,9 @@ def _attention_outputs(model, ids, feed: list[torch.Tensor] | None = None) -> li
 
 
 SPECS = {
-    "p=0.5": dict(p=0.5),
-    "layers": dict(p=0.25, layers=[1, 4]),  # layer hooks (PositionMaskHook) rather than new frequencies
+    "p=0.5": ("p-rope", dict(p=0.5)),
+    "layers": ("p-rope", dict(p=0.25, layers=[1, 4])),  # layer hooks (PositionMaskHook) rather than new frequencies
+    "head-mask": ("head-mask", dict(head_keep=HEAD_KEEP)),  # per-KV-head cos/sin through the same hooks
 }
 
 
@@ -79,7 +80,8 @@ def test_targets_are_the_unpatched_models_and_the_student_is_the_patched_models_
     ids = tokens(batch=2, length=LENGTH)
     base = tiny_model(model_type)
     original = clone_with_config(base, base.config)  # never patched: the teacher's oracle
-    peft_model = _lora(hf_prope.patch_model(base, "p-rope", **SPECS[spec]))
+    name, params = SPECS[spec]
+    peft_model = _lora(hf_prope.patch_model(base, name, **params))
 
     targets = teacher_attention(peft_model, ids)
     expected = _attention_outputs(original, ids)

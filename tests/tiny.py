@@ -49,6 +49,16 @@ ARCHS: dict[str, dict[str, Any]] = {
     },
 }
 MODEL_TYPES = list(ARCHS)
+# A head-mask for every tiny model (6 layers, 2 KV heads, 8 pairs): the heads of a layer differ,
+# the layers differ, and layer 5 keeps everything (no hook there), so nothing reduces to a freq-mask.
+HEAD_KEEP = [
+    [[0, 1, 2, 5], [3, 6]],
+    [[0], [1, 2, 3, 4, 5, 6, 7]],
+    [[], [0, 7]],
+    [[1, 3, 5, 7], [0, 2, 4, 6]],
+    [[0, 1], [0, 1, 2]],
+    [list(range(8)), list(range(8))],
+]
 
 
 def tiny_config(model_type: str, **overrides: Any) -> Any:

@@ -27,8 +27,15 @@ def _llama_cpp_base_frequencies(theta: float, head_dim: int) -> torch.Tensor:
 
 
 def _check_rope(state: PatchState, spec: PatchSpec | None) -> None:
-    """What a factor tensor cannot carry: a layer-selective ``spec``, the model's own rope type, attention scaling."""
+    """What a factor tensor cannot carry: a per-head or layer-selective ``spec``, the model's own rope type, attention scaling."""
     parts = state.parts
+    if spec is not None and spec.is_per_head:
+        raise GGUFExportError(
+            f"The patch gives each key/value head its own frequencies ({spec.describe()}), but llama.cpp's "
+            "rope_freqs tensor holds one factor per pair for every head of every layer, so a GGUF cannot carry it. "
+            "Use a patch that is the same for every head (p-rope, freq-mask) to export, or serve the model with "
+            "transformers (hf_prope.from_pretrained)."
+        )
     if spec is not None and spec.is_layer_selective:
         raise GGUFExportError(
             f"The patch applies only to some layers ({spec.describe()}), but llama.cpp shares one "

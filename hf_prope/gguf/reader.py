@@ -56,7 +56,12 @@ def spec_from_factors(
     keep = [f < STOPPED_ABOVE for f in factors]
     if all(keep):
         return None
-    if recorded is not None and not recorded.is_layer_selective and recorded.keep_mask(inv_freq) == keep:
+    if (
+        recorded is not None
+        and not recorded.is_layer_selective
+        and not recorded.is_per_head
+        and recorded.keep_mask(inv_freq) == keep
+    ):
         return recorded
     n = len(keep)
     r = sum(keep)

@@ -1,0 +1,272 @@
+"""Per-KV-head frequency masks (``head-mask``) against independent oracles.
+
+Oracles: today's ``freq-mask`` / ``p-rope`` (a head-mask equal for every head must give the same
+bits), attention weights written out pair by pair from the projections with per-head frequencies
+(grouped-query attention included), the unpatched model (unpatch, ``original_rope``), and the
+2-norm rule computed by hand on the measured norms.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import pickle
+
+import pytest
+import torch
+from tiny import HEAD_DIM, HEAD_KEEP, MODEL_TYPES, N_LAYERS, char_tokenizer, logits, tiny_model, tokens
+
+import hf_prope
+from hf_prope import PatchSpec, analysis, rotation
+from hf_prope.patching import head_frequencies, layer_frequencies, original_rope, patch_info
+
+N_PAIRS = HEAD_DIM // 2
+MASK = (True, False, True, True, False, False, True, False)  # not a prefix: the general path
+
+
+def _same_for_every_head(keep: list[int]) -> tuple:
+    return tuple((tuple(keep), tuple(keep)) for _ in range(N_LAYERS))
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_equal_heads_give_the_freq_mask_bit_for_bit_forward_and_backward(model_type) -> None:
+    ids = tokens()
+    ours, theirs = tiny_model(model_type), tiny_model(model_type)
+    hf_prope.patch_model(theirs, "freq-mask", mask=MASK)
+    spec = PatchSpec("head-mask", head_keep=_same_for_every_head([i for i, m in enumerate(MASK) if m]))
+    hf_prope.patch_model(ours, spec)
+    assert hf_prope.get_patch(ours) == spec
+    assert torch.equal(logits(ours, ids), logits(theirs, ids))
+    grads = []
+    for model in (ours, theirs):
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.equal(*grads)
+    # and it changed the model: the same weights with plain RoPE differ
+    assert (logits(tiny_model(model_type), ids) - logits(ours, ids)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_highest_budget_is_p_rope(model_type) -> None:
+    ids = tokens()
+    ours, theirs = tiny_model(model_type), tiny_model(model_type)
+    hf_prope.patch_model(ours, "head-mask", p=0.25)
+    hf_prope.patch_model(theirs, "p-rope", p=0.25)
+    assert torch.equal(logits(ours, ids), logits(theirs, ids))
+    assert hf_prope.get_patch(ours) == PatchSpec("head-mask", p=0.25, select="highest")
+
+
+def _oracle_attention(module, hidden, keep_per_kv_head, theta: float, norms=None) -> torch.Tensor:
+    """Softmax(q k^T * scale) written out pair by pair: pair i of query head h turns by pos * theta^(-2i/d)
+    only where its KV head (h // group) keeps it."""
+    b, t, _ = hidden.shape
+    d = int(module.head_dim)
+    q = module.q_proj(hidden).view(b, t, -1, d)
+    k = module.k_proj(hidden).view(b, t, -1, d)
+    if norms is not None:
+        q, k = norms[0](q), norms[1](k)
+    n_q, n_kv = q.shape[2], k.shape[2]
+    group = n_q // n_kv
+
+    def rotate(x, head, kv):
+        out = x.clone()
+        for i in range(d // 2):
+            if not keep_per_kv_head[kv][i]:
+                continue
+            freq = theta ** (-2.0 * i / d)
+            for pos in range(t):
+                c, s = math.cos(pos * freq), math.sin(pos * freq)
+                a, bb = x[:, pos, head, i], x[:, pos, head, i + d // 2]
+                out[:, pos, head, i] = a * c - bb * s
+                out[:, pos, head, i + d // 2] = bb * c + a * s
+        return out[:, :, head]
+
+    weights = []
+    for h in range(n_q):
+        qh = rotate(q, h, h // group)
+        kh = rotate(k, h // group, h // group)
+        scores = qh @ kh.transpose(1, 2) * float(module.scaling)
+        causal = torch.ones(t, t, dtype=torch.bool).tril()
+        weights.append(torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1))
+    return torch.stack(weights, dim=1)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])  # qwen3: q/k norms before the rotation
+def test_attention_matches_a_pair_by_pair_oracle_with_grouped_heads(model_type) -> None:
+    model = tiny_model(model_type, attn="eager", layer_types=None, use_sliding_window=False)
+    hf_prope.patch_model(model, "head-mask", head_keep=HEAD_KEEP)
+    theta = float(model.config.rope_parameters["rope_theta"])
+    seen: dict[int, tuple] = {}
+
+    def hook(i):
+        def run(module, args, kwargs, output):
+            seen[i] = (kwargs["hidden_states"], output[1])
+
+        return run
+
+    handles = [
+        layer.self_attn.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(model.model.layers)
+    ]
+    try:
+        with torch.no_grad():
+            model(tokens(batch=2, length=12), output_attentions=True)
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            attention = layer.self_attn
+            hidden, got = seen[i]
+            keep = [[j in set(k) for j in range(N_PAIRS)] for k in HEAD_KEEP[i]]
+            norms = (attention.q_norm, attention.k_norm) if model_type == "qwen3" else None
+            want = _oracle_attention(attention, hidden, keep, theta, norms)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"layer {i}")
+            # the two KV heads of layer 0 keep different pairs: swapping their masks changes the weights
+            if i == 0:
+                swapped = _oracle_attention(attention, hidden, keep[::-1], theta, norms)
+                assert (swapped - got).abs().max() > 1e-3
+
+
+def test_frequencies_per_head_and_per_layer() -> None:
+    model = hf_prope.patch_model(tiny_model("llama"), "head-mask", head_keep=HEAD_KEEP)
+    original = layer_frequencies(model, original=True)
+    per_head = head_frequencies(model)
+    assert per_head.shape == (N_LAYERS, 2, N_PAIRS)
+    for layer, heads in enumerate(HEAD_KEEP):
+        for h, keep in enumerate(heads):
+            want = torch.tensor([float(original[layer, i]) if i in keep else 0.0 for i in range(N_PAIRS)])
+            assert torch.equal(per_head[layer, h], want)
+    # per layer: a pair rotates when any head of the layer rotates it
+    union = [sorted(set(a) | set(b)) for a, b in HEAD_KEEP]
+    assert [[i for i in range(N_PAIRS) if row[i] > 0] for row in layer_frequencies(model)] == union
+    assert patch_info(model)["hooked_layers"] == [0, 1, 2, 3, 4]  # layer 5 keeps everything: no hook
+
+
+def test_unpatch_and_original_rope_give_the_original_bit_for_bit() -> None:
+    ids = tokens()
+    original = logits(tiny_model("gemma3_text"), ids)
+    model = hf_prope.patch_model(tiny_model("gemma3_text"), "head-mask", head_keep=HEAD_KEEP)
+    patched = logits(model, ids)
+    with original_rope(model):
+        assert torch.equal(logits(model, ids), original)
+    assert torch.equal(logits(model, ids), patched)
+    hf_prope.unpatch_model(model)
+    assert torch.equal(logits(model, ids), original) and hf_prope.get_patch(model) is None
+
+
+def test_copies_and_pickles_keep_the_patch() -> None:
+    ids = tokens()
+    model = hf_prope.patch_model(tiny_model("llama"), "head-mask", head_keep=HEAD_KEEP)
+    expected = logits(model, ids)
+    for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert torch.equal(logits(other, ids), expected)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_class_level_head_mask(model_type) -> None:
+    ids = tokens()
+    spec = PatchSpec("head-mask", head_keep=tuple(tuple(tuple(k) for k in heads) for heads in HEAD_KEEP))
+    expected = logits(hf_prope.patch_model(tiny_model(model_type), spec), ids)
+    handle = hf_prope.apply_patch_to_class(model_type, spec)
+    try:
+        built = tiny_model(model_type)
+    finally:
+        handle.revert()
+    assert hf_prope.get_patch(built) == spec
+    assert torch.equal(logits(built, ids), expected)
+
+
+def test_patch_file_round_trip(tmp_path) -> None:
+    ids = tokens()
+    spec = PatchSpec("head-mask", head_keep=tuple(tuple(tuple(k) for k in heads) for heads in HEAD_KEEP))
+    spec.save(tmp_path / "mask.json")
+    assert json.loads((tmp_path / "mask.json").read_text())["head_keep"][1] == [[0], [1, 2, 3, 4, 5, 6, 7]]
+    assert PatchSpec.load(tmp_path / "mask.json") == spec
+    a = hf_prope.patch_model(tiny_model("llama"), str(tmp_path / "mask.json"))
+    b = hf_prope.patch_model(tiny_model("llama"), tmp_path / "mask.json")
+    assert hf_prope.get_patch(a) == hf_prope.get_patch(b) == spec
+    assert torch.equal(logits(a, ids), logits(b, ids))
+    with pytest.raises(FileNotFoundError, match="No patch file"):
+        hf_prope.patch_model(tiny_model("llama"), str(tmp_path / "missing.json"))
+    with pytest.raises(TypeError, match="put them in the file"):
+        hf_prope.patch_model(tiny_model("llama"), str(tmp_path / "mask.json"), p=0.5)
+
+
+@pytest.mark.parametrize(
+    "params,error,match",
+    [
+        ({"head_keep": HEAD_KEEP[:3]}, ValueError, "has 3 layers but this model has 6"),
+        ({"head_keep": [[[0], [1], [2]]] * N_LAYERS}, ValueError, "per KV head, not per query head"),
+        ({"head_keep": [[[0, 8], [1]]] * N_LAYERS}, ValueError, r"pair indices \[8\]"),
+        ({"head_keep": [[[0, 0], [1]]] * N_LAYERS}, ValueError, "more than once"),
+        ({"head_keep": HEAD_KEEP, "p": 0.5}, ValueError, "budget p=0.5 is 4"),
+        ({"head_keep": HEAD_KEEP, "pairs": 2}, ValueError, "budget is pairs=2"),
+        ({"select": "2-norm", "p": 0.25}, ValueError, "hf_prope.analysis.head_mask"),
+        ({"p": 0.25, "layers": [1]}, ValueError, "takes no layers"),
+        ({"p": 0.25, "pairs": 2}, ValueError, "not both"),
+        ({}, ValueError, "needs a budget"),
+        ({"pairs": 9}, ValueError, "pairs=9 but this model has 8"),
+        ({"p": 0.25, "select": "top"}, ValueError, "select must be one of"),
+    ],
+)
+def test_bad_head_masks_are_refused_before_the_model_changes(params, error, match) -> None:
+    ids = tokens()
+    model = tiny_model("llama")
+    before = logits(model, ids)
+    with pytest.raises(error, match=match):
+        hf_prope.patch_model(model, "head-mask", **params)
+    assert hf_prope.get_patch(model) is None and torch.equal(logits(model, ids), before)
+
+
+def test_uninstalled_rotary_function_is_a_loud_error() -> None:
+    model = hf_prope.patch_model(tiny_model("llama"), "head-mask", head_keep=HEAD_KEEP)
+    module = "transformers.models.llama.modeling_llama"
+    rotation.uninstall(module)
+    try:
+        with pytest.raises(RuntimeError, match="head-mask needs hf-prope's rotary function"):
+            logits(model, tokens())
+    finally:
+        rotation.install(module)
+    logits(model, tokens())
+
+
+def _usage(model):
+    from pydoc_data.topics import topics
+
+    text = " ".join(list(topics.values())[:20])
+    return analysis.frequency_usage(model, char_tokenizer(), text, window=48, n_windows=2)
+
+
+def test_two_norm_rule_keeps_each_kv_heads_largest_products() -> None:
+    model = tiny_model("llama")
+    usage = _usage(model)
+    spec = analysis.head_mask(usage, p=0.25)
+    assert spec.name == "head-mask" and spec.select == "2-norm" and spec.p == 0.25
+    r = 2  # p=0.25 of 8 pairs
+    for layer in range(N_LAYERS):
+        for kv in range(2):
+            # by hand: mean |k_i| of the KV head x the summed mean |q_i| of its two query heads
+            score = [
+                float(usage.key[layer, kv, i])
+                * float(usage.query[layer, 2 * kv, i] + usage.query[layer, 2 * kv + 1, i])
+                for i in range(N_PAIRS)
+            ]
+            best = sorted(range(N_PAIRS), key=lambda i: -score[i])[:r]
+            assert spec.head_keep[layer][kv] == tuple(sorted(best))
+    assert len({k for heads in spec.head_keep for k in heads}) > 1  # the heads do differ on this model
+    shared = analysis.head_mask(usage, pairs=3, select="2-norm-shared")
+    assert shared.name == "freq-mask" and sum(shared.mask) == 3
+    assert analysis.head_mask(usage, p=0.5, select="highest") == PatchSpec("head-mask", p=0.5)
+    patched = hf_prope.patch_model(model, spec)
+    assert hf_prope.get_patch(patched) == spec
+    with pytest.raises(ValueError, match="exactly one"):
+        analysis.head_mask(usage)
+    with pytest.raises(ValueError, match="every layer"):
+        analysis.head_mask(
+            analysis.frequency_usage(
+                tiny_model("llama"), char_tokenizer(), "x" * 400, window=48, n_windows=2, layers=[0, 1]
+            ),
+            p=0.25,
+        )
