@@ -246,7 +246,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Median of interleaved repeats; prints each ratio against the native path measured in the same "
         "run, and its target. Benchmarks: rotary (rotary application alone), train (a training step of a "
         "SmolLM2-shaped model), decode (KV-cache decoding), patch (patch_model latency and memory on SmolLM2), "
-        "recipe (the LoRA recipe against a plain Trainer + PEFT script).",
+        "recipe (the LoRA recipe against a plain Trainer + PEFT script), head_mask (a per-KV-head mask: rotary and training step).",
     )
     bench.add_argument(
         "--only", default=",".join(BENCHMARKS), help=f"comma-separated, of {', '.join(BENCHMARKS)} (default: all)"

@@ -225,10 +225,12 @@ def rotate_heads(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE with one cos/sin per key/value head: query head ``h`` uses KV head ``h // (heads / kv heads)``.
 
+    ``q``/``k`` are ``(batch, heads, tokens, d)``, ``cos``/``sin`` ``(batch, kv heads, tokens, d)``.
     ``original`` is transformers' own function, called on q viewed as ``(batch, kv heads, group,
-    tokens, d)`` with cos/sin broadcast over the group (``unsqueeze_dim=2``): the same products
-    and sums as the shared-cos formula, so a head-mask equal for every head gives the same bits.
-    That grouping is ``repeat_kv``'s: KV head ``j`` serves query heads ``j*g .. j*g + g - 1``.
+    tokens, d)`` with cos/sin broadcast over the group (``unsqueeze_dim=2``): the same products and
+    sums as the shared-cos formula, so a head-mask equal for every head gives the same bits. That
+    grouping is ``repeat_kv``'s: KV head ``j`` serves query heads ``j*g .. j*g + g - 1``. (Measured on
+    2 CPU cores: writing the formula out without rotate_half is no faster forward and slower backward.)
     """
     kv = k.shape[1]
     if cos.dim() != 4 or cos.shape[1] != kv or q.shape[1] % kv:

@@ -181,8 +181,9 @@ class PatchSpec:
             if select == "2-norm":
                 raise ValueError(
                     "select='2-norm' chooses each head's pairs from the model's own query/key statistics, which a "
-                    "spec cannot hold until they are measured: spec = hf_prope.analysis.head_mask(model, tokenizer, "
-                    "texts, p=...) (or `hf-prope run analyze ... head_mask_p=...`, which writes it as a patch file)."
+                    "spec cannot hold until they are measured: spec = hf_prope.analysis.head_mask(hf_prope.analysis."
+                    "frequency_usage(model, tokenizer, texts), p=...); or in the recipes patch=head-mask select=2-norm "
+                    "(chosen on the training text), or `hf-prope analyze ... head_mask_p=...` (writes a patch file)."
                 )
             if select == "explicit":
                 raise ValueError("select='explicit' needs head_keep: per layer, per KV head, the pairs that rotate.")

@@ -98,6 +98,14 @@ class PatchArguments:
     keep: list[int] | None = field(default=None, metadata={"help": "freq-mask: indices of pairs that rotate."})
     max_wavelength: float | None = field(default=None, metadata={"help": "freq-mask: longest wavelength kept."})
     pairs: int | None = field(default=None, metadata={"help": "head-mask: pairs per head that rotate (instead of p)."})
+    select: Literal["highest", "2-norm", "2-norm-shared"] | None = field(
+        default=None,
+        metadata={
+            "help": "head-mask: which pairs each head keeps. highest (default: p-RoPE), 2-norm (each KV head the "
+            "pairs of largest query-key norm product, measured on the training text before training; MHA2MLA), "
+            "2-norm-shared (one such set for every head, a freq-mask)."
+        },
+    )
     layers: list[int] | None = field(default=None, metadata={"help": "Patch only these layer indices."})
     layer_types: list[str] | None = field(
         default=None, metadata={"help": "Patch only layers of these types (e.g. full_attention on Gemma 3)."}
@@ -128,12 +136,30 @@ class PatchArguments:
                 )
             return PatchSpec.load(Path(self.patch_file))
 
-        params = {
-            f.name: getattr(self, f.name) for f in fields(PatchArguments) if f.name not in ("patch", "patch_file")
-        }
+        if self.select is not None and self.patch != "head-mask":
+            raise ValueError(f"select={self.select} chooses a head-mask's pairs; it goes with patch=head-mask.")
+        skip = ("patch", "patch_file", "select")
+        params = {f.name: getattr(self, f.name) for f in fields(PatchArguments) if f.name not in skip}
+        if self.calibrates:
+            params["select"] = "highest"  # the budget, checked now; the pairs are chosen by calibrate()
+        elif self.select is not None:
+            params["select"] = self.select
         if params["p"] == PatchArguments.p and (self.patch not in ("p-rope", "head-mask") or self.pairs is not None):
             params["p"] = None  # the default p belongs to p-rope (and a head-mask's budget); other patches take none
         return make_spec(self.patch, **{k: v for k, v in params.items() if v is not None})
+
+    @property
+    def calibrates(self) -> bool:
+        """Whether the patch is chosen from the model's own statistics (``select=2-norm...``) by :meth:`calibrate`."""
+        return self.patch == "head-mask" and self.select in ("2-norm", "2-norm-shared")
+
+    def calibrate(self, model: Any, tokenizer: Any, ids: Any, *, progress: bool = True) -> Any:
+        """The patch chosen on ``ids`` (training tokens, never the held-out ones) by ``select``'s rule."""
+        from hf_prope import analysis
+
+        usage = analysis.frequency_usage(model, tokenizer, ids, progress=progress)
+        p = self.p if self.pairs is None else None
+        return analysis.head_mask(usage, p=p, pairs=self.pairs, select=self.select)  # type: ignore[arg-type]
 
 
 def is_main_process() -> bool:

@@ -385,6 +385,14 @@ class LoRARecipe(TrainingRecipe):
                 heldout_tokens=ra.heldout_tokens,
                 min_blocks=min_blocks,
             )
+        if self.patch_args.calibrates:
+            # Chosen on training tokens only, before any training: the held-out split never decides the mask.
+            self.say(f"Choosing each head's pairs ({self.patch_args.select}) on the training text ...")
+            self.spec = self.patch_args.calibrate(self.model, self.tokenizer, self.split.train_blocks.flatten())
+            check_patch(self.model, self.spec)
+            if ra.objective != "lm" or ra.uses_transfer:
+                self._check_patch_changes_something()
+            self.say(f"Patch: {self.spec.describe()}")
         where = (
             f"from {self.split.heldout_documents} documents of at least {max(ra.contexts):,} tokens"
             if self.split.heldout_documents
@@ -411,11 +419,12 @@ class LoRARecipe(TrainingRecipe):
         return model.to(device if device is not None else self.training_args.device)
 
     def _check_patch_changes_something(self) -> None:
-        from hf_prope.patching import layer_frequencies, patch_model, unpatch_model
+        from hf_prope.patching import head_frequencies, patch_model, unpatch_model
 
+        before = head_frequencies(self.model)
         patch_model(self.model, self.spec)
         try:
-            same = bool(torch.equal(layer_frequencies(self.model), layer_frequencies(self.model, original=True)))
+            same = bool(torch.equal(head_frequencies(self.model), before))
         finally:
             unpatch_model(self.model)
         if same:

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 from tiny import HEAD_DIM, MODEL_TYPES, char_tokenizer, save_tiny, tiny_model
+from transformers import AutoModelForCausalLM
 
 import hf_prope
 from hf_prope import analysis
@@ -365,6 +366,23 @@ def test_analyze_command_writes_a_readable_report(tmp_path, capsys) -> None:
     write_report(redrawn, json.loads((out / "report.json").read_text()))
     assert (redrawn / "summary.md").read_text() == summary
     assert sorted(p.name for p in redrawn.iterdir()) == files
+
+
+def test_analyze_command_writes_a_per_head_mask_the_patch_takes(tmp_path) -> None:
+    model_dir = save_tiny(tmp_path / "tiny-llama", "llama")
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT * 3)
+    out = tmp_path / "report"
+    args = ["analyze", str(model_dir), "--out", str(out), f"dataset={data}", "window=48", "n_windows=3"]
+    assert main([*args, "check=false", "head_mask_p=0.25", "layer=2"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    usage = analysis.FrequencyUsage.from_dict(report["usage"])
+    spec = hf_prope.PatchSpec.load(out / "head_mask.json")
+    assert spec == analysis.head_mask(usage, p=0.25) and spec.select == "2-norm"  # the rule, on the report's own norms
+    assert "## Per-head mask" in (out / "summary.md").read_text()
+    model = hf_prope.patch_model(AutoModelForCausalLM.from_pretrained(model_dir), str(out / "head_mask.json"))
+    assert hf_prope.get_patch(model) == spec
+    assert main([*args, "check=false", "head_mask_p=1.5"]) != 0
 
 
 def test_analyze_command_refuses_bad_input_before_writing(tmp_path, capsys) -> None:

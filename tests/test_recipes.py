@@ -1084,3 +1084,41 @@ def test_fsdp_on_a_cpu_only_machine_is_refused_before_any_work(how, source, tmp_
         recipe.setup()
     assert not out.exists()
     assert not hasattr(recipe, "model")  # refused before the model was loaded
+
+
+@pytest.mark.parametrize("select", ["2-norm", "2-norm-shared"])
+def test_lora_recipe_chooses_a_head_mask_on_training_text_only(select, source, tmp_path) -> None:
+    from hf_prope import analysis
+
+    model_dir = save_tiny(tmp_path / "qwen3", "qwen3")
+    out = tmp_path / "out"
+    summary = LoRARecipe.from_config(
+        None,
+        overrides(
+            source,
+            out,
+            model=str(model_dir),
+            control=False,
+            max_steps=3,
+            objective="transfer",
+            patch="head-mask",
+            select=select,
+        ),
+    ).run()
+    spec = hf_prope.PatchSpec.from_dict(summary["patch"])
+    # The oracle: the rule run by hand on the tokens before the held-out tail (whole blocks), never on the tail.
+    ids = stream(source, model_dir)
+    heldout = WINDOW * N_WINDOWS
+    train = ids[: (len(ids) - heldout) // BLOCK * BLOCK]
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    tok = char_tokenizer()
+    on_train, with_tail = analysis.frequency_usage(base, tok, train), analysis.frequency_usage(base, tok, ids)
+    assert not torch.equal(on_train.query, with_tail.query)  # the held-out tail would give other statistics
+    assert spec == analysis.head_mask(on_train, p=0.25, select=select)
+    if select == "2-norm":
+        assert spec.name == "head-mask" and {len(k) for heads in spec.head_keep for k in heads} == {2}
+    else:
+        assert spec.name == "freq-mask" and sum(spec.mask) == 2
+    reloaded = hf_prope.from_pretrained(out / "adapter")
+    assert hf_prope.get_patch(reloaded) == spec
+    assert at(summary)["patched_after_training"] == pytest.approx(loss_perplexity(reloaded, ids), rel=1e-5)
