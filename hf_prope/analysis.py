@@ -556,8 +556,8 @@ def _pair_weights(usage: FrequencyUsage) -> torch.Tensor:
     return usage.query * key
 
 
-HeadSelect = Literal["2-norm", "2-norm-shared", "highest"]
-HEAD_SELECT: tuple[str, ...] = ("2-norm", "2-norm-shared", "highest")
+HeadSelect = Literal["2-norm", "2-norm-drift", "2-norm-shared", "highest"]
+HEAD_SELECT: tuple[str, ...] = ("2-norm", "2-norm-drift", "2-norm-shared", "highest")
 
 
 def head_scores(usage: FrequencyUsage) -> torch.Tensor:
@@ -579,6 +579,7 @@ def head_mask(
     p: float | None = None,
     pairs: int | None = None,
     select: HeadSelect = "2-norm",
+    context_length: int | None = None,
 ) -> PatchSpec:
     """A patch that keeps, per key/value head, the pairs the model uses most (MHA2MLA's 2-norm rule).
 
@@ -588,6 +589,11 @@ def head_mask(
 
     * ``"2-norm"``: each KV head of each layer keeps its own ``r`` pairs of largest
       :func:`head_scores` (a ``head-mask``; every query head uses its KV head's mask);
+    * ``"2-norm-drift"``: the same score times :func:`drift` of the pair's own frequency over
+      ``context_length`` tokens (default: the measured window; a sliding layer's window when
+      shorter): what stopping the pair could move, the measure :func:`suggest_p` uses. A pair of
+      large norm that barely turns over the context costs little to stop, so the budget goes to
+      pairs that do turn;
     * ``"2-norm-shared"``: one set of ``r`` pairs for every head of every layer, those of
       largest score share summed over layers and heads (a ``freq-mask``: the comparison the
       per-head rule is measured against);
@@ -614,6 +620,17 @@ def head_mask(
             f"A head mask covers every layer; this usage holds layers {_ranges(usage.layers)}. Measure with layers=None."
         )
     scores = head_scores(usage).double()
+    if select == "2-norm-drift":
+        context = int(context_length or usage.window)
+        if context < 2:
+            raise ValueError(f"context_length must be at least 2 tokens, got {context_length!r}.")
+        moved = torch.stack(
+            [
+                drift(usage.original_frequencies[i], min(context, span) if span else context)
+                for i, span in enumerate(usage.attention_span)
+            ]
+        ).double()  # (layers, pairs)
+        scores = scores * moved[:, None, :]
     # Stable, descending: among equal scores the lower index (the higher frequency) wins.
     order = lambda row: sorted(range(n_pairs), key=lambda i: (-float(row[i]), i))  # noqa: E731
     if select == "2-norm-shared":
@@ -621,7 +638,7 @@ def head_mask(
         kept = sorted(order(share)[:r])
         return PatchSpec("freq-mask", mask=tuple(i in kept for i in range(n_pairs)))
     head_keep = tuple(tuple(tuple(sorted(order(head)[:r])) for head in layer) for layer in scores)
-    return PatchSpec("head-mask", p=p, pairs=pairs, select="2-norm", head_keep=head_keep)
+    return PatchSpec("head-mask", p=p, pairs=pairs, select=select, head_keep=head_keep)
 
 
 def suggest_p(

@@ -17,6 +17,7 @@ correctness).
 from __future__ import annotations
 
 import copy
+import functools
 import platform
 import statistics
 import sys
@@ -951,26 +952,29 @@ def bench_head_mask(
     dtype = _dtype(device)
     rows: list[Row] = []
     inner = 2 if quick else 20
-    for shape in _rotary_shapes(device, quick)[:1]:
-        n = shape.head_dim // 2
-        r = rotated_pairs(p, shape.head_dim)
-        keep = _random_head_keep(1, shape.kv_heads, n, r)[0]
-        hook = PositionMaskHook([[i in k for i in range(n)] for k in keep], 1.0, modeling.__name__)
-        g = torch.Generator().manual_seed(0)
-        q = torch.randn(shape.batch, shape.tokens, shape.heads, shape.head_dim, generator=g).to(device, dtype)
-        k = torch.randn(shape.batch, shape.tokens, shape.kv_heads, shape.head_dim, generator=g).to(device, dtype)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        freq = shape.theta ** (-torch.arange(n, dtype=torch.float32) * 2 / shape.head_dim)
-        angles = torch.arange(shape.tokens, dtype=torch.float32)[:, None] * freq
-        emb = torch.cat((angles, angles), dim=-1)[None].repeat(shape.batch, 1, 1).to(device)
-        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    shape = _rotary_shapes(device, quick)[0]
+    n = shape.head_dim // 2
+    r = rotated_pairs(p, shape.head_dim)
+    keep = _random_head_keep(1, shape.kv_heads, n, r)[0]
+    hook = PositionMaskHook([[i in k for i in range(n)] for k in keep], 1.0, modeling.__name__)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(shape.batch, shape.tokens, shape.heads, shape.head_dim, generator=g).to(device, dtype)
+    k = torch.randn(shape.batch, shape.tokens, shape.kv_heads, shape.head_dim, generator=g).to(device, dtype)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    freq = shape.theta ** (-torch.arange(n, dtype=torch.float32) * 2 / shape.head_dim)
+    angles = torch.arange(shape.tokens, dtype=torch.float32)[:, None] * freq
+    emb = torch.cat((angles, angles), dim=-1)[None].to(device)
 
-        def per_head(q_: torch.Tensor, k_: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> Any:
-            _, kwargs = hook(None, (), {"position_embeddings": (c, s)})  # type: ignore[arg-type, misc]
-            return wrapped(q_, k_, *kwargs["position_embeddings"])
+    def per_head(q_: torch.Tensor, k_: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> Any:
+        _, kwargs = hook(None, (), {"position_embeddings": (c, s)})  # type: ignore[arg-type, misc]
+        return wrapped(q_, k_, *kwargs["position_embeddings"])
 
-        fns: dict[str, Callable[..., Any]] = {"transformers": native, "hf-prope head-mask": per_head}
-        forward = {name: (lambda fn=fn: fn(q, k, cos, sin)) for name, fn in fns.items()}
+    fns: dict[str, Callable[..., Any]] = {"transformers": native, "hf-prope head-mask": per_head}
+    # cos/sin one row per sequence (position_ids given per sequence, as bench rotary has them) or one
+    # row for the batch (transformers' default position_ids, shape (1, tokens)).
+    for rows_of_cos in sorted({shape.batch, 1}, reverse=True):
+        cos, sin = (e.repeat(rows_of_cos, 1, 1).to(dtype) for e in (emb.cos(), emb.sin()))
+        forward = {name: functools.partial(fn, q, k, cos, sin) for name, fn in fns.items()}
         with torch.inference_mode():
             times = interleaved(forward, repeats=repeats * 3, inner=inner, device=device)
         q_leaf, k_leaf = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
@@ -982,13 +986,16 @@ def bench_head_mask(
         modes = [("forward", times)]
         if min(t - shared for t in timed.values()) > 0:
             modes.append(("forward+backward", {name: t - shared for name, t in timed.items()}))
-        note = f"{shape.describe()}, {r} of {n} pairs per KV head, a different set per head, {_dtype_name(device)}"
+        note = (
+            f"{shape.describe()}, cos/sin {rows_of_cos}x{shape.tokens}x{shape.head_dim}, {r} of {n} pairs per KV "
+            f"head, a different set per head, {_dtype_name(device)}"
+        )
         for mode, t in modes:
             ratio = t["hf-prope head-mask"] / t["transformers"]
             rows.append(
                 Row(
                     f"rotary {mode}, {shape.name}",
-                    f"head-mask p={p:g}",
+                    f"head-mask p={p:g}, cos rows {rows_of_cos}",
                     t["hf-prope head-mask"] * 1e3,
                     "ms",
                     "transformers",

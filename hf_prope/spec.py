@@ -41,7 +41,7 @@ _PARAM_FIELDS = ("p", "rotate", "keep", "mask", "max_wavelength", "pairs", "sele
 #: How a ``head-mask`` chose its pairs: ``highest`` (every head keeps the highest ones: p-RoPE),
 #: ``2-norm`` (per KV head, the pairs of largest query-key norm product, MHA2MLA's rule; measured by
 #: :func:`hf_prope.analysis.head_mask`) or ``explicit`` (given).
-HEAD_SELECTIONS = ("highest", "2-norm", "explicit")
+HEAD_SELECTIONS = ("highest", "2-norm", "2-norm-drift", "explicit")
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,9 @@ class PatchSpec:
             keeps the highest ``p`` / ``pairs``; the same as p-RoPE), ``"2-norm"`` (each KV head
             keeps the pairs of largest query-key norm product on a calibration text, MHA2MLA's
             rule: :func:`hf_prope.analysis.head_mask` measures it and returns the spec with
-            ``head_keep``) or ``"explicit"`` (the default when ``head_keep`` is given).
+            ``head_keep``), ``"2-norm-drift"`` (that product times how far the pair turns over the
+            context, so a slow pair that barely moves is stopped first) or ``"explicit"`` (the
+            default when ``head_keep`` is given).
         head_keep: for ``"head-mask"``, per decoder layer, per key/value head, the indices of the
             pairs that keep rotating. Under grouped-query attention every query head uses the
             mask of its KV head.
@@ -87,7 +89,7 @@ class PatchSpec:
     mask: tuple[bool, ...] | None = None
     max_wavelength: float | None = None
     pairs: int | None = None
-    select: Literal["highest", "2-norm", "explicit"] | None = None
+    select: Literal["highest", "2-norm", "2-norm-drift", "explicit"] | None = None
     head_keep: tuple[tuple[tuple[int, ...], ...], ...] | None = None
     layers: tuple[int, ...] | None = None
     layer_types: tuple[str, ...] | None = None
@@ -178,7 +180,7 @@ class PatchSpec:
             )
         object.__setattr__(self, "select", select)
         if self.head_keep is None:
-            if select == "2-norm":
+            if select in ("2-norm", "2-norm-drift"):
                 raise ValueError(
                     "select='2-norm' chooses each head's pairs from the model's own query/key statistics, which a "
                     "spec cannot hold until they are measured: spec = hf_prope.analysis.head_mask(hf_prope.analysis."

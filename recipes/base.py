@@ -98,11 +98,12 @@ class PatchArguments:
     keep: list[int] | None = field(default=None, metadata={"help": "freq-mask: indices of pairs that rotate."})
     max_wavelength: float | None = field(default=None, metadata={"help": "freq-mask: longest wavelength kept."})
     pairs: int | None = field(default=None, metadata={"help": "head-mask: pairs per head that rotate (instead of p)."})
-    select: Literal["highest", "2-norm", "2-norm-shared"] | None = field(
+    select: Literal["highest", "2-norm", "2-norm-drift", "2-norm-shared"] | None = field(
         default=None,
         metadata={
             "help": "head-mask: which pairs each head keeps. highest (default: p-RoPE), 2-norm (each KV head the "
             "pairs of largest query-key norm product, measured on the training text before training; MHA2MLA), "
+            "2-norm-drift (that product times how far the pair turns over a training block), "
             "2-norm-shared (one such set for every head, a freq-mask)."
         },
     )
@@ -151,15 +152,23 @@ class PatchArguments:
     @property
     def calibrates(self) -> bool:
         """Whether the patch is chosen from the model's own statistics (``select=2-norm...``) by :meth:`calibrate`."""
-        return self.patch == "head-mask" and self.select in ("2-norm", "2-norm-shared")
+        return self.patch == "head-mask" and self.select in ("2-norm", "2-norm-drift", "2-norm-shared")
 
-    def calibrate(self, model: Any, tokenizer: Any, ids: Any, *, progress: bool = True) -> Any:
+    def calibrate(
+        self, model: Any, tokenizer: Any, ids: Any, *, context_length: int | None = None, progress: bool = True
+    ) -> Any:
         """The patch chosen on ``ids`` (training tokens, never the held-out ones) by ``select``'s rule."""
         from hf_prope import analysis
 
         usage = analysis.frequency_usage(model, tokenizer, ids, progress=progress)
         p = self.p if self.pairs is None else None
-        return analysis.head_mask(usage, p=p, pairs=self.pairs, select=self.select)  # type: ignore[arg-type]
+        return analysis.head_mask(
+            usage,
+            p=p,
+            pairs=self.pairs,
+            select=self.select,  # type: ignore[arg-type]
+            context_length=context_length,
+        )
 
 
 def is_main_process() -> bool:

@@ -388,7 +388,9 @@ class LoRARecipe(TrainingRecipe):
         if self.patch_args.calibrates:
             # Chosen on training tokens only, before any training: the held-out split never decides the mask.
             self.say(f"Choosing each head's pairs ({self.patch_args.select}) on the training text ...")
-            self.spec = self.patch_args.calibrate(self.model, self.tokenizer, self.split.train_blocks.flatten())
+            self.spec = self.patch_args.calibrate(
+                self.model, self.tokenizer, self.split.train_blocks.flatten(), context_length=ra.block_size
+            )
             check_patch(self.model, self.spec)
             if ra.objective != "lm" or ra.uses_transfer:
                 self._check_patch_changes_something()

@@ -256,6 +256,18 @@ def test_two_norm_rule_keeps_each_kv_heads_largest_products() -> None:
             best = sorted(range(N_PAIRS), key=lambda i: -score[i])[:r]
             assert spec.head_keep[layer][kv] == tuple(sorted(best))
     assert len({k for heads in spec.head_keep for k in heads}) > 1  # the heads do differ on this model
+    # 2-norm-drift: the product times mean |e^(i t g_i) - 1| over t = 0 .. context-1, g_i the pair's frequency
+    moving = analysis.head_mask(usage, p=0.25, select="2-norm-drift", context_length=30)
+    for layer in range(N_LAYERS):
+        freqs = usage.original_frequencies[layer]
+        for kv in range(2):
+            score = []
+            for i in range(N_PAIRS):
+                moved = sum(abs(2 * math.sin(t * float(freqs[i]) / 2)) for t in range(30)) / 30
+                q = float(usage.query[layer, 2 * kv, i] + usage.query[layer, 2 * kv + 1, i])
+                score.append(float(usage.key[layer, kv, i]) * q * moved)
+            assert moving.head_keep[layer][kv] == tuple(sorted(sorted(range(N_PAIRS), key=lambda i: -score[i])[:r]))
+    assert moving.select == "2-norm-drift" and moving != spec
     shared = analysis.head_mask(usage, pairs=3, select="2-norm-shared")
     assert shared.name == "freq-mask" and sum(shared.mask) == 3
     assert analysis.head_mask(usage, p=0.5, select="highest") == PatchSpec("head-mask", p=0.5)

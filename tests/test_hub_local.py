@@ -28,11 +28,12 @@ PATCHES = {
 }
 
 
-def lora_model(model_type: str, base_dir: Path):
-    """A base saved to ``base_dir`` (plain RoPE), reloaded, patched and wrapped with a non-trivial LoRA."""
+def lora_model(model_type: str, base_dir: Path, patch: tuple[str, dict] | None = None):
+    """A base saved to ``base_dir`` (plain RoPE), reloaded, patched (``patch`` or the type's in PATCHES) and
+    wrapped with a non-trivial LoRA."""
     tiny_model(model_type).save_pretrained(base_dir)
     base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
-    name, params = PATCHES[model_type]
+    name, params = patch or PATCHES[model_type]
     hf_prope.patch_model(base, name, **params)
     torch.manual_seed(3)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)

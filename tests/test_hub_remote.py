@@ -12,7 +12,7 @@ import pytest
 import torch
 from hub_server import local_hub_fixture
 from test_hub_local import lora_model
-from tiny import MODEL_TYPES, logits, tokens
+from tiny import HEAD_KEEP, MODEL_TYPES, logits, tokens
 
 import hf_prope
 from hf_prope.hub import PATCH_FILE
@@ -134,6 +134,19 @@ def test_live_hub(tmp_path) -> None:
     loaded = hf_prope.from_pretrained(repo, token=token).eval()
     ids = tokens()
     torch.testing.assert_close(logits(loaded, ids), logits(model, ids), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("save_method", ["adapter", "merged"])
+def test_head_mask_push_and_load_round_trip(local_hub, save_method, tmp_path) -> None:
+    model = lora_model("qwen3", tmp_path / "base", ("head-mask", {"head_keep": HEAD_KEEP}))
+    ids = tokens()
+    expected = logits(model, ids)
+    hf_prope.push_to_hub(model, "user/heads", save_method=save_method, token=TOKEN)
+    loaded = hf_prope.from_pretrained("user/heads", token=TOKEN).eval()
+    assert hf_prope.get_patch(loaded) == hf_prope.get_patch(model) and hf_prope.get_patch(model).is_per_head
+    torch.testing.assert_close(logits(loaded, ids), expected, atol=1e-5, rtol=1e-5)
+    hf_prope.unpatch_model(loaded)  # the same weights with plain RoPE are far: the check can fail
+    assert (logits(loaded, ids) - expected).abs().max() > 1e-3
 
 
 def test_plain_peft_load_from_the_hub_restores_the_patch_from_the_cache(local_hub, tmp_path, monkeypatch) -> None:

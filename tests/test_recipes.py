@@ -1086,7 +1086,7 @@ def test_fsdp_on_a_cpu_only_machine_is_refused_before_any_work(how, source, tmp_
     assert not hasattr(recipe, "model")  # refused before the model was loaded
 
 
-@pytest.mark.parametrize("select", ["2-norm", "2-norm-shared"])
+@pytest.mark.parametrize("select", ["2-norm", "2-norm-drift", "2-norm-shared"])
 def test_lora_recipe_chooses_a_head_mask_on_training_text_only(select, source, tmp_path) -> None:
     from hf_prope import analysis
 
@@ -1114,8 +1114,8 @@ def test_lora_recipe_chooses_a_head_mask_on_training_text_only(select, source, t
     tok = char_tokenizer()
     on_train, with_tail = analysis.frequency_usage(base, tok, train), analysis.frequency_usage(base, tok, ids)
     assert not torch.equal(on_train.query, with_tail.query)  # the held-out tail would give other statistics
-    assert spec == analysis.head_mask(on_train, p=0.25, select=select)
-    if select == "2-norm":
+    assert spec == analysis.head_mask(on_train, p=0.25, select=select, context_length=BLOCK)
+    if select != "2-norm-shared":
         assert spec.name == "head-mask" and {len(k) for heads in spec.head_keep for k in heads} == {2}
     else:
         assert spec.name == "freq-mask" and sum(spec.mask) == 2
