@@ -4,6 +4,7 @@ The public API is what ``__all__`` lists::
 
     import hf_prope
     hf_prope.patch_model(model, "p-rope", p=0.25)   # rotate only the highest 25% of frequencies
+    hf_prope.patch_model(model, spec)               # spec = analysis.head_mask(usage, p=0.25): a mask per KV head
     hf_prope.get_patch(model)                       # -> PatchSpec or None
     hf_prope.patch_state(model)                     # spec, rope parameters now and before, layer types, base
     hf_prope.unpatch_model(model)                   # back to the original, bit for bit

@@ -23,6 +23,11 @@ How it is installed, and why this way:
   either choice gives the same numbers. The per-model part (the tag hooks) is installed
   and removed by ``patch_model`` / ``unpatch_model``; the wrapper alone changes nothing.
 
+A head-mask (one mask per key/value head) rides the same wrapper, for correctness rather than
+speed: its layer hook hands on per-KV-head cos/sin, ``(batch, kv heads, tokens, d)``, tagged with
+:data:`HEAD_TAG`, which transformers' function cannot broadcast; the wrapper sends them to
+:func:`rotate_heads`. A patch that needs it refuses to install where the wrapper cannot be.
+
 Which fast path runs: on the CPU the eager :func:`rotate_prefix` above a size threshold; on CUDA
 the Triton kernel of :mod:`hf_prope.rotary_kernel` when triton is installed (in place), else
 transformers' formula (the eager path loses on a GPU). :func:`apply_rotary` is the same choice

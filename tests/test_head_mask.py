@@ -282,3 +282,16 @@ def test_two_norm_rule_keeps_each_kv_heads_largest_products() -> None:
             ),
             p=0.25,
         )
+
+
+def test_under_yarn_a_stopped_pair_keeps_the_attention_scaling_as_freq_mask_does() -> None:
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
+    ours, theirs = tiny_model("llama", rope_parameters=dict(rope)), tiny_model("llama", rope_parameters=dict(rope))
+    hf_prope.patch_model(theirs, "freq-mask", keep=[0, 2, 3, 6])
+    hf_prope.patch_model(ours, "head-mask", head_keep=[[[0, 2, 3, 6], [0, 2, 3, 6]]] * N_LAYERS)
+    assert float(model_attention_scaling(ours)) != 1.0
+    assert torch.equal(logits(ours, tokens()), logits(theirs, tokens()))
+
+
+def model_attention_scaling(model) -> float:
+    return float(model.model.rotary_emb.attention_scaling)

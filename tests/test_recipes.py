@@ -1086,7 +1086,7 @@ def test_fsdp_on_a_cpu_only_machine_is_refused_before_any_work(how, source, tmp_
     assert not hasattr(recipe, "model")  # refused before the model was loaded
 
 
-@pytest.mark.parametrize("select", ["2-norm", "2-norm-drift", "2-norm-shared"])
+@pytest.mark.parametrize("select", ["2-norm-drift", "2-norm-shared"])  # 2-norm itself: test_head_mask.py
 def test_lora_recipe_chooses_a_head_mask_on_training_text_only(select, source, tmp_path) -> None:
     from hf_prope import analysis
 
