@@ -450,6 +450,11 @@ class PatchSpec:
         return f"{what}, {where}"
 
 
+def patch_parameters(name: str) -> frozenset[str]:
+    """The optional fields patch ``name`` takes (e.g. ``{"p", "rotate"}`` for ``"p-rope"``)."""
+    return _ALLOWED_PARAMS.get(name, frozenset())
+
+
 def label_of(spec: PatchSpec | None) -> str:
     """:attr:`PatchSpec.label`, and ``RoPE`` for no patch (``None``) or p=1 (the model's own RoPE)."""
     if spec is None or (spec.name == "p-rope" and spec.p == 1.0 and spec.rotate == "highest"):

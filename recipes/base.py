@@ -123,7 +123,7 @@ class PatchArguments:
         """The :class:`hf_prope.PatchSpec` these settings describe (validated)."""
         from pathlib import Path
 
-        from hf_prope.spec import PatchSpec, make_spec
+        from hf_prope.spec import PatchSpec, make_spec, patch_parameters
 
         if self.patch_file is not None:
             changed = [
@@ -145,7 +145,7 @@ class PatchArguments:
             params["select"] = "highest"  # the budget, checked now; the pairs are chosen by calibrate()
         elif self.select is not None:
             params["select"] = self.select
-        if params["p"] == PatchArguments.p and (self.patch not in ("p-rope", "head-mask") or self.pairs is not None):
+        if params["p"] == PatchArguments.p and ("p" not in patch_parameters(self.patch) or self.pairs is not None):
             params["p"] = None  # the default p belongs to p-rope (and a head-mask's budget); other patches take none
         return make_spec(self.patch, **{k: v for k, v in params.items() if v is not None})
 
