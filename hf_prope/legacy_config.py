@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from .registry import ARCHITECTURES
+from .registry import find_architecture
 from .state import CONFIG_KEY
 
 __all__ = ["REFUSAL", "LEGACY_KEYS", "legacy_rope_keys", "install"]
@@ -64,11 +64,14 @@ def legacy_rope_keys(config: Any) -> dict[str, Any]:
     record = getattr(config, CONFIG_KEY, None)
     if not isinstance(record, dict):
         return {}
-    arch = ARCHITECTURES.get(getattr(config, "model_type", ""))
+    arch = find_architecture(getattr(config, "model_type", ""))
     params = getattr(config, "rope_parameters", None)
     original = record.get("original_rope_parameters", params)
     if arch is None or not isinstance(params, dict) or not isinstance(original, dict):
         return {}
+    if arch.generic:
+        # Which of these keys mlx-lm's model for this type reads is not known here: fail it loudly.
+        return {} if params == original else {"rope_theta": REFUSAL}
     if arch.rope_per_layer_type:
         full, sliding = params.get("full_attention"), params.get("sliding_attention")
         if not isinstance(full, dict) or not isinstance(sliding, dict):

@@ -59,6 +59,8 @@ class _Plan:
     rope_parameters: dict[str, Any]
     # layer -> kept pairs, or for a head-mask kept pairs per KV head ([kv head][pair])
     hook_masks: dict[int, Any] = field(default_factory=dict)
+    # layer -> what must still rotate there once applied (what the generic path's probe checks)
+    layer_keep: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 def _with_rope(config: Any, rope_parameters: dict[str, Any]) -> Any:
@@ -104,7 +106,7 @@ def _plan(parts: ModelParts, spec: PatchSpec) -> _Plan:
     if spec.is_per_head:
         kv_heads = [_kv_heads(parts, i) for i in range(n_layers)]
         for i, heads in enumerate(spec.head_masks(kv_heads, head_dim // 2)):
-            if not all(all(m) for m in heads):
+            if i in parts.attentions and not all(all(m) for m in heads):
                 hook_masks[i] = heads
         if hook_masks and not rotation.install(parts.arch.modeling_module):
             raise ValueError(
@@ -139,25 +141,83 @@ def _plan(parts: ModelParts, spec: PatchSpec) -> _Plan:
     if hook_masks:
         missing = [i for i in hook_masks if i not in parts.attentions]
         if missing:
-            raise ValueError(f"No attention module found for layers {missing}; cannot patch them.")
+            raise ValueError(
+                f"Layers {missing} have no rotary attention module (in a hybrid model: linear-attention or "
+                f"recurrent layers); the layers with one are {sorted(parts.attentions)}."
+            )
 
     for k in model_wide:
         if not all(model_wide[k]) and rope_types.base_rope_type(entry(k)) == "longrope":
             rope_types.check_longrope_supported()
 
-    new_rope = copy.deepcopy(original)
-    for k in keys:
-        if k in model_wide:
-            patched = rope_types.patched_rope_parameters(entry(k), model_wide[k], head_dim)
-        elif hook_masks:
-            patched = rope_types.patched_rope_parameters(entry(k), None, head_dim)
+    if hook_masks and parts.arch.generic:
+        _check_hook_layout(parts, base_rotary)
+
+    new_rope = _new_rope(parts, original, model_wide, bool(hook_masks), head_dim, base_freqs)
+    layer_keep: dict[int, torch.Tensor] = {}
+    for i in range(n_layers):
+        key = parts.rope_key_of_layer(i)
+        if i in hook_masks:
+            layer_keep[i] = torch.tensor(hook_masks[i], dtype=torch.bool)
         else:
-            continue
-        if k is None:
-            new_rope = patched
-        else:
-            new_rope[k] = patched
-    return _Plan(spec, original, new_rope, hook_masks)
+            layer_keep[i] = torch.tensor(model_wide.get(key, [True] * (head_dim // 2)), dtype=torch.bool)
+    return _Plan(spec, original, new_rope, hook_masks, layer_keep)
+
+
+def _new_rope(
+    parts: ModelParts,
+    original: dict[str, Any],
+    model_wide: dict[str | None, list[bool]],
+    hooked: bool,
+    head_dim: int,
+    base_freqs: dict[str | None, list[float]],
+) -> dict[str, Any]:
+    """The patched ``rope_parameters``: native ``proportional`` where it builds exactly the masked frequencies."""
+
+    def entry(key: str | None) -> dict[str, Any]:
+        return original if key is None else original[key]
+
+    def build(allow_native: bool) -> dict[str, Any]:
+        new_rope = copy.deepcopy(original)
+        for k in parts.rope_keys():
+            if k in model_wide:
+                patched = rope_types.patched_rope_parameters(entry(k), model_wide[k], head_dim, allow_native=allow_native)
+            elif hooked:
+                patched = rope_types.patched_rope_parameters(entry(k), None, head_dim)
+            else:
+                continue
+            if k is None:
+                new_rope = patched
+            else:
+                new_rope[k] = patched
+        return new_rope
+
+    new_rope = build(True)
+    native = [k for k in model_wide if (new_rope if k is None else new_rope[k]).get("rope_type") == rope_types.NATIVE_TYPE]
+    if native:
+        # "proportional" reads the head size from the config: a partial-rotary model (Phi-3, GPT-NeoX...)
+        # would get other frequencies. Keep it only where it builds exactly the masked ones.
+        built = _build_rotary(parts, _with_rope(parts.config, new_rope))
+        for k in native:
+            want = torch.tensor(base_freqs[k]) * torch.tensor(model_wide[k], dtype=torch.float32)
+            got = _inv_freq(built, k).detach().float().cpu()
+            if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-6, atol=0):
+                return build(False)
+    return new_rope
+
+
+def _check_hook_layout(parts: ModelParts, rotary: nn.Module) -> None:
+    from .generic import rotary_layout
+
+    for key in parts.rope_keys():
+        layout = rotary_layout(rotary, key)
+        n = int(_inv_freq(rotary, key).shape[-1])
+        if layout is None or not torch.equal(layout, torch.arange(2 * n) % n):
+            raise ValueError(
+                f"{parts.arch.rotary_class_name} does not return cos/sin with pair i in channels i and i + d/2, "
+                "so a patch on some layers or heads only cannot be applied by masking them; patch every layer "
+                "(a frequency patch without layers= / layer_types=)."
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,6 +390,48 @@ def _commit(parts: ModelParts, new_config: Any, hook_masks: dict[int, Any]) -> N
 
 
 def _install(parts: ModelParts, plan: _Plan | None, *, isolate_config: bool) -> None:
+    if plan is not None and parts.arch.generic:
+        _install_checked(parts, plan, isolate_config=isolate_config)
+        return
+    _install_unchecked(parts, plan, isolate_config=isolate_config)
+
+
+def _install_checked(parts: ModelParts, plan: _Plan, *, isolate_config: bool) -> None:
+    """Apply ``plan`` on a generic model type, probe it, and put the previous state back if the probe fails."""
+    from .generic import RotationCheckError, check_rotation
+
+    old_config = parts.config
+    previous = recorded_patch(parts.model) if getattr(parts.model, _HOOKS_ATTR, None) or get_patch(parts.model) else None
+    if isolate_config:
+        _install_unchecked(parts, plan, isolate_config=True)
+    else:
+        snapshot = copy.deepcopy(old_config)
+        _install_unchecked(parts, plan, isolate_config=False)
+    original = _build_rotary(parts, _with_rope(parts.config, plan.original_rope))
+    current = None
+    if any(b.device.type == "meta" for b in parts.rotaries[0].buffers()):
+        current = _build_rotary(parts, parts.config)
+    try:
+        check_rotation(parts, original, plan.layer_keep, current_rotary=current)
+    except Exception as error:
+        if isolate_config:
+            _rebind_config(parts.root, parts.config, old_config)
+            parts.config = old_config
+        else:
+            for name, value in vars(snapshot).items():
+                setattr(old_config, name, value)
+            if not hasattr(snapshot, CONFIG_KEY) and hasattr(old_config, CONFIG_KEY):
+                delattr(old_config, CONFIG_KEY)
+        _commit(parts, parts.config, _plan(parts, previous).hook_masks if previous is not None else {})
+        reason = str(error) if isinstance(error, RotationCheckError) else f"{type(error).__name__}: {error}"
+        raise RotationCheckError(
+            f"hf-prope patches {parts.arch.model_type} through transformers' standard rotary contract (no "
+            f"hand-written record), and its check of the patched rotation failed: {reason}. The model was left "
+            "as it was. Please report this model type."
+        ) from error
+
+
+def _install_unchecked(parts: ModelParts, plan: _Plan | None, *, isolate_config: bool) -> None:
     old = parts.config
     new = copy.deepcopy(old) if isolate_config else old
     if plan is None:

@@ -60,6 +60,9 @@ class Architecture:
     sliding_window_on_every_layer: bool = False
     llama_cpp_graph: str | None = None
     mlx_lm_reads_rope_scaling: bool = True
+    #: Found from transformers' own classes (:mod:`hf_prope.generic`), not written by hand; its
+    #: patches are checked by a probe when applied.
+    generic: bool = False
 
     def _cls(self, name: str) -> Any:
         return getattr(importlib.import_module(self.modeling_module), name)
@@ -115,13 +118,34 @@ def register_hint(model_type: str, hint: str) -> None:
 
 
 def supported_model_types() -> list[str]:
-    return sorted(ARCHITECTURES)
+    """Model types with a hand-written record and those of the generic path checked on tiny models in CI."""
+    return sorted(set(ARCHITECTURES) | set(GENERIC_CHECKED))
+
+
+#: Model types that follow transformers' standard rotary contract and are patched by the generic path
+#: (:mod:`hf_prope.generic`), each checked on a tiny model in ``tests/test_generic.py``. Any other type
+#: of that contract is tried too (and refused if the probe fails); these are the ones known to pass.
+GENERIC_CHECKED: tuple[str, ...] = ()
+
+
+def find_architecture(model_type: str) -> Architecture | None:
+    """The record for ``model_type``, hand-written or generic, or ``None`` (no error)."""
+    try:
+        return get_architecture(model_type)
+    except (UnsupportedModelError, ImportError):
+        return None
 
 
 def get_architecture(model_type: str, *, has_rotary: bool | None = None) -> Architecture:
     """The entry for ``model_type``, or a clear error listing what is supported."""
     if model_type in ARCHITECTURES:
         return ARCHITECTURES[model_type]
+    if has_rotary is not False and model_type not in HINTS:
+        from .generic import architecture_for_type
+
+        generic = architecture_for_type(model_type)
+        if generic is not None:
+            return generic
     if has_rotary is False:
         raise NoRotaryEmbeddingError(
             f"Model type {model_type!r} has no rotary position embeddings (no *RotaryEmbedding module), "

@@ -81,9 +81,9 @@ def _head_dim(config: Any) -> int:
 def _default_frequencies(config: Any, device: Any, layer_type: str | None) -> torch.Tensor:
     # Prefer the model's own default computation; fall back to the textbook formula for
     # configs whose architecture is not registered (the two agree for every registered one).
-    from .registry import ARCHITECTURES
+    from .registry import find_architecture
 
-    arch = ARCHITECTURES.get(getattr(config, "model_type", ""))
+    arch = find_architecture(getattr(config, "model_type", ""))
     if arch is not None:
         fn = arch.rotary_class.compute_default_rope_parameters
         kwargs: dict[str, Any] = {"device": device}

@@ -281,6 +281,24 @@ def _parameters(fn: Callable[..., Any]) -> list[str]:
     return list(inspect.signature(fn).parameters)
 
 
+def _computes_hf_formula(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` is ``x * cos + rotate_half(x) * sin`` over the whole head (pair i = channels i, i + d/2)."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 3, 8, generator=g), torch.randn(1, 1, 3, 8, generator=g)
+    cos, sin = torch.randn(1, 3, 8, generator=g), torch.randn(1, 3, 8, generator=g)
+
+    def formula(x: torch.Tensor) -> torch.Tensor:
+        half = torch.cat((-x[..., 4:], x[..., :4]), dim=-1)
+        return x * cos[:, None] + half * sin[:, None]
+
+    try:
+        with torch.no_grad():
+            qe, ke = fn(q, k, cos, sin, 1)
+    except Exception:
+        return False
+    return bool(torch.allclose(qe, formula(q), atol=1e-6) and torch.allclose(ke, formula(k), atol=1e-6))
+
+
 def install(modeling_module: str) -> bool:
     """Wrap ``apply_rotary_pos_emb`` of one transformers modeling module (once); False if it has none."""
     if modeling_module in _ORIGINALS:
@@ -293,6 +311,8 @@ def install(modeling_module: str) -> bool:
         return False
     if isinstance(current, nn.Module) and "forward" in current.__dict__:
         return False  # its forward was replaced already (a Hub kernel, another library): leave it
+    if not _computes_hf_formula(original):
+        return False  # another pair layout (interleaved, partial inside): the prefix paths would be wrong
 
     @functools.wraps(original.func if isinstance(original, functools.partial) else original)
     def apply_rotary_pos_emb(

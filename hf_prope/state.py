@@ -105,14 +105,28 @@ def model_parts(model: nn.Module) -> ModelParts:
         raise TypeError(f"{type(inner).__name__} has no transformers config; pass a transformers model.")
     has_rotary = any("RotaryEmbedding" in type(m).__name__ for m in inner.modules())
     arch = get_architecture(model_type, has_rotary=has_rotary)
-    rotary_cls, attention_cls = arch.rotary_class, arch.attention_class
+    rotary_cls = arch.rotary_class
     rotaries = [m for m in inner.modules() if isinstance(m, rotary_cls)]
+    if arch.generic:
+        # Only rotaries built from this model's own config (a multimodal tower has its own).
+        rotaries = [
+            r
+            for r in rotaries
+            if getattr(r, "config", None) is config and any(n.endswith("inv_freq") for n in r._buffers)
+        ]
     if not rotaries or getattr(config, "rope_parameters", None) is None:
         raise NoRotaryEmbeddingError(
-            f"This {model_type} model has no {arch.rotary_class_name} module or no rope_parameters in its "
-            "config, so there are no RoPE frequencies to patch."
+            f"This {model_type} model has no {arch.rotary_class_name} module built from its config, or no "
+            "rope_parameters in its config, so there are no RoPE frequencies to patch."
         )
-    attentions = {int(m.layer_idx): m for m in inner.modules() if isinstance(m, attention_cls)}
+    if arch.generic:
+        from .generic import attention_modules, describe
+
+        arch = describe(arch, inner, rotaries)
+        attentions = attention_modules(inner, arch)
+    else:
+        attention_cls = arch.attention_class
+        attentions = {int(m.layer_idx): m for m in inner.modules() if isinstance(m, attention_cls)}
     return ModelParts(arch, model, inner, config, rotaries, attentions)
 
 
