@@ -8,6 +8,7 @@ The public API is what ``__all__`` lists::
     hf_prope.get_patch(model)                       # -> PatchSpec or None
     hf_prope.patch_state(model)                     # spec, rope parameters now and before, layer types, base
     hf_prope.unpatch_model(model)                   # back to the original, bit for bit
+    hf_prope.check_model(model)                     # probe: q/k rotate exactly as the patch says
     hf_prope.apply_p_rope_to_llama(p=0.25)          # class level: models built afterwards are patched
     hf_prope.export_gguf(model, "model.gguf")       # llama.cpp runs it with the patch (Llama, Mistral)
     hf_prope.extend_context(model, "yarn:2")        # YaRN / dynamic / linear / a temperature, under the patch
@@ -35,6 +36,7 @@ _register_rope_types()
 from . import analysis, passkey, rotation  # noqa: E402
 from . import legacy_config as _legacy_config  # noqa: E402
 from . import patches as _patches  # noqa: E402  (registers the architectures)
+from .generic import RotationCheckError  # noqa: E402  (and the generic path's fallback)
 from .class_patching import ClassPatch, apply_patch_to_class, class_patched, class_patches, revert_class_patches  # noqa: E402
 from .context_extension import ContextExtension, extend_context, get_context_extension  # noqa: E402
 from .gguf import GGUFExportError, export_gguf  # noqa: E402
@@ -57,6 +59,7 @@ from .patches.qwen import (  # noqa: E402
     apply_patch_to_qwen3,
 )
 from .patching import (  # noqa: E402
+    check_model,
     check_patch,
     layer_frequencies,
     patch_model,
@@ -107,6 +110,8 @@ __all__ = [
     "supported_model_types",
     "UnsupportedModelError",
     "NoRotaryEmbeddingError",
+    "RotationCheckError",
+    "check_model",
     "apply_p_rope_to_llama",
     "apply_patch_to_llama",
     "apply_p_rope_to_mistral",

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .registry import Architecture, UnsupportedModelError
+from .registry import Architecture, UnsupportedModelError, set_fallback
 
 PROBE_ATTENTION = "hf_prope_probe"
 _CAPTURED = threading.local()
@@ -172,7 +172,7 @@ def _probe_copy(attention: nn.Module) -> nn.Module:
             for p in clone.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
     else:
-        clone = copy.deepcopy(attention)
+        clone = copy.deepcopy(attention).cpu()
     clone = clone.float()
     config = getattr(clone, "config", None)
     if config is not None:
@@ -209,6 +209,8 @@ def _cat_embeddings(parts: list[Any]) -> Any:
 def _run(attention: nn.Module, hidden: torch.Tensor, embeddings: Any) -> tuple[torch.Tensor, torch.Tensor]:
     _CAPTURED.qk = None
     extra: dict[str, Any] = {}
+    if _forward_takes(type(attention), "shared_kv_states"):
+        extra["shared_kv_states"] = {}  # Gemma 4's store for layers that reuse another layer's keys
     if _forward_takes(type(attention), "position_ids"):
         # Position 0 everywhere: a position-dependent query temperature (Llama 4, Ministral 3) stays
         # out of the comparison, which is about the rotation position_embeddings bring.
@@ -251,18 +253,26 @@ def check_rotation(
     ``layer_keep[i]`` is, for decoder layer ``i``, one flag per pair (``(pairs,)``) or per key/value
     head and pair (``(kv heads, pairs)``): True where the pair must still rotate as in the original.
     """
-    from .patching import PositionMaskHook
-
     _register_probe_attention()
     rotary_now = current_rotary if current_rotary is not None else parts.rotaries[0]
     if any(b.device.type == "meta" for b in rotary_now.buffers()):
         raise RotationCheckError("the rotary module is on the meta device; pass current_rotary")
+    # Everything on the CPU in float32, whatever the model's device and the ambient default device
+    # (from_pretrained builds under the meta device).
+    with torch.device("cpu"):
+        _check_all(parts, copy.deepcopy(original_rotary).cpu(), copy.deepcopy(rotary_now).cpu(), layer_keep)
+
+
+def _check_all(
+    parts: Any, original_rotary: nn.Module, rotary_now: nn.Module, layer_keep: dict[int, torch.Tensor]
+) -> None:
     config = parts.config
     g = torch.Generator().manual_seed(1234)
     for layer in sorted(parts.attentions):
         key = parts.rope_key_of_layer(layer)
         attention = _probe_copy(parts.attentions[layer])
-        hooks = [h for h in attention._forward_pre_hooks.values() if isinstance(h, PositionMaskHook)]
+        # hf-prope's own layer hooks (PositionMaskHook), switched off for the original's runs
+        hooks = [h for h in attention._forward_pre_hooks.values() if hasattr(h, "channel_keep")]
         freq = getattr(original_rotary, _inv_freq_name(key)).detach().float().cpu()
         n = int(freq.shape[-1])
         params = config.rope_parameters if key is None else config.rope_parameters[key]
@@ -372,3 +382,6 @@ def rotary_layout(rotary: nn.Module, key: str | None) -> torch.Tensor | None:
 
 def callable_name(fn: Callable[..., Any]) -> str:
     return getattr(fn, "__qualname__", type(fn).__name__)
+
+
+set_fallback(architecture_for_type)

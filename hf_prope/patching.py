@@ -97,13 +97,21 @@ def _plan(parts: ModelParts, spec: PatchSpec) -> _Plan:
     base_rotary = _build_rotary(parts, _with_rope(parts.config, original))
     keys = parts.rope_keys()
     base_freqs = {k: _inv_freq(base_rotary, k).detach().float().cpu().tolist() for k in keys}
-    head_dim = 2 * len(next(iter(base_freqs.values())))
+    # Rotated head size per rope entry (Gemma 4's global layers have wider heads than its sliding ones).
+    head_dims = {k: 2 * len(v) for k, v in base_freqs.items()}
+    head_dim = next(iter(head_dims.values()))
     n_layers = parts.num_layers
     layer_types = parts.layer_types
 
     model_wide: dict[str | None, list[bool]] = {}
     hook_masks: dict[int, Any] = {}
     if spec.is_per_head:
+        if len(set(head_dims.values())) > 1:
+            raise ValueError(
+                f"This {parts.arch.model_type} model's layer types rotate different numbers of pairs "
+                f"({ {k: d // 2 for k, d in head_dims.items()} }), which a head-mask (one pair count for every "
+                "head) cannot describe; use p-rope or freq-mask with layer_types= instead."
+            )
         kv_heads = [_kv_heads(parts, i) for i in range(n_layers)]
         for i, heads in enumerate(spec.head_masks(kv_heads, head_dim // 2)):
             if i in parts.attentions and not all(all(m) for m in heads):
@@ -153,14 +161,15 @@ def _plan(parts: ModelParts, spec: PatchSpec) -> _Plan:
     if hook_masks and parts.arch.generic:
         _check_hook_layout(parts, base_rotary)
 
-    new_rope = _new_rope(parts, original, model_wide, bool(hook_masks), head_dim, base_freqs)
+    new_rope = _new_rope(parts, original, model_wide, bool(hook_masks), head_dims, base_freqs)
     layer_keep: dict[int, torch.Tensor] = {}
     for i in range(n_layers):
         key = parts.rope_key_of_layer(i)
         if i in hook_masks:
-            layer_keep[i] = torch.tensor(hook_masks[i], dtype=torch.bool)
+            layer_keep[i] = torch.tensor(hook_masks[i], dtype=torch.bool, device="cpu")
         else:
-            layer_keep[i] = torch.tensor(model_wide.get(key, [True] * (head_dim // 2)), dtype=torch.bool)
+            keep = model_wide.get(key, [True] * (head_dims[key] // 2))
+            layer_keep[i] = torch.tensor(keep, dtype=torch.bool, device="cpu")
     return _Plan(spec, original, new_rope, hook_masks, layer_keep)
 
 
@@ -169,7 +178,7 @@ def _new_rope(
     original: dict[str, Any],
     model_wide: dict[str | None, list[bool]],
     hooked: bool,
-    head_dim: int,
+    head_dims: dict[str | None, int],
     base_freqs: dict[str | None, list[float]],
 ) -> dict[str, Any]:
     """The patched ``rope_parameters``: native ``proportional`` where it builds exactly the masked frequencies."""
@@ -181,9 +190,11 @@ def _new_rope(
         new_rope = copy.deepcopy(original)
         for k in parts.rope_keys():
             if k in model_wide:
-                patched = rope_types.patched_rope_parameters(entry(k), model_wide[k], head_dim, allow_native=allow_native)
+                patched = rope_types.patched_rope_parameters(
+                    entry(k), model_wide[k], head_dims[k], allow_native=allow_native
+                )
             elif hooked:
-                patched = rope_types.patched_rope_parameters(entry(k), None, head_dim)
+                patched = rope_types.patched_rope_parameters(entry(k), None, head_dims[k])
             else:
                 continue
             if k is None:
@@ -199,7 +210,7 @@ def _new_rope(
         # would get other frequencies. Keep it only where it builds exactly the masked ones.
         built = _build_rotary(parts, _with_rope(parts.config, new_rope))
         for k in native:
-            want = torch.tensor(base_freqs[k]) * torch.tensor(model_wide[k], dtype=torch.float32)
+            want = torch.tensor(base_freqs[k], device="cpu") * torch.tensor(model_wide[k], dtype=torch.float32, device="cpu")
             got = _inv_freq(built, k).detach().float().cpu()
             if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-6, atol=0):
                 return build(False)
@@ -396,6 +407,10 @@ def _install(parts: ModelParts, plan: _Plan | None, *, isolate_config: bool) -> 
     _install_unchecked(parts, plan, isolate_config=isolate_config)
 
 
+def _on_meta(module: nn.Module) -> bool:
+    return any(b.device.type == "meta" for b in module.buffers())
+
+
 def _install_checked(parts: ModelParts, plan: _Plan, *, isolate_config: bool) -> None:
     """Apply ``plan`` on a generic model type, probe it, and put the previous state back if the probe fails."""
     from .generic import RotationCheckError, check_rotation
@@ -408,9 +423,7 @@ def _install_checked(parts: ModelParts, plan: _Plan, *, isolate_config: bool) ->
         snapshot = copy.deepcopy(old_config)
         _install_unchecked(parts, plan, isolate_config=False)
     original = _build_rotary(parts, _with_rope(parts.config, plan.original_rope))
-    current = None
-    if any(b.device.type == "meta" for b in parts.rotaries[0].buffers()):
-        current = _build_rotary(parts, parts.config)
+    current = _build_rotary(parts, parts.config) if _on_meta(parts.rotaries[0]) else None
     try:
         check_rotation(parts, original, plan.layer_keep, current_rotary=current)
     except Exception as error:
@@ -492,10 +505,27 @@ def check_patch(model: nn.Module, spec: PatchSpec | str = "p-rope", /, **params:
     return spec_obj
 
 
+def check_model(model: nn.Module) -> None:
+    """Check, on copies of its attention layers, that the model's queries and keys rotate exactly as its patch says.
+
+    The probe the generic path (:mod:`hf_prope.generic`) runs whenever it patches a model type
+    that has no hand-written record; it works on any supported model, patched or not (then every
+    pair must rotate as the original's). Raises :class:`~hf_prope.generic.RotationCheckError`
+    naming the layer, head and channels that differ. The model is not changed.
+    """
+    from .generic import check_rotation
+
+    parts = model_parts(model)
+    plan = _plan(parts, get_patch(model) or PatchSpec("rope"))
+    original = _build_rotary(parts, _with_rope(parts.config, plan.original_rope))
+    current = _build_rotary(parts, parts.config) if _on_meta(parts.rotaries[0]) else None
+    check_rotation(parts, original, plan.layer_keep, current_rotary=current)
+
+
 def unpatch_model(model: nn.Module) -> nn.Module:
     """Remove any hf-prope patch: the original rope parameters, frequencies and no hooks."""
     parts = model_parts(model)
-    if getattr(parts.config, CONFIG_KEY, None) is None and not getattr(parts.model, _HOOKS_ATTR, None):
+    if recorded_patch(parts.model) is None and not getattr(parts.model, _HOOKS_ATTR, None):
         return model
     _install(parts, None, isolate_config=True)
     return model

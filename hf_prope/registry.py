@@ -10,6 +10,7 @@ architectures up in :data:`ARCHITECTURES` and nowhere else.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,6 +129,16 @@ def supported_model_types() -> list[str]:
 GENERIC_CHECKED: tuple[str, ...] = ()
 
 
+# The generic path (hf_prope.generic) sets this: model type -> a record read from transformers' classes.
+_FALLBACK: Callable[[str], Architecture | None] | None = None
+
+
+def set_fallback(resolve: Callable[[str], Architecture | None]) -> None:
+    """Where :func:`get_architecture` looks for a model type without a hand-written record."""
+    global _FALLBACK
+    _FALLBACK = resolve
+
+
 def find_architecture(model_type: str) -> Architecture | None:
     """The record for ``model_type``, hand-written or generic, or ``None`` (no error)."""
     try:
@@ -140,10 +151,8 @@ def get_architecture(model_type: str, *, has_rotary: bool | None = None) -> Arch
     """The entry for ``model_type``, or a clear error listing what is supported."""
     if model_type in ARCHITECTURES:
         return ARCHITECTURES[model_type]
-    if has_rotary is not False and model_type not in HINTS:
-        from .generic import architecture_for_type
-
-        generic = architecture_for_type(model_type)
+    if has_rotary is not False and model_type not in HINTS and _FALLBACK is not None:
+        generic = _FALLBACK(model_type)
         if generic is not None:
             return generic
     if has_rotary is False:

@@ -130,12 +130,45 @@ def model_parts(model: nn.Module) -> ModelParts:
     return ModelParts(arch, model, inner, config, rotaries, attentions)
 
 
+NATIVE_P_ROPE = "proportional"
+
+
+def native_p_rope(config: Any) -> tuple[PatchSpec, dict[str, Any]] | None:
+    """A config's own p-RoPE (transformers' ``proportional`` type, as Gemma 4 ships) as a patch over full RoPE.
+
+    Returns the spec and the full-RoPE ``rope_parameters`` it is relative to, or ``None`` when the
+    config has no such entry, records an hf-prope patch, or mixes several factors.
+    """
+    params = getattr(config, "rope_parameters", None)
+    if getattr(config, CONFIG_KEY, None) or not isinstance(params, dict):
+        return None
+    nested = "rope_type" not in params and all(isinstance(v, dict) for v in params.values()) and bool(params)
+    entries = dict(params) if nested else {None: params}
+    native = {k: e for k, e in entries.items() if isinstance(e, dict) and e.get("rope_type") == NATIVE_P_ROPE}
+    factors = {float(e.get("partial_rotary_factor", 1.0)) for e in native.values()}
+    if not native or len(factors) != 1 or factors == {1.0}:
+        return None
+    full = {}
+    for k, e in native.items():
+        full[k] = {n: v for n, v in e.items() if n not in ("partial_rotary_factor",)}
+        full[k]["rope_type"] = "default"
+    original = full[None] if not nested else {**copy.deepcopy(params), **full}
+    present = set(getattr(config, "layer_types", None) or entries)
+    chosen = sorted(k for k in native if k is not None)
+    layer_types = chosen if nested and set(chosen) != {k for k in entries if k in present} else None
+    return PatchSpec("p-rope", p=factors.pop(), layer_types=layer_types), original
+
+
 def recorded_patch(model: nn.Module) -> PatchSpec | None:
-    """The patch a model's config records, whether or not it is in effect (see :func:`get_patch`)."""
+    """The patch a model's config records, whether or not it is in effect (see :func:`get_patch`).
+
+    A config whose own rope parameters are transformers' native p-RoPE (Gemma 4) records that p-RoPE.
+    """
     inner = unwrap(model)
     state = getattr(getattr(inner, "config", None), CONFIG_KEY, None)
     if not state:
-        return None
+        native = native_p_rope(getattr(inner, "config", None))
+        return native[0] if native is not None else None
     if not isinstance(state, dict) or "spec" not in state:
         raise ValueError(f"config.{CONFIG_KEY} is malformed: expected an object with a 'spec' field, got {state!r}.")
     return PatchSpec.from_dict(state["spec"])
@@ -176,6 +209,9 @@ def original_rope_parameters(config: Any) -> dict[str, Any]:
     state = getattr(config, CONFIG_KEY, None)
     if isinstance(state, dict) and "original_rope_parameters" in state:
         return copy.deepcopy(state["original_rope_parameters"])
+    native = native_p_rope(config)
+    if native is not None:
+        return copy.deepcopy(native[1])
     return copy.deepcopy(config.rope_parameters)
 
 
