@@ -36,9 +36,9 @@ _register_rope_types()
 from . import analysis, passkey, rotation  # noqa: E402
 from . import legacy_config as _legacy_config  # noqa: E402
 from . import patches as _patches  # noqa: E402  (registers the architectures)
-from .generic import RotationCheckError  # noqa: E402  (and the generic path's fallback)
 from .class_patching import ClassPatch, apply_patch_to_class, class_patched, class_patches, revert_class_patches  # noqa: E402
 from .context_extension import ContextExtension, extend_context, get_context_extension  # noqa: E402
+from .generic import RotationCheckError  # noqa: E402  (and the generic path's fallback)
 from .gguf import GGUFExportError, export_gguf  # noqa: E402
 from .hub import from_pretrained, push_to_hub, save_pretrained  # noqa: E402
 from .patch_record import PatchMismatchError  # noqa: E402

@@ -235,6 +235,11 @@ def _ranges(values: Sequence[int]) -> str:
     return f"{values[0]}..{values[-1]}" if list(values) == list(range(values[0], values[-1] + 1)) else str(list(values))
 
 
+def _padded_means(rows: list[torch.Tensor], width: int) -> torch.Tensor:
+    # Layers with fewer pairs than the widest (Gemma 4's sliding layers) hold 0 beyond their own.
+    return torch.stack([torch.nn.functional.pad(r, (0, width - r.shape[-1])) for r in rows])
+
+
 def frequency_usage(
     model: nn.Module,
     tokenizer: Any,
@@ -258,7 +263,7 @@ def frequency_usage(
     windows = token_windows(tokenizer, texts, window=window, n_windows=n_windows)
     current = layer_frequencies(model)
     original = layer_frequencies(model, original=True)
-    n_pairs = int(current.shape[1])
+    width = int(current.shape[1])
     arch = parts.arch
     recorders: dict[int, tuple[_PairNorms, _PairNorms]] = {}
     handles = []
@@ -266,6 +271,7 @@ def frequency_usage(
         for layer in chosen:
             attention = parts.attentions[layer]
             head_dim = int(attention.head_dim)
+            n_pairs = parts.pairs_of_layer(layer)
             q_norm = getattr(attention, arch.query_norm) if arch.query_norm else None
             k_norm = getattr(attention, arch.key_norm) if arch.key_norm else None
             q_rec, k_rec = _PairNorms(head_dim, n_pairs, q_norm), _PairNorms(head_dim, n_pairs, k_norm)
@@ -282,8 +288,8 @@ def frequency_usage(
         model_type=arch.model_type,
         layers=chosen,
         layer_types=[types[i] for i in chosen] if types else None,
-        query=torch.stack([recorders[i][0].mean() for i in chosen]),
-        key=torch.stack([recorders[i][1].mean() for i in chosen]),
+        query=_padded_means([recorders[i][0].mean() for i in chosen], width),
+        key=_padded_means([recorders[i][1].mean() for i in chosen], width),
         frequencies=current[chosen],
         original_frequencies=original[chosen],
         attention_span=[parts.attention_span(i) for i in chosen],

@@ -79,7 +79,7 @@ def is_attention_class(cls: type) -> bool:
     return "Attention" in cls.__name__ and _forward_takes(cls, "position_embeddings")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def architecture_for_type(model_type: str) -> Architecture | None:
     """A record for ``model_type`` read from transformers' auto mappings, or ``None`` if it has no standard rotary."""
     import transformers
@@ -96,7 +96,9 @@ def architecture_for_type(model_type: str) -> Architecture | None:
     rotaries = _rotary_classes(module)
     prefix = causal_name.removesuffix("ForCausalLM")
     attentions = [
-        obj for name, obj in vars(module).items() if inspect.isclass(obj) and issubclass(obj, nn.Module) and is_attention_class(obj)
+        obj
+        for name, obj in vars(module).items()
+        if inspect.isclass(obj) and issubclass(obj, nn.Module) and is_attention_class(obj)
     ]
     if not rotaries or not attentions or getattr(module, base_name, None) is None:
         return None
@@ -132,7 +134,10 @@ def describe(arch: Architecture, model: nn.Module, rotaries: list[nn.Module]) ->
     attention = next((m for m in model.modules() if type(m).__name__ == arch.attention_class_name), None)
     q_norm = "q_norm" if attention is not None and isinstance(getattr(attention, "q_norm", None), nn.Module) else None
     k_norm = "k_norm" if attention is not None and isinstance(getattr(attention, "k_norm", None), nn.Module) else None
-    return dataclasses.replace(arch, rope_per_layer_type=per_type, query_norm=q_norm, key_norm=k_norm)
+    nope = "no_rope_layers" if isinstance(getattr(config, "no_rope_layers", None), (list, tuple)) else None
+    return dataclasses.replace(
+        arch, rope_per_layer_type=per_type, query_norm=q_norm, key_norm=k_norm, no_rope_layers=nope
+    )
 
 
 def attention_modules(model: nn.Module, arch: Architecture) -> dict[int, nn.Module]:
@@ -258,8 +263,9 @@ def check_rotation(
     if any(b.device.type == "meta" for b in rotary_now.buffers()):
         raise RotationCheckError("the rotary module is on the meta device; pass current_rotary")
     # Everything on the CPU in float32, whatever the model's device and the ambient default device
-    # (from_pretrained builds under the meta device).
-    with torch.device("cpu"):
+    # (from_pretrained builds under the meta device). The user's random stream is left as it was:
+    # a class-level patch probes while the model is being built and initialised.
+    with torch.device("cpu"), torch.random.fork_rng(devices=[]):
         _check_all(parts, copy.deepcopy(original_rotary).cpu(), copy.deepcopy(rotary_now).cpu(), layer_keep)
 
 
@@ -277,20 +283,24 @@ def _check_all(
         n = int(freq.shape[-1])
         params = config.rope_parameters if key is None else config.rope_parameters[key]
         top = _max_position(config, params) - 1
-        hidden_size = int(getattr(config, "hidden_size"))
+        hidden_size = int(config.hidden_size)
         hidden = torch.randn(1, 1, hidden_size, generator=g)
 
-        def embed(rotary: nn.Module, position: int) -> Any:
+        def embed(rotary: nn.Module, position: int, hidden: torch.Tensor = hidden, key: Any = key) -> Any:
             return _rotary_call(rotary, hidden, torch.tensor([[position]]), key)
 
         bits = max(1, math.ceil(math.log2(n + 1)))
         positions = (top, top * 2 // 3 + 1)
+        rope_type = original_rotary.rope_type if key is None else original_rotary.rope_type[key]
+        if not any(t in str(rope_type) for t in ("dynamic", "longrope")):
+            # Frequencies that do not depend on the length: go far enough for the slowest pair to turn.
+            positions = (max(top, (1 << 22) - 1), max(top * 2 // 3 + 1, (1 << 21) + 12345))
         rows = [embed(original_rotary, 0)]
         for bit in range(bits):
             keep = torch.tensor([((j + 1) >> bit) & 1 == 1 for j in range(n)])
             masked = _with_pairs(original_rotary, key, keep)
             rows += [embed(masked, p) for p in positions]
-        checks = (1, 7, top)
+        checks = (1, 7, top, positions[0])
         rows += [embed(original_rotary, p) for p in checks]
         batch = len(rows)
         for h in hooks:
@@ -325,7 +335,7 @@ def _check_layer(
         scale = base.abs().amax(dim=-1, keepdim=True)
         atol = 1e-6 * scale
 
-        def moved(row: torch.Tensor) -> torch.Tensor:
+        def moved(row: torch.Tensor, base: torch.Tensor = base, atol: torch.Tensor = atol) -> torch.Tensor:
             return (row - base).abs() > 1e-5 * base.abs() + atol
 
         changed = [moved(x[1 + 2 * b]) | moved(x[2 + 2 * b]) for b in range(bits)]

@@ -70,8 +70,10 @@ def legacy_rope_keys(config: Any) -> dict[str, Any]:
     if arch is None or not isinstance(params, dict) or not isinstance(original, dict):
         return {}
     if arch.generic:
-        # Which of these keys mlx-lm's model for this type reads is not known here: fail it loudly.
-        return {} if params == original else {"rope_theta": REFUSAL}
+        # Which of these keys mlx-lm's model for this type reads is not known here: fail it loudly,
+        # unless the config class types rope_theta itself (Cohere 2 MoE), which then cannot hold text.
+        typed = "rope_theta" in getattr(type(config), "__dataclass_fields__", {})
+        return {} if params == original or typed else {"rope_theta": REFUSAL}
     if arch.rope_per_layer_type:
         full, sliding = params.get("full_attention"), params.get("sliding_attention")
         if not isinstance(full, dict) or not isinstance(sliding, dict):

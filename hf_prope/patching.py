@@ -203,18 +203,70 @@ def _new_rope(
                 new_rope[k] = patched
         return new_rope
 
-    new_rope = build(True)
-    native = [k for k in model_wide if (new_rope if k is None else new_rope[k]).get("rope_type") == rope_types.NATIVE_TYPE]
+    new_rope = _accepted(parts, original, model_wide, hooked, build(True))
+    native = [
+        k for k in model_wide if (new_rope if k is None else new_rope[k]).get("rope_type") == rope_types.NATIVE_TYPE
+    ]
     if native:
         # "proportional" reads the head size from the config: a partial-rotary model (Phi-3, GPT-NeoX...)
         # would get other frequencies. Keep it only where it builds exactly the masked ones.
         built = _build_rotary(parts, _with_rope(parts.config, new_rope))
         for k in native:
-            want = torch.tensor(base_freqs[k], device="cpu") * torch.tensor(model_wide[k], dtype=torch.float32, device="cpu")
+            want = torch.tensor(base_freqs[k], device="cpu") * torch.tensor(
+                model_wide[k], dtype=torch.float32, device="cpu"
+            )
             got = _inv_freq(built, k).detach().float().cpu()
             if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-6, atol=0):
-                return build(False)
+                return _accepted(parts, original, model_wide, hooked, build(False))
     return new_rope
+
+
+def _rejection(config: Any, rope_parameters: dict[str, Any]) -> str | None:
+    """Why the config's class refuses these rope parameters (its own ``validate_rope``), or ``None``."""
+    validate = getattr(config, "validate_rope", None)
+    if validate is None:
+        return None
+    trial = _with_rope(config, rope_parameters)
+    try:
+        with rope_types.silence_selective_warning():
+            trial.validate_rope()
+    except (ValueError, KeyError, TypeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _accepted(
+    parts: ModelParts,
+    original: dict[str, Any],
+    model_wide: dict[str | None, list[bool]],
+    hooked: bool,
+    new_rope: dict[str, Any],
+) -> dict[str, Any]:
+    """``new_rope``, or the same masks in transformers' ``longrope`` where the config class takes no other type."""
+    why = _rejection(parts.config, new_rope)
+    if why is None:
+        return new_rope
+    encoded = None if hooked else copy.deepcopy(original)
+    max_positions = getattr(parts.config, "max_position_embeddings", None)
+    for k, keep in model_wide.items():
+        if encoded is None or not max_positions:
+            encoded = None
+            break
+        entry = rope_types.longrope_encoding(original if k is None else original[k], keep, max_positions)
+        if entry is None:
+            encoded = None
+        elif k is None:
+            encoded = entry
+        else:
+            encoded[k] = entry
+    # Older releases recompute longrope's frequencies from the config on long inputs: the mask is in it.
+    if encoded is not None and _rejection(parts.config, encoded) is None:
+        return encoded
+    raise ValueError(
+        f"{type(parts.config).__name__} refuses the patched rope parameters ({why}), and the patch cannot be "
+        "written as its 'longrope' type either (only a mask on every layer over 'default' or 'longrope' RoPE "
+        "can). Patch every layer with a frequency patch (no layers= / layer_types= / head masks)."
+    )
 
 
 def _check_hook_layout(parts: ModelParts, rotary: nn.Module) -> None:
@@ -268,6 +320,8 @@ class PositionMaskHook:
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
         if not getattr(self, "active", True):
             return None
+        if "position_embeddings" in kwargs and kwargs["position_embeddings"] is None:
+            return None  # a NoPE call of a hybrid model (Lara mini's full-attention layers): nothing rotates
         pe = kwargs.get("position_embeddings")
         if pe is None:
             raise RuntimeError(
@@ -416,7 +470,9 @@ def _install_checked(parts: ModelParts, plan: _Plan, *, isolate_config: bool) ->
     from .generic import RotationCheckError, check_rotation
 
     old_config = parts.config
-    previous = recorded_patch(parts.model) if getattr(parts.model, _HOOKS_ATTR, None) or get_patch(parts.model) else None
+    previous = (
+        recorded_patch(parts.model) if getattr(parts.model, _HOOKS_ATTR, None) or get_patch(parts.model) else None
+    )
     if isolate_config:
         _install_unchecked(parts, plan, isolate_config=True)
     else:
@@ -652,7 +708,8 @@ def patch_info(model: nn.Module) -> dict[str, Any]:
 def layer_frequencies(model: nn.Module, *, original: bool = False) -> torch.Tensor:
     """Each decoder layer's rotation frequencies (radians per token), shape ``(num_layers, pairs)``.
 
-    Pair 0 is the highest frequency. By default what each layer rotates by now, patch
+    Pair 0 is the highest frequency; a layer with fewer pairs (Gemma 4's sliding layers) is
+    padded with 0. By default what each layer rotates by now, patch
     included (0 for a pair that does not rotate, whether by its frequency or by a layer
     hook); with ``original=True``, the model's own frequencies before any patch.
     """
@@ -670,8 +727,16 @@ def layer_frequencies(model: nn.Module, *, original: bool = False) -> torch.Tens
             for hook in attention._forward_pre_hooks.values():
                 if isinstance(hook, PositionMaskHook):
                     freq = freq * hook.layer_keep().to(freq.dtype)
+        if not parts.rotates(layer):
+            freq = torch.zeros_like(freq)
         rows.append(freq)
-    return torch.stack(rows)
+    return _padded(rows)
+
+
+def _padded(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Rows stacked, the shorter padded with 0 (Gemma 4's sliding layers rotate fewer pairs than its global ones)."""
+    width = max(r.shape[-1] for r in rows)
+    return torch.stack([torch.nn.functional.pad(r, (0, width - r.shape[-1])) for r in rows])
 
 
 def head_frequencies(model: nn.Module) -> torch.Tensor:

@@ -64,6 +64,9 @@ class Architecture:
     #: Found from transformers' own classes (:mod:`hf_prope.generic`), not written by hand; its
     #: patches are checked by a probe when applied.
     generic: bool = False
+    #: The config list that marks NoPE layers with 0 (SmolLM3's ``no_rope_layers``): those layers
+    #: rotate nothing, patch or not.
+    no_rope_layers: str | None = None
 
     def _cls(self, name: str) -> Any:
         return getattr(importlib.import_module(self.modeling_module), name)
@@ -126,7 +129,82 @@ def supported_model_types() -> list[str]:
 #: Model types that follow transformers' standard rotary contract and are patched by the generic path
 #: (:mod:`hf_prope.generic`), each checked on a tiny model in ``tests/test_generic.py``. Any other type
 #: of that contract is tried too (and refused if the probe fails); these are the ones known to pass.
-GENERIC_CHECKED: tuple[str, ...] = ()
+GENERIC_CHECKED: tuple[str, ...] = (
+    "afmoe",
+    "apertus",
+    "apertus1p5_text",
+    "arcee",
+    "aria_text",
+    "bitnet",
+    "cohere",
+    "cohere2",
+    "cohere2_moe",
+    "cwm",
+    "deepseek_v2",
+    "diffllama",
+    "doge",
+    "dots1",
+    "ernie4_5",
+    "ernie4_5_moe",
+    "exaone4",
+    "exaone_moe",
+    "falcon_h1",
+    "flex_olmo",
+    "flint",
+    "gemma3n_text",
+    "gemma4_text",
+    "glm",
+    "glm4",
+    "glm4_moe",
+    "gpt_neox",
+    "gpt_oss",
+    "granite",
+    "granitemoe",
+    "granitemoeshared",
+    "helium",
+    "hunyuan_v1_dense",
+    "hunyuan_v1_moe",
+    "hy_v3",
+    "hyperclovax",
+    "jais2",
+    "jetmoe",
+    "kolibri1",
+    "laguna",
+    "lara_mini",
+    "lfm2",
+    "llama4_text",
+    "mellum",
+    "mimo_v2_flash",
+    "minicpm3",
+    "minicpm5_moe",
+    "minimax_m2",
+    "minimax_m3_vl_text",
+    "ministral",
+    "ministral3",
+    "mixtral",
+    "modernbert-decoder",
+    "nanochat",
+    "nemotron",
+    "olmo",
+    "olmo2",
+    "olmo3",
+    "olmo_hybrid",
+    "olmoe",
+    "persimmon",
+    "phi",
+    "phi3",
+    "qwen2_moe",
+    "qwen3_5_moe_text",
+    "qwen3_5_text",
+    "qwen3_moe",
+    "qwen3_next",
+    "seed_oss",
+    "smollm3",
+    "solar_open",
+    "stablelm",
+    "starcoder2",
+    "vaultgemma",
+)
 
 
 # The generic path (hf_prope.generic) sets this: model type -> a record read from transformers' classes.

@@ -171,6 +171,36 @@ def register_rope_types() -> None:
         setattr(mru.RotaryEmbeddingConfigMixin, f"_validate_{name}_rope_parameters", _validate_hf_prope_rope_parameters)
 
 
+# A factor that float32 turns into inf: longrope's 1 / (factor * theta^(2i/d)) is then exactly 0.
+STOPPED_FACTOR = 1e300
+
+
+def longrope_encoding(original: dict[str, Any], keep: list[bool], max_positions: int) -> dict[str, Any] | None:
+    """A frequency mask written as transformers' own ``longrope`` type, or ``None`` where it cannot be.
+
+    For configs whose class accepts no other rope type (Phi-3's: ``default`` and ``longrope``
+    only): a stopped pair gets the factor :data:`STOPPED_FACTOR` (frequency exactly 0), a kept one
+    1.0 (the ``default`` frequency, bit for bit) or its own longrope factor, with no
+    attention scaling added. Plain transformers builds it, with or without hf-prope.
+    """
+    base = base_rope_type(original)
+    if base == "default":
+        out = {k: v for k, v in original.items() if k not in ("type", "rope_type")}
+        short = long = [1.0] * len(keep)
+        out.update({"original_max_position_embeddings": int(max_positions), "factor": 1.0, "attention_factor": 1.0})
+    elif base == "longrope" and "rope_type" in original:
+        out = copy.deepcopy(original)
+        short, long = list(original["short_factor"]), list(original["long_factor"])
+        if len(short) != len(keep) or len(long) != len(keep):
+            return None
+    else:
+        return None
+    out["rope_type"] = "longrope"
+    out["short_factor"] = [float(f) if k else STOPPED_FACTOR for f, k in zip(short, keep, strict=True)]
+    out["long_factor"] = [float(f) if k else STOPPED_FACTOR for f, k in zip(long, keep, strict=True)]
+    return out
+
+
 def patched_rope_parameters(
     original: dict[str, Any], keep: list[bool] | None, head_dim: int, *, allow_native: bool = True
 ) -> dict[str, Any]:

@@ -71,6 +71,11 @@ class ModelParts:
         inv_freq = next(b for n, b in self.rotaries[0].named_buffers() if n.endswith("inv_freq"))
         return int(inv_freq.shape[-1])
 
+    def pairs_of_layer(self, layer: int) -> int:
+        """Frequency pairs the rotary module gives decoder layer ``layer`` (its rope entry's)."""
+        key = self.rope_key_of_layer(layer)
+        return int(getattr(self.rotaries[0], "inv_freq" if key is None else f"{key}_inv_freq").shape[-1])
+
     def rope_keys(self) -> list[str | None]:
         """``[None]`` for one flat ``rope_parameters`` dict, else the layer types it is nested by."""
         if self.arch.rope_per_layer_type:
@@ -83,6 +88,13 @@ class ModelParts:
     def rope_key_of_layer(self, layer: int) -> str | None:
         """The ``rope_parameters`` entry that decoder layer ``layer`` uses (``None``: the flat dict)."""
         return self.layer_types[layer] if self.arch.rope_per_layer_type else None  # type: ignore[index]
+
+    def rotates(self, layer: int) -> bool:
+        """Whether decoder layer ``layer`` applies RoPE at all (SmolLM3's NoPE layers do not)."""
+        if self.arch.no_rope_layers is None:
+            return True
+        flags = getattr(self.config, self.arch.no_rope_layers, None)
+        return bool(flags[layer]) if flags is not None and layer < len(flags) else True
 
     def attention_span(self, layer: int) -> int | None:
         """How far back decoder layer ``layer`` can attend (its sliding window), or ``None`` for no limit."""
@@ -108,6 +120,17 @@ def model_parts(model: nn.Module) -> ModelParts:
     rotary_cls = arch.rotary_class
     rotaries = [m for m in inner.modules() if isinstance(m, rotary_cls)]
     if arch.generic:
+        copies = [r for r in rotaries if type(getattr(r, "config", None)) is type(config) and r.config is not config]
+        if copies:
+            # Granite SWA's per-layer rope_theta: rotaries built from edited copies of the config, which
+            # a patch of the config's rope_parameters would not reach.
+            from .registry import UnsupportedModelError
+
+            raise UnsupportedModelError(
+                f"This {model_type} model builds {len(copies)} more {arch.rotary_class_name} module(s) from "
+                "edited copies of its config (one per rope_theta), so its frequencies do not all follow "
+                "config.rope_parameters and hf-prope cannot patch it."
+            )
         # Only rotaries built from this model's own config (a multimodal tower has its own).
         rotaries = [
             r

@@ -126,20 +126,12 @@ def test_unsupported_and_non_rope_models() -> None:
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(hf_prope.NoRotaryEmbeddingError, match="no rotary position embeddings"):
         hf_prope.patch_model(gpt2, "p-rope", p=0.5)
-    from transformers import PhiConfig, PhiForCausalLM
-
-    phi = PhiForCausalLM(
-        PhiConfig(
-            num_hidden_layers=1,
-            hidden_size=32,
-            num_attention_heads=2,
-            vocab_size=50,
-            intermediate_size=64,
-            pad_token_id=0,
-        )
-    )
-    with pytest.raises(hf_prope.UnsupportedModelError, match="llama, mistral, qwen2, qwen3"):
-        hf_prope.patch_model(phi, "p-rope", p=0.5)
+    # A model type transformers does not know (a fork's own modeling code): refused, naming what is supported.
+    fork = LlamaForCausalLM(tiny_config("llama"))
+    fork.config.model_type = "my_llama_fork"
+    with pytest.raises(hf_prope.UnsupportedModelError, match="my_llama_fork.*llama, llama4_text, .*olmo2, "):
+        hf_prope.patch_model(fork, "p-rope", p=0.5)
+    assert hf_prope.get_patch(fork) is None
     with pytest.raises(TypeError, match="transformers model"):
         hf_prope.patch_model("not a model", "nope")
 

@@ -167,3 +167,83 @@ def save_tiny(folder: Any, model_type: str = "llama", *, seed: int = 0, **overri
         folder
     )
     return folder
+
+
+# ------------------------------------------------------------------------------------------------
+# The generic path: tiny models of model types without a hand-written record (hf_prope.generic)
+
+# Shrinks every config that has these fields (sizes, experts, MLA ranks, linear-attention heads).
+_GENERIC_SHRINK: dict[str, Any] = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=HEAD_DIM,
+    vocab_size=VOCAB,
+    max_position_embeddings=256,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=32,
+    num_experts=4,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    n_routed_experts=4,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    kv_lora_rank=16,
+    q_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=16,
+    global_head_dim=32,
+    sliding_window=8,
+    vocab_size_per_layer_input=VOCAB,
+    hidden_size_per_layer_input=16,
+    num_kv_shared_layers=0,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    n_group=1,
+    topk_group=1,
+    linear_num_key_heads=2,
+    linear_num_value_heads=2,
+    linear_key_head_dim=8,
+    linear_value_head_dim=8,
+)
+
+# model type -> what its tiny config sets beyond the shrink (most need nothing).
+GENERIC_ARCHS: dict[str, dict[str, Any]] = {
+    "gemma4_text": {"layer_types": ["sliding_attention", "full_attention"] * 2, "global_head_dim": 32},
+    "smollm3": {"no_rope_layers": [1, 1, 1, 0]},
+}
+
+
+def _has(config: Any, name: str) -> bool:
+    try:
+        return hasattr(config, name)
+    except Exception:  # Gemma 4's per-layer fields refuse a global read
+        return name in type(config).__dataclass_fields__ if hasattr(type(config), "__dataclass_fields__") else False
+
+
+def tiny_generic_config(model_type: str, **overrides: Any) -> Any:
+    """A tiny config of ``model_type`` built from transformers' own config class (no hand-written record)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[model_type]
+    defaults = cls()
+    kwargs = {k: v for k, v in _GENERIC_SHRINK.items() if _has(defaults, k)}
+    kwargs.update(copy.deepcopy(GENERIC_ARCHS.get(model_type, {})))
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+
+def tiny_generic_model(model_type: str, *, seed: int = 0, **overrides: Any) -> Any:
+    """A tiny ``model_type`` model in eval mode, weights drawn wide enough (std 0.2) that positions matter."""
+    config = tiny_generic_config(model_type, **overrides)
+    torch.manual_seed(seed)
+    model = get_architecture(model_type).causal_lm_class(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.2)
+    return model.eval()
