@@ -28,8 +28,16 @@ TRL's trainers, ``checkpoint-N`` folders) and its load (``PeftModel.from_pretrai
 untouched). Importing patches no model class and makes no network request.
 """
 
+import sys as _sys
+
+from . import cli_help as _cli_help
 from ._version import __version__
-from .rope_types import register_rope_types as _register_rope_types
+
+if _cli_help.help_requested():
+    # `hf-prope --help` and each command's: answered before torch and transformers are imported.
+    _sys.exit(_cli_help.print_help())
+
+from .rope_types import register_rope_types as _register_rope_types  # noqa: E402
 
 _register_rope_types()
 

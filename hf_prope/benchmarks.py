@@ -1035,6 +1035,46 @@ def bench_head_mask(
     return rows
 
 
+def bench_cli(device: torch.device, repeats: int, quick: bool, profile: bool = False) -> list[Row]:
+    """Start-up of ``hf-prope --help`` and each command's help, against a bare ``python -c pass``."""
+    import shutil
+    import subprocess
+
+    command = shutil.which("hf-prope") or str(Path(sys.executable).with_name("hf-prope"))
+    if not Path(command).exists():
+        return [Row("cli start-up", "hf-prope not on PATH (install the package)", 0.0, "s", "-", 0.0, "lower")]
+
+    def seconds(argv: list[str]) -> float:
+        samples = []
+        for _ in range(max(1, repeats)):
+            start = time.perf_counter()
+            subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+            samples.append(time.perf_counter() - start)
+        return statistics.median(samples)
+
+    bare = seconds([sys.executable, "-c", "pass"])
+    torch_import = seconds([sys.executable, "-c", "import torch"])
+    rows = []
+    helps = [["--help"], ["--version"]] + [[c, "--help"] for c in ("run", "analyze", "zero-shot", "export", "bench")]
+    for args in helps[:3] if quick else helps:
+        value = seconds([command, *args])
+        rows.append(
+            Row(
+                "cli start-up",
+                f"hf-prope {' '.join(args)}",
+                value,
+                "s",
+                "python -c pass",
+                bare,
+                "lower",
+                target="< 1 s",
+                met=value < 1.0,
+                note=f"import torch alone: {torch_import:.2f} s",
+            )
+        )
+    return rows
+
+
 RUNNERS: dict[str, Callable[..., list[Row]]] = {
     "rotary": bench_rotary,
     "train": bench_train,
@@ -1044,6 +1084,7 @@ RUNNERS: dict[str, Callable[..., list[Row]]] = {
     "distill": bench_distill,
     "long_window": bench_long_window,
     "head_mask": bench_head_mask,
+    "cli": bench_cli,
 }
 #: The benchmark names, in the order they run: the one list (the CLI's help and choices come from it).
 BENCHMARKS: tuple[str, ...] = tuple(RUNNERS)

@@ -155,7 +155,11 @@ def _at_least(low: int) -> Any:
     return parse
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser(benchmarks: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``hf-prope`` argument parser (argparse only: :mod:`hf_prope.cli_help` prints its help light).
+
+    ``benchmarks``: the benchmark names, by default :data:`hf_prope.benchmarks.BENCHMARKS`.
+    """
     from ._version import __version__
     from .spec import PATCH_NAMES
 
@@ -238,7 +242,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(func=_export)
 
-    from .benchmarks import BENCHMARKS
+    if benchmarks is None:
+        from .benchmarks import BENCHMARKS as benchmarks
 
     bench = sub.add_parser(
         "bench",
@@ -246,10 +251,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Median of interleaved repeats; prints each ratio against the native path measured in the same "
         "run, and its target. Benchmarks: rotary (rotary application alone), train (a training step of a "
         "SmolLM2-shaped model), decode (KV-cache decoding), patch (patch_model latency and memory on SmolLM2), "
-        "recipe (the LoRA recipe against a plain Trainer + PEFT script), head_mask (a per-KV-head mask: rotary and training step).",
+        "recipe (the LoRA recipe against a plain Trainer + PEFT script), head_mask (a per-KV-head mask: rotary and training step), cli (the start-up of hf-prope --help and of each command's help).",
     )
     bench.add_argument(
-        "--only", default=",".join(BENCHMARKS), help=f"comma-separated, of {', '.join(BENCHMARKS)} (default: all)"
+        "--only", default=",".join(benchmarks), help=f"comma-separated, of {', '.join(benchmarks)} (default: all)"
     )
     bench.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     bench.add_argument("--repeats", type=_at_least(1), default=5, help="repeats per variant (default: %(default)s)")
@@ -380,12 +385,10 @@ def _run_recipe(argv: list[str]) -> int:
     from hf_prope.recipes import RECIPES, get_recipe
 
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: hf-prope run RECIPE [--config FILE_OR_NAME] [key=value | --key value ...]\n\nrecipes:")
-        for name, cls in RECIPES.items():
-            print(f"  {name:<8}{cls.description} (default config: {cls.default_config})")
+        from hf_prope.cli_help import run_help
         from hf_prope.recipes import packaged_configs
 
-        print(f"\npackaged configs: {', '.join(packaged_configs())}")
+        print(run_help({n: (c.description, c.default_config) for n, c in RECIPES.items()}, packaged_configs()))
         return 0 if argv else 2
     recipe_cls = get_recipe(argv[0])
     rest = argv[1:]
@@ -407,12 +410,10 @@ def _run_recipe(argv: list[str]) -> int:
 def _analyze(argv: list[str]) -> int:
     """``analyze MODEL [--out DIR] [overrides]`` is ``run analyze model=MODEL output_dir=DIR [overrides]``."""
     if not argv or argv[0] in ("-h", "--help"):
-        print(
-            "usage: hf-prope analyze MODEL [--out DIR] [key=value | --key value ...]\n\n"
-            "MODEL: smollm2-135m, gemma-3-270m, a local .gguf file, a local model folder or a Hub model id.\n"
-            "DIR: where report.json, summary.md and the PNG heat maps go (default: report).\n"
-        )
-        return _run_recipe(["analyze", "--help"]) if argv else 2
+        from hf_prope.cli_help import analyze_help
+
+        print(analyze_help())
+        return 0 if argv else 2
     model, rest = argv[0], argv[1:]
     if model.startswith("-") or "=" in model:
         raise ValueError(f"hf-prope analyze needs the model first (e.g. hf-prope analyze smollm2-135m), got {model!r}.")
@@ -440,9 +441,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_recipe(argv[1:])
         if argv[0] == "analyze":
             return _analyze(argv[1:])
-        args = _parser().parse_args(argv)
+        args = parser().parse_args(argv)
         if args.command is None:
-            _parser().print_help()
+            parser().print_help()
             return 2
         return int(args.func(args))
     except (ValueError, ImportError, OSError) as err:

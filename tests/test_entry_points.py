@@ -350,3 +350,48 @@ raise SystemExit(main([]))
     assert out.returncode != 0
     assert "pip install 'hf-prope[recipes]'" in out.stderr and "matplotlib" in out.stderr, out.stderr[-2000:]
     assert list(tmp_path.iterdir()) == []
+
+
+# -- the command's help, before torch -------------------------------------------------------------
+
+HELP_CASES = [["--help"], ["--version"], ["run", "--help"], ["run"], ["analyze", "--help"]] + [
+    [c, "--help"] for c in ("zero-shot", "export", "bench")
+]
+
+
+def _light(args: list[str]) -> subprocess.CompletedProcess:
+    """``hf-prope ARGS`` as the console script runs it, reporting whether torch was imported."""
+    code = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('TORCH-IMPORTED' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr))\n"
+        f"sys.argv = ['/usr/bin/hf-prope', *{args!r}]\n"
+        "from hf_prope.cli import main\n"
+        "sys.exit(main())\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args", HELP_CASES, ids=" ".join)
+def test_help_prints_before_torch_is_imported_and_says_what_the_full_cli_says(args, capsys) -> None:
+    light = _light(args)
+    assert "NO-TORCH" in light.stderr, light.stderr
+    try:
+        status = main(args)  # in-process: hf_prope is fully imported, the heavy path
+    except SystemExit as done:  # argparse ends --help / --version so
+        status = int(done.code or 0)
+    heavy = capsys.readouterr().out
+    assert light.returncode == status
+    assert light.stdout.strip() == heavy.strip()
+
+
+def test_help_lists_are_read_from_their_one_place() -> None:
+    from hf_prope import cli_help
+    from hf_prope.benchmarks import BENCHMARKS
+    from hf_prope.recipes import RECIPES, packaged_configs
+
+    assert cli_help.benchmark_names() == list(BENCHMARKS)
+    assert cli_help.recipe_summaries() == {n: (c.description, c.default_config) for n, c in RECIPES.items()}
+    assert cli_help.packaged_config_names() == packaged_configs()
+    assert not cli_help.help_requested(["/usr/bin/hf-prope", "run", "lora", "--help"])  # lists its keys: heavy
+    assert not cli_help.help_requested(["/usr/bin/hf-prope"])  # the main job
+    assert not cli_help.help_requested(["script.py", "--help"])  # someone else's program importing hf_prope

@@ -181,7 +181,8 @@ def test_a_native_proportional_model_without_hf_prope_record_exports(tokenizer, 
         pytest.skip("transformers < 5.5 has no 'proportional' rope type")
     # Built as someone else's p-RoPE checkpoint would be: the rope type alone, no hf-prope record in the config.
     model = _tiny(rope_parameters={"rope_type": "proportional", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})
-    assert hf_prope.get_patch(model) is None
+    # Read as what it is: p-RoPE over the full RoPE of the same theta (as Gemma 4's own).
+    assert hf_prope.get_patch(model) == hf_prope.PatchSpec("p-rope", p=0.25)
     export_gguf(model, tmp_path / "m.gguf", tokenizer=tokenizer, dtype="f32")
     assert read_rope_factors(tmp_path / "m.gguf") == pytest.approx([1, 1] + [float(np.float32(STOPPED_FACTOR))] * 6)
     ids = list(range(3, 43))
