@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .cli_help import MAIN_JOB, parser, zero_shot_variants
+
 # Reference figures (BRIEF section 4): last 16 windows of 512 tokens of python_docs_text(),
 # measured on Python 3.11 (the text changes between Python minor versions).
 REFERENCE_PROTOCOL = {"window": 512, "n_windows": 16}
@@ -53,22 +55,6 @@ REFERENCES: dict[tuple[str, bool], dict[str, str]] = {
     },
     ("gemma-3-270m", True): {"RoPE": "26.29", "p=0.75": "26.28", "p=0.5": "26.21", "p=0.25": "26.99", "NoPE": "34.54"},
 }
-
-
-def _variants(layer_types: list[str] | None) -> list[tuple[str, Any]]:
-    from .spec import PatchSpec, label_of
-
-    where: dict[str, Any] = {"layer_types": tuple(layer_types)} if layer_types else {}
-    specs = [
-        None,
-        PatchSpec("p-rope", p=0.75, **where),
-        PatchSpec("p-rope", p=0.5, **where),
-        PatchSpec("p-rope", p=0.25, **where),
-        PatchSpec("nope", **where),
-        # The paper's control: same number of rotating pairs as p=0.75, but the slowest ones.
-        PatchSpec("p-rope", p=0.75, rotate="lowest", **where),
-    ]
-    return [(label_of(spec), spec) for spec in specs]
 
 
 def _references(args: argparse.Namespace) -> dict[str, str]:
@@ -104,7 +90,7 @@ def _zero_shot(args: argparse.Namespace) -> int:
     rows = zero_shot_table(
         model,
         tokenizer,
-        _variants(args.layer_types),
+        zero_shot_variants(args.layer_types),
         window=args.window,
         n_windows=args.n_windows,
         text=python_docs_text(),
@@ -139,133 +125,6 @@ def _zero_shot(args: argparse.Namespace) -> int:
 
 def _float_or_none(text: str | None) -> float | None:
     return float(text) if text is not None else None
-
-
-def _at_least(low: int) -> Any:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-
-    parse.__name__ = "integer"  # argparse names the type in its messages
-    return parse
-
-
-def parser(benchmarks: Sequence[str] | None = None) -> argparse.ArgumentParser:
-    """The ``hf-prope`` argument parser (argparse only: :mod:`hf_prope.cli_help` prints its help light).
-
-    ``benchmarks``: the benchmark names, by default :data:`hf_prope.benchmarks.BENCHMARKS`.
-    """
-    from ._version import __version__
-    from .spec import PATCH_NAMES
-
-    parser = argparse.ArgumentParser(
-        prog="hf-prope",
-        description="p-RoPE for Hugging Face transformers. With no command: the main job, a short retrofit "
-        f"({' '.join(MAIN_JOB)}) of the embedded SmolLM2-135M to p-RoPE p=0.5 by layer-wise transfer then self-distillation, "
-        "printing perplexity of the original and of the patched model before and after, at 512 and 2048 tokens "
-        "(about 11 minutes on 2 CPU cores).",
-    )
-    parser.add_argument("--version", action="version", version=f"hf-prope {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser(
-        "run",
-        help="run a recipe: hf-prope run {lora,eval,analyze,ablation} [--config FILE] [key=value ...] (see hf-prope run --help)",
-        add_help=False,
-    )
-    sub.add_parser(
-        "analyze",
-        add_help=False,
-        help="hf-prope analyze MODEL [--out DIR] [key=value ...]: frequency usage, positional heads and a "
-        "suggested p, as a report with heat maps (see hf-prope analyze --help)",
-    )
-    zs = sub.add_parser(
-        "zero-shot",
-        help="perplexity of a model, unchanged and under p-RoPE variants, with no training",
-        description=f"Patch a model in place with each of {', '.join(label for label, _ in _variants(None))} (the "
-        "paper's control), and measure its perplexity on the Python docs text after each.",
-    )
-    zs.add_argument(
-        "--model",
-        default="smollm2-135m",
-        help="smollm2-135m or gemma-3-270m (shipped in PyPI packages), a local .gguf file, a local model "
-        "directory or a Hub model id (default: %(default)s)",
-    )
-    zs.add_argument("--window", type=_at_least(2), default=512, help="tokens per window (default: %(default)s)")
-    zs.add_argument(
-        "--n-windows",
-        type=_at_least(1),
-        default=16,
-        help="number of windows, from the end of the text (default: %(default)s)",
-    )
-    zs.add_argument(
-        "--layer-types",
-        nargs="+",
-        metavar="TYPE",
-        help="patch only layers of these types, e.g. full_attention on Gemma 3 (default: every layer)",
-    )
-    zs.add_argument(
-        "--batch-size", type=_at_least(1), default=1, help="windows per forward pass (default: %(default)s)"
-    )
-    zs.add_argument("--out", metavar="FILE", help="also write the table as JSON to FILE")
-    zs.set_defaults(func=_zero_shot)
-
-    export = sub.add_parser(
-        "export",
-        help="write a model, with its patch, as a GGUF file that llama.cpp runs exactly",
-        description="Load MODEL with its recorded patch (a folder or Hub repo saved by hf-prope, adapters merged; an "
-        "embedded name; a .gguf file), optionally patch it, and write a llama.cpp GGUF whose rope_freqs tensor "
-        "stops the pairs the patch stops. Llama and Mistral models with a patch on every layer; anything else is "
-        "refused with the reason, and nothing is written.",
-    )
-    export.add_argument("model", metavar="MODEL", help="smollm2-135m, a local .gguf file, a model folder or a Hub id")
-    export.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the GGUF file to write")
-    export.add_argument(
-        "--dtype", default="f16", choices=["f16", "bf16", "f32"], help="matrix precision (default: %(default)s)"
-    )
-    export.add_argument("--patch", choices=PATCH_NAMES, help="patch the model first with this patch")
-    export.add_argument("--p", type=float, help="with --patch p-rope: the fraction of frequency pairs that rotate")
-    export.add_argument(
-        "--keep", help="with --patch freq-mask: comma-separated indices of the pairs that rotate (0 = highest)"
-    )
-    export.add_argument("--revision", help="Hub revision of MODEL")
-    export.add_argument(
-        "--check",
-        type=_at_least(2),
-        metavar="N",
-        help="then run the file in llama.cpp (needs llama-cpp-python) on the last N tokens of CPython's docs and "
-        "compare its logits with the model's in transformers, and with a plain-RoPE GGUF of the same weights",
-    )
-    export.set_defaults(func=_export)
-
-    if benchmarks is None:
-        from .benchmarks import BENCHMARKS as benchmarks
-
-    bench = sub.add_parser(
-        "bench",
-        help="speed and memory of hf-prope against transformers' native path, side by side",
-        description="Median of interleaved repeats; prints each ratio against the native path measured in the same "
-        "run, and its target. Benchmarks: rotary (rotary application alone), train (a training step of a "
-        "SmolLM2-shaped model), decode (KV-cache decoding), patch (patch_model latency and memory on SmolLM2), "
-        "recipe (the LoRA recipe against a plain Trainer + PEFT script), head_mask (a per-KV-head mask: rotary and training step), cli (the start-up of hf-prope --help and of each command's help).",
-    )
-    bench.add_argument(
-        "--only", default=",".join(benchmarks), help=f"comma-separated, of {', '.join(benchmarks)} (default: all)"
-    )
-    bench.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
-    bench.add_argument("--repeats", type=_at_least(1), default=5, help="repeats per variant (default: %(default)s)")
-    bench.add_argument("--quick", action="store_true", help="small shapes, for a smoke test (figures not meaningful)")
-    bench.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators per variant")
-    bench.add_argument("--out", metavar="FILE", help="also write the table as JSON to FILE")
-    bench.set_defaults(func=_bench)
-    return parser
-
-
-MAIN_JOB = ["run", "lora", "--config", "smollm2_135m_quick"]
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -430,6 +289,9 @@ def _analyze(argv: list[str]) -> int:
     return _run_recipe(["analyze", *overrides])
 
 
+_COMMANDS = {"zero-shot": _zero_shot, "export": _export, "bench": _bench}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``hf-prope`` and ``python -m hf_prope``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -445,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser().print_help()
             return 2
-        return int(args.func(args))
+        return int(_COMMANDS[args.command](args))
     except (ValueError, ImportError, OSError) as err:
         # Bad input, a missing package or file, an unwritable folder: one line, not a traceback.
         print(f"hf-prope: error: {err}", file=sys.stderr)
