@@ -129,7 +129,7 @@ def model_card(
         lines += [
             "```python",
             "from transformers import AutoModelForCausalLM",
-            f'model = AutoModelForCausalLM.from_pretrained("{name}")   # native "proportional" rope type',
+            f'model = AutoModelForCausalLM.from_pretrained("{name}")   # a rope type transformers builds itself',
             "```",
         ]
     else:
@@ -152,6 +152,17 @@ def _mlx_lm_verdict(state: PatchState, save_method: str) -> str:
     if save_method == "adapter":
         return "does not load PEFT adapters: serve a merged save"
     keys = legacy_rope_keys(state.parts.config)
+    if state.parts.arch.generic:
+        # hf-prope does not know which top-level keys mlx-lm's model of a generic type reads.
+        if REFUSAL in keys.values():
+            return (
+                "fails loudly: `config.json` writes `rope_theta` as text, so no reader of the old layout can run "
+                "plain RoPE with it (tested in mlx-lm on the generic types whose unpatched save it runs)"
+            )
+        return (
+            f"not covered: {state.model_type}'s config class types `rope_theta`, so nothing is written for readers "
+            f"of the old layout (mlx-lm 0.32 has no {state.model_type} model; tested)"
+        )
     if REFUSAL in keys.values():
         return (
             f"fails loudly (a `TypeError` in its rope op): its {state.model_type} model reads no rope type, so "
@@ -160,6 +171,13 @@ def _mlx_lm_verdict(state: PatchState, save_method: str) -> str:
     if (keys.get("rope_scaling") or {}).get("rope_type") in CUSTOM_TYPES:
         return "refuses to load (`Unsupported RoPE type hf_prope`), loudly (tested)"
     return "exact: `config.json` carries `rope_scaling` = the `proportional` parameters, which it reads (tested)"
+
+
+def _rope_types(params: Any) -> set[str]:
+    if not isinstance(params, dict):
+        return set()
+    nested = "rope_type" not in params
+    return {e.get("rope_type") for e in params.values() if isinstance(e, dict)} if nested else {params["rope_type"]}
 
 
 def serving_table(
@@ -195,11 +213,19 @@ def serving_table(
         )
     if native:
         # A native save holds the whole patch in rope_parameters (per layer type where the model nests them).
-        rows.append(("transformers (no hf-prope)", "exact: native `proportional` rope type (transformers >= 5.5)"))
+        how = (
+            "native `longrope` rope type (the mask as its per-pair factors)"
+            if _rope_types(state.rope_parameters) == {"longrope"}
+            else "native `proportional` rope type (transformers >= 5.5)"
+        )
+        rows.append(("transformers (no hf-prope)", f"exact: {how}"))
     else:
         rows.append(("transformers (no hf-prope)", "refuses to load (unknown rope type `hf_prope`), loudly"))
     rows.append(("transformers + hf-prope", f'exact: `hf_prope.from_pretrained("{name}")`'))
-    if native and not selective:
+    generic = state.parts.arch.generic
+    if native and generic:
+        rows.append(("vLLM", f"not checked for {model_type} (hf-prope patches it through its generic path)"))
+    elif native and not selective:
         rows.append(
             (
                 "vLLM",
@@ -208,7 +234,7 @@ def serving_table(
         )
     elif native:
         rows.append(("vLLM", "not checked for rope parameters nested by layer type"))
-    if native:
+    if native and not generic:
         rows.append(
             (
                 "SGLang",
@@ -216,7 +242,7 @@ def serving_table(
                 "transformers 5 does not put it (read from its source, not run here)",
             )
         )
-    else:
+    elif not native:
         rows.append(
             ("vLLM", 'refuses the `hf_prope` rope type ("Unknown RoPE scaling type"), loudly (read from its source)')
         )

@@ -372,3 +372,26 @@ def test_generic_saves_refuse_readers_that_would_run_plain_rope(tmp_path) -> Non
     assert written["rope_theta"] == REFUSAL  # mlx-lm and other old-layout readers fail instead
     # transformers itself reads the patch back.
     assert hf_prope.get_patch(type(model).from_pretrained(tmp_path / "saved")) == PatchSpec("p-rope", p=0.5)
+
+
+@pytest.mark.parametrize(
+    "model_type,loads_as,mlx",
+    [
+        ("olmo2", "proportional", "fails loudly"),
+        ("phi3", "longrope", "fails loudly"),
+        ("cohere2_moe", None, "not covered"),
+    ],
+)
+def test_model_card_of_a_generic_save_says_what_serves_it(model_type: str, loads_as, mlx: str) -> None:
+    from hf_prope.model_card import serving_table
+    from hf_prope.state import patch_state
+
+    model = hf_prope.patch_model(_model(model_type), "p-rope", p=0.5)
+    rows = dict(serving_table(patch_state(model), save_method="merged", name="me/m"))
+    if not has_native_proportional() and model_type != "phi3":
+        loads_as = None
+    plain = rows["transformers (no hf-prope)"]
+    assert (f"`{loads_as}`" in plain) if loads_as else ("refuses" in plain or "proportional" in plain)
+    assert rows["mlx-lm"].startswith(mlx)
+    assert f"llama.cpp's {model_type} graph passes no frequency factors" in rows["llama.cpp"]
+    assert "SGLang" not in rows and ("not checked" in rows["vLLM"] or "refuses" in rows["vLLM"])

@@ -129,3 +129,54 @@ def test_smollm2_p_rope_runs_in_mlx_lm(tmp_path) -> None:
     # float32 in both; the difference is rounding (logits span about 40 units)
     assert np.abs(got - expected).max() < 2e-3
     assert (got.argmax(-1) == expected.argmax(-1)).mean() == 1.0
+
+
+# -- the generic path's types: every one mlx-lm can run unpatched is refused patched -----------------
+
+try:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from hf_prope.registry import GENERIC_CHECKED
+
+    GENERIC = [t for t in GENERIC_CHECKED if t in CONFIG_MAPPING] or ["(none installed)"]
+except ImportError:  # pragma: no cover
+    GENERIC = ["(none installed)"]
+
+
+def _mlx_has_model(config: dict) -> bool:
+    from mlx_lm.utils import _get_classes
+
+    try:
+        _get_classes(config)
+    except (Exception, SystemExit):  # mlx-lm's OLMo module exits when ai2-olmo is missing
+        return False
+    return True
+
+
+@pytest.mark.parametrize("model_type", GENERIC)
+def test_generic_patch_is_refused_where_mlx_lm_runs_the_model(model_type: str, tmp_path) -> None:
+    from tiny import tiny_generic_model
+
+    if model_type not in CONFIG_MAPPING:
+        pytest.skip(f"{model_type} is not in this transformers")
+    ids = tokens(1, 12)
+    plain = tiny_generic_model(model_type)
+    patched = hf_prope.patch_model(tiny_generic_model(model_type), "p-rope", p=0.5)
+    written = patched.config.to_dict()
+    if not _mlx_has_model(written):
+        pytest.skip(f"mlx-lm has no model for {model_type}")
+    # A config class that types rope_theta gets nothing written: none of those may have an mlx-lm model.
+    assert "rope_theta" in written and written["rope_theta"] != plain.config.to_dict().get("rope_theta")
+    folder = _save(plain, tmp_path / "plain", "transformers")
+    # As a checkpoint saved by transformers 4 has it (most on the Hub): the base at the top level too.
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    flat = config.get("rope_parameters") or {}
+    config.setdefault("rope_theta", flat.get("rope_theta", (flat.get("full_attention") or {}).get("rope_theta")))
+    path.write_text(json.dumps(config))
+    try:
+        _mlx_logits(folder, ids)
+    except Exception as error:  # noqa: BLE001 - mlx-lm cannot read this tiny config at all
+        pytest.skip(f"mlx-lm does not run the unpatched tiny {model_type} either ({type(error).__name__})")
+    with pytest.raises((TypeError, ValueError)):
+        _mlx_logits(_save(patched, tmp_path / "patched", "transformers"), ids)
