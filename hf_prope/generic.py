@@ -34,6 +34,8 @@ from torch import nn
 from .registry import Architecture, UnsupportedModelError, set_fallback
 
 PROBE_ATTENTION = "hf_prope_probe"
+#: The oldest transformers the generic path is tested on (CI's newest environment on 2026-12-07).
+GENERIC_MIN_TRANSFORMERS = "5.25"
 _CAPTURED = threading.local()
 
 
@@ -88,6 +90,17 @@ def architecture_for_type(model_type: str) -> Architecture | None:
     causal_name, base_name = _auto_names(model_type)
     if causal_name is None or base_name is None or model_type not in CONFIG_MAPPING:
         return None
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version(GENERIC_MIN_TRANSFORMERS):
+        from .registry import UnsupportedModelError
+
+        # On 5.0 a saved generic model does not load back (a rotary buffer is left on the meta device).
+        raise UnsupportedModelError(
+            f"hf-prope patches model type {model_type!r} through its generic path, which needs transformers >= "
+            f"{GENERIC_MIN_TRANSFORMERS} (installed: {transformers.__version__}; the releases in between are not "
+            f"tested). Upgrade transformers: pip install 'transformers>={GENERIC_MIN_TRANSFORMERS}'."
+        )
     causal = getattr(transformers, causal_name, None)
     if causal is None:
         return None

@@ -13,11 +13,13 @@ import json
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from tiny import clone_with_config, logits, tiny_generic_config, tiny_generic_model, tiny_model, tokens
 
 import hf_prope
 from hf_prope import PatchSpec, rotation
-from hf_prope.generic import RotationCheckError, rotary_layout
+from hf_prope.generic import GENERIC_MIN_TRANSFORMERS, RotationCheckError, rotary_layout
 from hf_prope.registry import ARCHITECTURES, GENERIC_CHECKED, get_architecture
 from hf_prope.rope_types import CUSTOM_TYPES, NATIVE_TYPE, has_native_proportional
 from hf_prope.spec import rotated_pairs
@@ -30,6 +32,7 @@ try:
 except ImportError:  # pragma: no cover
     INSTALLED = []
 
+GENERIC_AVAILABLE = Version(transformers.__version__) >= Version(GENERIC_MIN_TRANSFORMERS)
 # Types whose layout the installed transformers may not have (older releases): skipped, not failed.
 TYPES = INSTALLED or ["(none installed)"]
 GEMMA4_FULL_ROPE = {
@@ -41,6 +44,8 @@ GEMMA4_FULL_ROPE = {
 def _model(model_type: str, **overrides):
     if model_type not in INSTALLED:
         pytest.skip(f"{model_type} is not in this transformers")
+    if not GENERIC_AVAILABLE:
+        pytest.skip(f"the generic path needs transformers >= {GENERIC_MIN_TRANSFORMERS}")
     return tiny_generic_model(model_type, **overrides)
 
 
@@ -89,7 +94,7 @@ def test_checked_list_is_large_and_names_the_issue_types() -> None:
     assert required <= set(GENERIC_CHECKED)
     assert not set(GENERIC_CHECKED) & set(ARCHITECTURES)  # one record per type: hand-written or generic
     assert len(hf_prope.supported_model_types()) >= 40
-    for model_type in INSTALLED:
+    for model_type in INSTALLED if GENERIC_AVAILABLE else []:
         arch = get_architecture(model_type)
         assert arch.generic and arch.llama_cpp_graph is None
 
@@ -395,3 +400,12 @@ def test_model_card_of_a_generic_save_says_what_serves_it(model_type: str, loads
     assert rows["mlx-lm"].startswith(mlx)
     assert f"llama.cpp's {model_type} graph passes no frequency factors" in rows["llama.cpp"]
     assert "SGLang" not in rows and ("not checked" in rows["vLLM"] or "refuses" in rows["vLLM"])
+
+
+def test_old_transformers_refuse_the_generic_path_clearly() -> None:
+    if GENERIC_AVAILABLE or "olmo2" not in CONFIG_MAPPING:
+        pytest.skip("the generic path is available here")
+    model = get_architecture("llama").causal_lm_class  # any class: the refusal comes before a model is read
+    assert model is not None
+    with pytest.raises(hf_prope.UnsupportedModelError, match=GENERIC_MIN_TRANSFORMERS):
+        get_architecture("olmo2")
