@@ -90,23 +90,23 @@ def architecture_for_type(model_type: str) -> Architecture | None:
     causal_name, base_name = _auto_names(model_type)
     if causal_name is None or base_name is None or model_type not in CONFIG_MAPPING:
         return None
-    from packaging.version import Version
-
-    if Version(transformers.__version__) < Version(GENERIC_MIN_TRANSFORMERS):
-        from .registry import UnsupportedModelError
-
-        # On 5.0 a saved generic model does not load back (a rotary buffer is left on the meta device).
-        raise UnsupportedModelError(
-            f"hf-prope patches model type {model_type!r} through its generic path, which needs transformers >= "
-            f"{GENERIC_MIN_TRANSFORMERS} (installed: {transformers.__version__}; the releases in between are not "
-            f"tested). Upgrade transformers: pip install 'transformers>={GENERIC_MIN_TRANSFORMERS}'."
-        )
     causal = getattr(transformers, causal_name, None)
     if causal is None:
         return None
     module_name = causal.__module__
     module = importlib.import_module(module_name)
     rotaries = _rotary_classes(module)
+    from packaging.version import Version
+
+    if rotaries and Version(transformers.__version__) < Version(GENERIC_MIN_TRANSFORMERS):
+        from .registry import UnsupportedModelError
+
+        # On 5.0 a saved generic model does not load back (a rotary buffer is left on the meta device).
+        raise UnsupportedModelError(
+            f"Model type {model_type!r} is not supported by hf-prope on this transformers: its generic path needs >= "
+            f"{GENERIC_MIN_TRANSFORMERS} (installed: {transformers.__version__}; the releases in between are not "
+            f"tested). Upgrade transformers: pip install 'transformers>={GENERIC_MIN_TRANSFORMERS}'."
+        )
     prefix = causal_name.removesuffix("ForCausalLM")
     attentions = [
         obj
