@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from packaging.version import Version
 from torch import nn
 
 from .registry import Architecture, UnsupportedModelError, set_fallback
@@ -96,11 +97,7 @@ def architecture_for_type(model_type: str) -> Architecture | None:
     module_name = causal.__module__
     module = importlib.import_module(module_name)
     rotaries = _rotary_classes(module)
-    from packaging.version import Version
-
     if rotaries and Version(transformers.__version__) < Version(GENERIC_MIN_TRANSFORMERS):
-        from .registry import UnsupportedModelError
-
         # On 5.0 a saved generic model does not load back (a rotary buffer is left on the meta device).
         raise UnsupportedModelError(
             f"Model type {model_type!r} is not supported by hf-prope on this transformers: its generic path needs >= "

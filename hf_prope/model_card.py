@@ -173,13 +173,6 @@ def _mlx_lm_verdict(state: PatchState, save_method: str) -> str:
     return "exact: `config.json` carries `rope_scaling` = the `proportional` parameters, which it reads (tested)"
 
 
-def _rope_types(params: Any) -> set[str]:
-    if not isinstance(params, dict):
-        return set()
-    nested = "rope_type" not in params
-    return {e.get("rope_type") for e in params.values() if isinstance(e, dict)} if nested else {params["rope_type"]}
-
-
 def serving_table(
     state: PatchState, *, save_method: str, name: str = "MODEL", gguf_file: str | None = None
 ) -> list[tuple[str, str]]:
@@ -215,7 +208,7 @@ def serving_table(
         # A native save holds the whole patch in rope_parameters (per layer type where the model nests them).
         how = (
             "native `longrope` rope type (the mask as its per-pair factors)"
-            if _rope_types(state.rope_parameters) == {"longrope"}
+            if state.rope_types == {"longrope"}
             else "native `proportional` rope type (transformers >= 5.5)"
         )
         rows.append(("transformers (no hf-prope)", f"exact: {how}"))
@@ -223,17 +216,21 @@ def serving_table(
         rows.append(("transformers (no hf-prope)", "refuses to load (unknown rope type `hf_prope`), loudly"))
     rows.append(("transformers + hf-prope", f'exact: `hf_prope.from_pretrained("{name}")`'))
     generic = state.parts.arch.generic
-    if native and generic:
+    if not native:
+        rows.append(
+            ("vLLM", 'refuses the `hf_prope` rope type ("Unknown RoPE scaling type"), loudly (read from its source)')
+        )
+    elif generic:
         rows.append(("vLLM", f"not checked for {model_type} (hf-prope patches it through its generic path)"))
-    elif native and not selective:
+    elif selective:
+        rows.append(("vLLM", "not checked for rope parameters nested by layer type"))
+    else:
         rows.append(
             (
                 "vLLM",
                 "should be exact: it maps `proportional` to its p-RoPE rotary (read from its source, not run here)",
             )
         )
-    elif native:
-        rows.append(("vLLM", "not checked for rope parameters nested by layer type"))
     if native and not generic:
         rows.append(
             (
@@ -241,10 +238,6 @@ def serving_table(
                 "probably **silently plain RoPE**: it reads `partial_rotary_factor` from the config's top level, where "
                 "transformers 5 does not put it (read from its source, not run here)",
             )
-        )
-    elif not native:
-        rows.append(
-            ("vLLM", 'refuses the `hf_prope` rope type ("Unknown RoPE scaling type"), loudly (read from its source)')
         )
     rows.append(("mlx-lm", _mlx_lm_verdict(state, save_method)))
     if gguf_file is not None:

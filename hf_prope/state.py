@@ -261,9 +261,8 @@ class PatchState:
         return self.recorded is not None and self.spec is None
 
     @property
-    def native(self) -> bool:
-        """Whether plain transformers builds these rope parameters (no hf-prope rope type in them)."""
-        from .rope_types import CUSTOM_TYPES
+    def rope_types(self) -> set[str]:
+        """Every rope type named in :attr:`rope_parameters` (one per layer type where they are nested)."""
 
         def types(value: Any) -> list[str]:
             if isinstance(value, dict):
@@ -271,7 +270,14 @@ class PatchState:
                 return own + [t for v in value.values() for t in types(v)]
             return []
 
-        return not any(t in CUSTOM_TYPES for t in types(self.rope_parameters))
+        return set(types(self.rope_parameters))
+
+    @property
+    def native(self) -> bool:
+        """Whether plain transformers builds these rope parameters (no hf-prope rope type in them)."""
+        from .rope_types import CUSTOM_TYPES
+
+        return not self.rope_types & set(CUSTOM_TYPES)
 
 
 def base_fingerprint(parts: ModelParts) -> dict[str, Any]:
