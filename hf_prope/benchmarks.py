@@ -293,6 +293,31 @@ def _fwd_bwd(
     return run
 
 
+def _fwd_bwd_times(
+    fns: dict[str, Callable[..., Any]],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    repeats: int,
+    inner: int,
+    device: torch.device,
+) -> tuple[dict[str, float] | None, float]:
+    """Forward + backward time of each rotary function, less the q/k copy they all make (timed alone, same run).
+
+    Returns the net times (``None`` where the rotation is lost in the copy's timing noise) and the copy's time.
+    """
+    q_leaf, k_leaf = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
+    grads = (torch.randn_like(q), torch.randn_like(k))
+    both = {name: _fwd_bwd(fn, q_leaf, k_leaf, cos, sin, grads) for name, fn in fns.items()}
+    both["copy"] = _fwd_bwd(lambda q_, k_, c, s: (q_, k_), q_leaf, k_leaf, cos, sin, grads)
+    timed = interleaved(both, repeats=repeats, inner=inner, device=device)
+    shared = timed.pop("copy")
+    net = {name: t - shared for name, t in timed.items()}
+    return (net if min(net.values()) > 0 else None), shared
+
+
 def bench_rotary(device: torch.device, repeats: int, quick: bool, profile: bool = False) -> list[Row]:
     """Rotary application alone on q and k: hf-prope against transformers' function (and Liger-Kernel's).
 
@@ -375,14 +400,8 @@ def bench_rotary(device: torch.device, repeats: int, quick: bool, profile: bool 
                     _profile(f"rotary {shape.name} p={p:g}", forward, device)
             modes = [("forward", times)]
             if kernel:
-                q_leaf, k_leaf = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
-                grads = (torch.randn_like(q), torch.randn_like(k))
-                both = {name: _fwd_bwd(fn, q_leaf, k_leaf, cos, sin, grads) for name, fn in fns.items()}
-                both["copy"] = _fwd_bwd(lambda q_, k_, c, s: (q_, k_), q_leaf, k_leaf, cos, sin, grads)
-                timed = interleaved(both, repeats=repeats * 3, inner=inner, device=device)
-                shared = timed.pop("copy")
-                net = {name: t - shared for name, t in timed.items()}
-                if min(net.values()) > 0:
+                net, shared = _fwd_bwd_times(fns, q, k, cos, sin, repeats=repeats * 3, inner=inner, device=device)
+                if net is not None:
                     modes.append(("forward+backward", net))
                 else:  # tiny shapes: the rotation is lost in the noise of the copy
                     print(
@@ -977,15 +996,8 @@ def bench_head_mask(
         forward = {name: functools.partial(fn, q, k, cos, sin) for name, fn in fns.items()}
         with torch.inference_mode():
             times = interleaved(forward, repeats=repeats * 3, inner=inner, device=device)
-        q_leaf, k_leaf = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
-        grads = (torch.randn_like(q), torch.randn_like(k))
-        both = {name: _fwd_bwd(fn, q_leaf, k_leaf, cos, sin, grads) for name, fn in fns.items()}
-        both["copy"] = _fwd_bwd(lambda q_, k_, c, s: (q_, k_), q_leaf, k_leaf, cos, sin, grads)
-        timed = interleaved(both, repeats=repeats * 3, inner=inner, device=device)
-        shared = timed.pop("copy")
-        modes = [("forward", times)]
-        if min(t - shared for t in timed.values()) > 0:
-            modes.append(("forward+backward", {name: t - shared for name, t in timed.items()}))
+        net, _ = _fwd_bwd_times(fns, q, k, cos, sin, repeats=repeats * 3, inner=inner, device=device)
+        modes = [("forward", times)] + ([("forward+backward", net)] if net is not None else [])
         note = (
             f"{shape.describe()}, cos/sin {rows_of_cos}x{shape.tokens}x{shape.head_dim}, {r} of {n} pairs per KV "
             f"head, a different set per head, {_dtype_name(device)}"
