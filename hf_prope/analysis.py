@@ -586,6 +586,7 @@ def head_mask(
     pairs: int | None = None,
     select: HeadSelect = "2-norm",
     context_length: int | None = None,
+    max_wavelength: float | None = None,
 ) -> PatchSpec:
     """A patch that keeps, per key/value head, the pairs the model uses most (MHA2MLA's 2-norm rule).
 
@@ -605,6 +606,11 @@ def head_mask(
       per-head rule is measured against);
     * ``"highest"``: every head keeps the highest ``r`` (a ``head-mask`` equal to p-RoPE).
 
+    ``max_wavelength`` (tokens) leaves out of every choice the pairs whose wavelength ``2 pi / f``
+    is longer: give the training length and every kept pair completes a turn within it, so none
+    meets angles past the training length it never saw (the paper's argument for cutting the
+    lowest frequencies). With ``"highest"`` it has no effect: the highest pairs turn fastest.
+
     Ties go to the higher frequency. Write the result with ``spec.save("mask.json")``;
     ``patch_model`` and the recipes take that file.
     """
@@ -619,6 +625,8 @@ def head_mask(
     r = pairs if pairs is not None else rotated_pairs(float(p), 2 * n_pairs)  # type: ignore[arg-type]
     if r > n_pairs:
         raise ValueError(f"pairs={r} but this model has {n_pairs} frequency pairs per head.")
+    if max_wavelength is not None:
+        check_max_wavelength(max_wavelength)
     if select == "highest":
         return budget
     if usage.layers != list(range(usage.num_layers if usage.num_layers is not None else len(usage.layers))):
@@ -637,14 +645,47 @@ def head_mask(
             ]
         ).double()  # (layers, pairs)
         scores = scores * moved[:, None, :]
+    if max_wavelength is not None:
+        allowed = allowed_pairs(usage.original_frequencies, max_wavelength, r, shared=select == "2-norm-shared")
+        scores = scores * allowed[:, None, :]
     # Stable, descending: among equal scores the lower index (the higher frequency) wins.
     order = lambda row: sorted(range(n_pairs), key=lambda i: (-float(row[i]), i))  # noqa: E731
     if select == "2-norm-shared":
         share = (scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-300)).sum(dim=(0, 1))
+        if max_wavelength is not None:
+            share = torch.where(allowed.all(dim=0), share, -1.0)
         kept = sorted(order(share)[:r])
         return PatchSpec("freq-mask", mask=tuple(i in kept for i in range(n_pairs)))
+    if max_wavelength is not None:
+        scores = torch.where(allowed[:, None, :], scores, -1.0)  # below every allowed pair, zeros included
     head_keep = tuple(tuple(tuple(sorted(order(head)[:r])) for head in layer) for layer in scores)
     return PatchSpec("head-mask", p=p, pairs=pairs, select=select, head_keep=head_keep)
+
+
+def check_max_wavelength(value: Any) -> float:
+    """``value`` as a wavelength limit in tokens; ``ValueError`` unless it is a positive number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"max_wavelength must be a positive number of tokens, got {value!r}.")
+    return float(value)
+
+
+def allowed_pairs(frequencies: torch.Tensor, max_wavelength: float, r: int, *, shared: bool = False) -> torch.Tensor:
+    """Per layer and pair (``frequencies`` is ``(layers, pairs)``): whether its wavelength is at most ``max_wavelength``.
+
+    Raises ``ValueError`` where a layer (``shared``: all layers together) leaves fewer than ``r`` pairs to choose.
+    """
+    check_max_wavelength(max_wavelength)
+    # Per layer: a model's layers may differ (Gemma's local and global layers); 0 (padding) never turns.
+    allowed = 2 * math.pi / frequencies.double().clamp_min(1e-300) <= float(max_wavelength)
+    counts = [int(allowed.all(dim=0).sum())] if shared else [int(row.sum()) for row in allowed]
+    for i, count in enumerate(counts):
+        if count < r:
+            where = "every layer" if shared else f"layer {i}"
+            raise ValueError(
+                f"max_wavelength={max_wavelength:g} leaves {count} pairs to choose from in {where}, fewer than the "
+                f"{r} per head the budget asks; give a longer max_wavelength (or none) or a smaller p / pairs."
+            )
+    return allowed
 
 
 def suggest_p(

@@ -96,7 +96,13 @@ class PatchArguments:
         default=None, metadata={"help": "p-rope: which end keeps rotating (highest = the paper's p-RoPE)."}
     )
     keep: list[int] | None = field(default=None, metadata={"help": "freq-mask: indices of pairs that rotate."})
-    max_wavelength: float | None = field(default=None, metadata={"help": "freq-mask: longest wavelength kept."})
+    max_wavelength: float | None = field(
+        default=None,
+        metadata={
+            "help": "freq-mask: longest wavelength kept. head-mask with select=2-norm...: longest wavelength a head "
+            "may keep (give the training length: every kept pair then turns within it)."
+        },
+    )
     pairs: int | None = field(default=None, metadata={"help": "head-mask: pairs per head that rotate (instead of p)."})
     select: Literal["highest", "2-norm", "2-norm-drift", "2-norm-shared"] | None = field(
         default=None,
@@ -143,6 +149,16 @@ class PatchArguments:
         params = {f.name: getattr(self, f.name) for f in fields(PatchArguments) if f.name not in skip}
         if self.calibrates:
             params["select"] = "highest"  # the budget, checked now; the pairs are chosen by calibrate()
+            params["max_wavelength"] = None  # calibrate()'s: it limits the choice
+            if self.max_wavelength is not None:
+                from hf_prope.analysis import check_max_wavelength
+
+                check_max_wavelength(self.max_wavelength)  # before the model loads
+        elif self.patch == "head-mask" and self.max_wavelength is not None:
+            raise ValueError(
+                "max_wavelength with patch=head-mask limits the pairs select=2-norm, 2-norm-drift or 2-norm-shared "
+                "chooses from; give one of those select= (or patch=freq-mask for one mask by wavelength)."
+            )
         elif self.select is not None:
             params["select"] = self.select
         if params["p"] == PatchArguments.p and ("p" not in patch_parameters(self.patch) or self.pairs is not None):
@@ -160,14 +176,19 @@ class PatchArguments:
         """The patch chosen on ``ids`` (training tokens, never the held-out ones) by ``select``'s rule."""
         from hf_prope import analysis
 
-        usage = analysis.frequency_usage(model, tokenizer, ids, progress=progress)
         p = self.p if self.pairs is None else None
+        if self.max_wavelength is not None:  # too few pairs left: say so before the measuring run
+            frequencies = analysis.layer_frequencies(model, original=True)
+            r = self.pairs if self.pairs is not None else analysis.rotated_pairs(float(p), 2 * frequencies.shape[1])
+            analysis.allowed_pairs(frequencies, self.max_wavelength, r, shared=self.select == "2-norm-shared")
+        usage = analysis.frequency_usage(model, tokenizer, ids, progress=progress)
         return analysis.head_mask(
             usage,
             p=p,
             pairs=self.pairs,
             select=self.select,  # type: ignore[arg-type]
             context_length=context_length,
+            max_wavelength=self.max_wavelength,
         )
 
 

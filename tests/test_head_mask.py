@@ -284,6 +284,35 @@ def test_two_norm_rule_keeps_each_kv_heads_largest_products() -> None:
         )
 
 
+def test_max_wavelength_leaves_slow_pairs_out_of_every_choice() -> None:
+    usage = _usage(tiny_model("llama"))
+    wavelengths = [2 * math.pi / float(f) for f in usage.original_frequencies[0]]
+    limit = (wavelengths[4] + wavelengths[5]) / 2  # pairs 0..4 turn within it, 5..7 do not
+    r = 3
+    for select in ("2-norm", "2-norm-drift"):
+        spec = analysis.head_mask(usage, pairs=r, select=select, max_wavelength=limit, context_length=20000)
+        free = analysis.head_mask(usage, pairs=r, select=select, context_length=20000)
+        assert all(i <= 4 for heads in spec.head_keep for keep in heads for i in keep)
+        scores = analysis.head_scores(usage).double()
+        if select == "2-norm-drift":
+            moved = [analysis.drift(f, 20000) for f in usage.original_frequencies]
+            scores = scores * torch.stack(moved).double()[:, None]
+        for layer in range(N_LAYERS):
+            for kv in range(2):  # by hand: the best r among pairs 0..4 alone
+                best = sorted(range(5), key=lambda i: -float(scores[layer, kv, i]))[:r]
+                assert spec.head_keep[layer][kv] == tuple(sorted(best))
+        # the limit changes something on this model: without it some head keeps a slow pair
+        assert any(i > 4 for heads in free.head_keep for keep in heads for i in keep) and spec != free
+    shared = analysis.head_mask(usage, pairs=r, select="2-norm-shared", max_wavelength=limit)
+    assert not any(shared.mask[5:]) and sum(shared.mask) == r
+    with pytest.raises(ValueError, match="leaves 5 pairs to choose from in layer 0, fewer than the 6"):
+        analysis.head_mask(usage, pairs=6, max_wavelength=limit)
+    with pytest.raises(ValueError, match="positive number of tokens"):
+        analysis.head_mask(usage, pairs=r, max_wavelength=0)
+    # no effect with "highest": the highest pairs are the fastest
+    assert analysis.head_mask(usage, p=0.5, select="highest", max_wavelength=limit) == PatchSpec("head-mask", p=0.5)
+
+
 def test_under_yarn_a_stopped_pair_keeps_the_attention_scaling_as_freq_mask_does() -> None:
     rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
     ours, theirs = tiny_model("llama", rope_parameters=dict(rope)), tiny_model("llama", rope_parameters=dict(rope))

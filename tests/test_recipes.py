@@ -1086,8 +1086,11 @@ def test_fsdp_on_a_cpu_only_machine_is_refused_before_any_work(how, source, tmp_
     assert not hasattr(recipe, "model")  # refused before the model was loaded
 
 
-@pytest.mark.parametrize("select", ["2-norm-drift", "2-norm-shared"])  # 2-norm itself: test_head_mask.py
-def test_lora_recipe_chooses_a_head_mask_on_training_text_only(select, source, tmp_path) -> None:
+# 2-norm itself: test_head_mask.py; max_wavelength=100: the tiny model's pairs 0..2 (wavelengths 6, 20, 63) alone
+@pytest.mark.parametrize(
+    ("select", "max_wavelength"), [("2-norm-drift", None), ("2-norm-shared", None), ("2-norm-drift", 100.0)]
+)
+def test_lora_recipe_chooses_a_head_mask_on_training_text_only(select, max_wavelength, source, tmp_path) -> None:
     from hf_prope import analysis
 
     model_dir = save_tiny(tmp_path / "qwen3", "qwen3")
@@ -1103,6 +1106,7 @@ def test_lora_recipe_chooses_a_head_mask_on_training_text_only(select, source, t
             objective="transfer",
             patch="head-mask",
             select=select,
+            **({} if max_wavelength is None else {"max_wavelength": max_wavelength}),
         ),
     ).run()
     spec = hf_prope.PatchSpec.from_dict(summary["patch"])
@@ -1114,7 +1118,11 @@ def test_lora_recipe_chooses_a_head_mask_on_training_text_only(select, source, t
     tok = char_tokenizer()
     on_train, with_tail = analysis.frequency_usage(base, tok, train), analysis.frequency_usage(base, tok, ids)
     assert not torch.equal(on_train.query, with_tail.query)  # the held-out tail would give other statistics
-    assert spec == analysis.head_mask(on_train, p=0.25, select=select, context_length=BLOCK)
+    assert spec == analysis.head_mask(
+        on_train, p=0.25, select=select, context_length=BLOCK, max_wavelength=max_wavelength
+    )
+    if max_wavelength is not None:
+        assert max(i for heads in spec.head_keep for k in heads for i in k) <= 2
     if select != "2-norm-shared":
         assert spec.name == "head-mask" and {len(k) for heads in spec.head_keep for k in heads} == {2}
     else:
@@ -1122,3 +1130,22 @@ def test_lora_recipe_chooses_a_head_mask_on_training_text_only(select, source, t
     reloaded = hf_prope.from_pretrained(out / "adapter")
     assert hf_prope.get_patch(reloaded) == spec
     assert at(summary)["patched_after_training"] == pytest.approx(loss_perplexity(reloaded, ids), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        ({"max_wavelength": 100.0}, "limits the pairs select=2-norm"),  # no select: nothing to limit
+        ({"max_wavelength": -1.0, "select": "2-norm"}, "positive number of tokens"),
+        ({"max_wavelength": 1.0, "select": "2-norm"}, "leaves 0 pairs to choose from in layer 0"),
+    ],
+)
+def test_head_mask_wavelength_limit_is_refused_before_any_measuring(extra, match, source, tmp_path) -> None:
+    model_dir = save_tiny(tmp_path / "qwen3", "qwen3")
+    out = tmp_path / "out"
+    recipe = LoRARecipe.from_config(
+        None, overrides(source, out, model=str(model_dir), control=False, max_steps=1, patch="head-mask", **extra)
+    )
+    with pytest.raises(ValueError, match=match):
+        recipe.run()
+    assert not out.exists()

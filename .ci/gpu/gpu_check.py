@@ -7,7 +7,7 @@ back-to-back calls of a few minutes, each one command that calls this script:
     .ci/gpu/run prepare            # CPU machine: wheels, project, corpus, model parts -> .gpu/
     .ci/gpu/run first              # call 1 (carry .gpu/common .gpu/part1): (a) tests, (b) bench
     .ci/gpu/run second             # call 2 (carry .gpu/common .gpu/part2): (e) FSDP2, (c) distill, (d) + Liger,
-                                   #   (f) long context: the p=0.5 long retrofit, then 8k-32k by document, 64k
+                                   #   (f) long context: the p=0.5 long retrofits (uniform, per KV head), then 8k-32k, 64k
 
     .ci/gpu/run dry-run            # CPU rehearsal of all three (CI runs it): tiny shapes, a few steps
 
@@ -21,7 +21,7 @@ tree, which each call replaces) for call 2, which must follow while the machine 
 (30 s); if it finds no first half it says so and stops. Every result lands as JSON under $OUT:
 ``tests.xml`` and ``tests.json`` (a), ``bench.json`` (b), ``distill.json`` (c),
 ``distill_liger.json`` (d), ``fsdp_distill.json`` and ``fsdp_lm.json`` (e), ``long_train.json``,
-``long_eval.json`` and ``long_eval_64k.json`` (f), and ``first.json`` /
+``long_train_turns.json``, ``long_eval.json`` and ``long_eval_64k.json`` (f), and ``first.json`` /
 ``second.json`` (what ran, for how long, the machine). Standard library only, plus the project
 once installed.
 
@@ -367,6 +367,11 @@ LONG_HELDOUT = (
     "library/multiprocessing.rst.txt",
     "library/ssl.rst.txt",
 )
+# (f)'s retrofits, each trained, then all scored by the eval recipe: uniform p-RoPE, and per KV head.
+LONG_RETROFITS = {
+    "long_train": "smollm2_135m_p_rope_long",
+    "long_train_turns": "smollm2_135m_p50_long_turns",
+}
 LONG_EVAL = [
     "p=[1.0,0.5]",
     "extensions=[none,yarn:2,yarn:4,temperature:4]",
@@ -375,9 +380,9 @@ LONG_EVAL = [
 
 
 def _long_context(out: Path, model: Path, docs: Path, device: str, quick: bool) -> dict:
-    """(f) the long-context retrofit (smollm2_135m_p_rope_long, bf16) on the docs less four held out, then the
-    eval recipe on those four: original, YaRN, p=0.5 and the retrofit at 8k/16k/32k (each window inside one
-    document) with passkey, and at 64k (windows across the four documents, joined)."""
+    """(f) the long-context retrofits (LONG_RETROFITS, bf16) on the docs less four held out, then the eval recipe
+    on those four: original, YaRN, p=0.5 and the retrofits at 8k/16k/32k (each window inside one document)
+    with passkey, and at 64k (windows across the four documents, joined)."""
     train, heldout = STASH / "long-train", STASH / "long-heldout"
     for folder in (train, heldout):
         shutil.rmtree(folder, ignore_errors=True)
@@ -387,18 +392,22 @@ def _long_context(out: Path, model: Path, docs: Path, device: str, quick: bool) 
         shutil.move(str(train / name), str(heldout / Path(name).name))
     base = [f"model={model}", "report_to=none", "gguf=null", "save_steps=100000"]
     steps: dict = {}
-    trained = STASH / "long_train"
-    train_args = ["run", "lora", "--config", "smollm2_135m_p_rope_long", *base, f"dataset={train}"]
-    train_args += [f"output_dir={trained}", "overwrite=true"]
-    if quick:
-        train_args += ["max_steps=2", "transfer_steps=1", "transfer_blocks=1", "block_size=256", "eval_window=256"]
-        train_args += ["eval_contexts=[256]"]
-    else:
-        train_args += ["bf16=true", "gradient_checkpointing=true"]
-    steps["train"] = _hf_prope(train_args, out / "long_train.txt")
-    if (trained / "results.json").is_file():
-        shutil.copy2(trained / "results.json", out / "long_train.json")
-    adapter = f"trained=[{trained / 'adapter'}]" if (trained / "adapter").is_dir() else "trained=null"
+    adapters = []
+    for name, config in LONG_RETROFITS.items():
+        trained = STASH / name
+        train_args = ["run", "lora", "--config", config, *base, f"dataset={train}"]
+        train_args += [f"output_dir={trained}", "overwrite=true"]
+        if quick:
+            train_args += ["max_steps=2", "transfer_steps=1", "transfer_blocks=1", "block_size=256"]
+            train_args += ["eval_window=256", "eval_contexts=[256]"]
+        else:
+            train_args += ["bf16=true", "gradient_checkpointing=true"]
+        steps[name] = _hf_prope(train_args, out / f"{name}.txt")
+        if (trained / "results.json").is_file():
+            shutil.copy2(trained / "results.json", out / f"{name}.json")
+        if (trained / "adapter").is_dir():
+            adapters.append(str(trained / "adapter"))
+    adapter = f"trained=[{','.join(adapters)}]" if adapters else "trained=null"
     evals = {
         "long_eval": ["windows=documents", "contexts=[2048,8192,16384,32768]", "eval_tokens=32768"]
         + ["passkey_lengths=[8192,16384,32768]", "passkey_depths=[0.0,0.25,0.5,0.75,1.0]", "passkey_trials=2"],
@@ -510,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
                 "tests.xml",
                 "bench.json",
                 "distill.json",
+                "long_train.json",
+                "long_train_turns.json",
                 "long_eval.json",
                 "long_eval_64k.json",
             ):
