@@ -19,7 +19,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from hf_prope.analysis import (
     DEFAULT_GRID,
@@ -27,6 +27,7 @@ from hf_prope.analysis import (
     DEFAULT_TOLERANCE,
     DEFAULT_WINDOW,
     DEFAULT_WINDOWS,
+    check_max_wavelength,
 )
 
 from .base import (
@@ -100,6 +101,20 @@ class AnalysisArguments:
             "on the head x pair heat map."
         },
     )
+    head_mask_select: Literal["2-norm", "2-norm-drift"] = field(
+        default="2-norm",
+        metadata={
+            "help": "How head_mask_p's pairs are chosen: 2-norm (the query-key norm product), 2-norm-drift (that "
+            "product times how far the pair turns over context_length)."
+        },
+    )
+    head_mask_max_wavelength: float | None = field(
+        default=None,
+        metadata={
+            "help": "head_mask_p: choose only pairs whose wavelength is at most this many tokens (give the training "
+            "length: every kept pair then completes a turn within it)."
+        },
+    )
     output_dir: str = field(default="report", metadata={"help": "Where the report goes."})
 
     def __post_init__(self) -> None:
@@ -121,6 +136,10 @@ class AnalysisArguments:
             raise ValueError(
                 f"head_mask_p must be in [0, 1] (the fraction of pairs each head keeps), got {self.head_mask_p}."
             )
+        if self.head_mask_max_wavelength is not None:
+            if self.head_mask_p is None:
+                raise ValueError("head_mask_max_wavelength limits the pairs of a head mask; give head_mask_p= too.")
+            check_max_wavelength(self.head_mask_max_wavelength)
 
 
 class AnalyzeRecipe(Recipe):
@@ -204,7 +223,15 @@ class AnalyzeRecipe(Recipe):
                 )
                 suggestion.check = analysis.mark_suggestion(rows, suggestion)
                 curves.append({"layer_types": scope, "rows": rows})
-        head_spec = analysis.head_mask(usage, p=aa.head_mask_p) if aa.head_mask_p is not None else None
+        head_spec = None
+        if aa.head_mask_p is not None:
+            head_spec = analysis.head_mask(
+                usage,
+                p=aa.head_mask_p,
+                select=aa.head_mask_select,
+                context_length=self.context,
+                max_wavelength=aa.head_mask_max_wavelength,
+            )
         self.usage, self.heads, self.suggestions, self.curves = usage, heads, suggestions, curves
         self.layer = aa.layer if aa.layer is not None else _busiest_layer(heads, usage.layers)
         self.summary = {

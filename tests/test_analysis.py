@@ -383,6 +383,15 @@ def test_analyze_command_writes_a_per_head_mask_the_patch_takes(tmp_path) -> Non
     model = hf_prope.patch_model(AutoModelForCausalLM.from_pretrained(model_dir), str(out / "head_mask.json"))
     assert hf_prope.get_patch(model) == spec
     assert main([*args, "check=false", "head_mask_p=1.5"]) != 0
+    # the other rule, limited to pairs that turn within 100 tokens (the tiny model's pairs 0..2), on the same norms
+    again = tmp_path / "report-turns"
+    limited = [*args[:3], str(again), *args[4:], "check=false", "head_mask_p=0.25", "head_mask_select=2-norm-drift"]
+    assert main([*limited, "head_mask_max_wavelength=100", "context_length=48"]) == 0
+    turns = hf_prope.PatchSpec.load(again / "head_mask.json")
+    usage = analysis.FrequencyUsage.from_dict(json.loads((again / "report.json").read_text())["usage"])
+    expected = analysis.head_mask(usage, p=0.25, select="2-norm-drift", context_length=48, max_wavelength=100)
+    assert turns == expected and max(i for heads in turns.head_keep for k in heads for i in k) <= 2
+    assert main([*args, "check=false", "head_mask_max_wavelength=100"]) != 0  # no head_mask_p: refused
 
 
 def test_analyze_command_refuses_bad_input_before_writing(tmp_path, capsys) -> None:
