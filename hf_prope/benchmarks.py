@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 import platform
 import statistics
 import sys
@@ -956,9 +955,7 @@ def bench_head_mask(
 
     Rotary: one attention layer's whole rotary work as a patched model runs it (the layer hook turning
     the shared cos/sin into per-KV-head ones, then the per-head rotation), against transformers' function
-    on the unpatched cos/sin; forward alone and forward + backward; for a mask of pairs anywhere, and for
-    one whose pairs all turn within 8192 tokens (``max_wavelength=8192``: the prefix path skips the pairs
-    no head rotates). Training step: SmolLM2-shaped model,
+    on the unpatched cos/sin; forward alone and forward + backward. Training step: SmolLM2-shaped model,
     head-mask vs unpatched vs uniform p-RoPE, same weights. Targets (issue 32): rotary <= 1.05x,
     training step >= 0.98x.
     """
@@ -977,6 +974,8 @@ def bench_head_mask(
     shape = _rotary_shapes(device, quick)[0]
     n = shape.head_dim // 2
     r = rotated_pairs(p, shape.head_dim)
+    keep = _random_head_keep(1, shape.kv_heads, n, r)[0]
+    hook = PositionMaskHook([[i in k for i in range(n)] for k in keep], 1.0, modeling.__name__)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(shape.batch, shape.tokens, shape.heads, shape.head_dim, generator=g).to(device, dtype)
     k = torch.randn(shape.batch, shape.tokens, shape.kv_heads, shape.head_dim, generator=g).to(device, dtype)
@@ -984,50 +983,41 @@ def bench_head_mask(
     freq = shape.theta ** (-torch.arange(n, dtype=torch.float32) * 2 / shape.head_dim)
     angles = torch.arange(shape.tokens, dtype=torch.float32)[:, None] * freq
     emb = torch.cat((angles, angles), dim=-1)[None].to(device)
-    # Two kinds of mask: r pairs anywhere (what 2-norm may choose), and r among the pairs that turn within
-    # SmolLM2's 8192-token training length (select with max_wavelength=8192): no head rotates the slowest.
-    turning = int((2 * math.pi / freq <= 8192).sum())
-    masks = {"anywhere": _random_head_keep(1, shape.kv_heads, n, r)[0]}
-    if r <= turning < n:
-        chosen = _random_head_keep(1, shape.kv_heads, turning, r)[0]
-        masks[f"in 0..{turning - 1}"] = chosen
-    for where, keep in masks.items():
-        hook = PositionMaskHook([[i in kk for i in range(n)] for kk in keep], 1.0, modeling.__name__)
 
-        def per_head(q_: torch.Tensor, k_: torch.Tensor, c: torch.Tensor, s: torch.Tensor, hook=hook) -> Any:
-            _, kwargs = hook(None, (), {"position_embeddings": (c, s)})  # type: ignore[arg-type, misc]
-            return wrapped(q_, k_, *kwargs["position_embeddings"])
+    def per_head(q_: torch.Tensor, k_: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> Any:
+        _, kwargs = hook(None, (), {"position_embeddings": (c, s)})  # type: ignore[arg-type, misc]
+        return wrapped(q_, k_, *kwargs["position_embeddings"])
 
-        fns: dict[str, Callable[..., Any]] = {"transformers": native, "hf-prope head-mask": per_head}
-        # cos/sin one row per sequence (position_ids given per sequence, as bench rotary has them) or one
-        # row for the batch (transformers' default position_ids, shape (1, tokens)).
-        for rows_of_cos in sorted({shape.batch, 1}, reverse=True):
-            cos, sin = (e.repeat(rows_of_cos, 1, 1).to(dtype) for e in (emb.cos(), emb.sin()))
-            forward = {name: functools.partial(fn, q, k, cos, sin) for name, fn in fns.items()}
-            with torch.inference_mode():
-                times = interleaved(forward, repeats=repeats * 3, inner=inner, device=device)
-            net, _ = _fwd_bwd_times(fns, q, k, cos, sin, repeats=repeats * 3, inner=inner, device=device)
-            modes = [("forward", times)] + ([("forward+backward", net)] if net is not None else [])
-            note = (
-                f"{shape.describe()}, cos/sin {rows_of_cos}x{shape.tokens}x{shape.head_dim}, {r} of {n} pairs per KV "
-                f"head ({where}), a different set per head, {_dtype_name(device)}"
-            )
-            for mode, t in modes:
-                ratio = t["hf-prope head-mask"] / t["transformers"]
-                rows.append(
-                    Row(
-                        f"rotary {mode}, {shape.name}",
-                        f"head-mask p={p:g} {where}, cos rows {rows_of_cos}",
-                        t["hf-prope head-mask"] * 1e3,
-                        "ms",
-                        "transformers",
-                        t["transformers"] * 1e3,
-                        "lower",
-                        target="<= 1.05x",
-                        met=ratio <= 1.05,
-                        note=note,
-                    )
+    fns: dict[str, Callable[..., Any]] = {"transformers": native, "hf-prope head-mask": per_head}
+    # cos/sin one row per sequence (position_ids given per sequence, as bench rotary has them) or one
+    # row for the batch (transformers' default position_ids, shape (1, tokens)).
+    for rows_of_cos in sorted({shape.batch, 1}, reverse=True):
+        cos, sin = (e.repeat(rows_of_cos, 1, 1).to(dtype) for e in (emb.cos(), emb.sin()))
+        forward = {name: functools.partial(fn, q, k, cos, sin) for name, fn in fns.items()}
+        with torch.inference_mode():
+            times = interleaved(forward, repeats=repeats * 3, inner=inner, device=device)
+        net, _ = _fwd_bwd_times(fns, q, k, cos, sin, repeats=repeats * 3, inner=inner, device=device)
+        modes = [("forward", times)] + ([("forward+backward", net)] if net is not None else [])
+        note = (
+            f"{shape.describe()}, cos/sin {rows_of_cos}x{shape.tokens}x{shape.head_dim}, {r} of {n} pairs per KV "
+            f"head, a different set per head, {_dtype_name(device)}"
+        )
+        for mode, t in modes:
+            ratio = t["hf-prope head-mask"] / t["transformers"]
+            rows.append(
+                Row(
+                    f"rotary {mode}, {shape.name}",
+                    f"head-mask p={p:g}, cos rows {rows_of_cos}",
+                    t["hf-prope head-mask"] * 1e3,
+                    "ms",
+                    "transformers",
+                    t["transformers"] * 1e3,
+                    "lower",
+                    target="<= 1.05x",
+                    met=ratio <= 1.05,
+                    note=note,
                 )
+            )
     label, config, batch, tokens = _train_shapes(device, quick)[0]
     torch.manual_seed(0)
     with torch.device(device):

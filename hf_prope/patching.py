@@ -315,12 +315,6 @@ class PositionMaskHook:
         self.prefix = (
             rotation.prefix_length(keep) if self.attention_scaling == 1.0 and not self.per_head else None  # type: ignore[arg-type]
         )
-        # A head-mask's pairs from head_prefix on are stopped in every head: the prefix path can skip them.
-        self.head_prefix = None
-        if self.per_head and self.attention_scaling == 1.0:
-            rotating = kept.any(dim=0).nonzero().flatten().tolist()
-            last = rotating[-1] + 1 if rotating else 0
-            self.head_prefix = last if last < kept.shape[-1] else None
         self.active = True  # off while original_rope() runs the unpatched model
 
     def layer_keep(self) -> torch.Tensor:
@@ -360,7 +354,7 @@ class PositionMaskHook:
             torch.where(keep, sin, torch.zeros((), dtype=sin.dtype, device=sin.device)),
         )
         if self.per_head:
-            kwargs["position_embeddings"] = rotation.tag_heads(*masked, getattr(self, "head_prefix", None))
+            kwargs["position_embeddings"] = rotation.tag_heads(*masked)
         else:
             kwargs["position_embeddings"] = masked if self.prefix is None else rotation.tag(*masked, self.prefix)
         return args, kwargs

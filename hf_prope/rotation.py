@@ -23,13 +23,10 @@ How it is installed, and why this way:
   either choice gives the same numbers. The per-model part (the tag hooks) is installed
   and removed by ``patch_model`` / ``unpatch_model``; the wrapper alone changes nothing.
 
-A head-mask (one mask per key/value head) rides the same wrapper, for correctness first: its
-layer hook hands on per-KV-head cos/sin, ``(batch, kv heads, tokens, d)``, tagged with
+A head-mask (one mask per key/value head) rides the same wrapper, for correctness rather than
+speed: its layer hook hands on per-KV-head cos/sin, ``(batch, kv heads, tokens, d)``, tagged with
 :data:`HEAD_TAG`, which transformers' function cannot broadcast; the wrapper sends them to
-:func:`rotate_heads`. A patch that needs it refuses to install where the wrapper cannot be. Where
-no head of a layer rotates its last pairs (a mask chosen with ``max_wavelength``, or any mask that
-leaves the slowest pairs to every head), the hook also tags the rotating prefix ``r`` of the union
-and the eager prefix path does only those pairs, per head, above the same size threshold.
+:func:`rotate_heads`. A patch that needs it refuses to install where the wrapper cannot be.
 
 Which fast path runs: on the CPU the eager :func:`rotate_prefix` above a size threshold; on CUDA
 the Triton kernel of :mod:`hf_prope.rotary_kernel` when triton is installed (in place), else
@@ -213,20 +210,14 @@ def tag(cos: torch.Tensor, sin: torch.Tensor, r: int) -> tuple[torch.Tensor, tor
     return cos, sin
 
 
-def tag_heads(
-    cos: torch.Tensor, sin: torch.Tensor, rotating_pairs: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def tag_heads(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mark ``cos``/``sin`` of shape ``(batch, kv heads, tokens, d)`` as one row per key/value head.
 
     Unlike :func:`tag` this is not an optimisation: transformers' function cannot read such
-    tensors, so :func:`install`'s wrapper must route them (:func:`rotate_heads`). ``rotating_pairs``
-    (the optimisation, as :func:`tag`'s ``r``): no head rotates a pair from there on, so only the
-    first ``rotating_pairs`` pairs need work.
+    tensors, so :func:`install`'s wrapper must route them (:func:`rotate_heads`).
     """
     setattr(cos, HEAD_TAG, True)
     setattr(sin, HEAD_TAG, True)
-    if rotating_pairs is not None:
-        tag(cos, sin, rotating_pairs)
     return cos, sin
 
 
@@ -236,7 +227,6 @@ def rotate_heads(
     k: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    rotating_pairs: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE with one cos/sin per key/value head: query head ``h`` uses KV head ``h // (heads / kv heads)``.
 
@@ -246,22 +236,13 @@ def rotate_heads(
     sums as the shared-cos formula, so a head-mask equal for every head gives the same bits. That
     grouping is ``repeat_kv``'s: KV head ``j`` serves query heads ``j*g .. j*g + g - 1``. (Measured on
     2 CPU cores: writing the formula out without rotate_half is no faster forward and slower backward.)
-    ``rotating_pairs``: pairs from there on are stopped in every head; :func:`rotate_prefix` then does
-    only the first ones, with the same per-head cos/sin, and gives the same numbers.
     """
     kv = k.shape[1]
     if cos.dim() != 4 or cos.shape[1] != kv or q.shape[1] % kv:
         raise ValueError(
             f"per-KV-head cos/sin of shape {tuple(cos.shape)} do not fit k of {kv} heads and q of {q.shape[1]} heads."
         )
-    grouped, k5 = q.unflatten(1, (kv, q.shape[1] // kv)), k.unsqueeze(2)
-    if rotating_pairs is not None:
-        q_out, k_out = (
-            rotate_prefix(grouped, cos, sin, rotating_pairs, 2),
-            rotate_prefix(k5, cos, sin, rotating_pairs, 2),
-        )
-    else:
-        q_out, k_out = original(grouped, k5, cos, sin, 2)
+    q_out, k_out = original(q.unflatten(1, (kv, q.shape[1] // kv)), k.unsqueeze(2), cos, sin, 2)
     return q_out.flatten(1, 2), k_out.squeeze(2)
 
 
@@ -342,9 +323,7 @@ def install(modeling_module: str) -> bool:
                 raise ValueError(
                     f"hf-prope's head-mask expects q/k as (batch, heads, tokens, d), got unsqueeze_dim={unsqueeze_dim}."
                 )
-            r = getattr(cos, TAG, None)
-            fast = r is not None and _backend != "triton" and (_backend == "torch" or worth_it(q, cos, sin))
-            return rotate_heads(original, q, k, cos, sin, r if fast else None)
+            return rotate_heads(original, q, k, cos, sin)
         r = getattr(cos, TAG, None)
         if r is None or cos.shape[-1] != q.shape[-1]:
             return original(q, k, cos, sin, unsqueeze_dim)

@@ -186,8 +186,7 @@ def _student_layer(
     q, k = q.transpose(1, 2), k.transpose(1, 2)
     rotate = _apply_rotary(module)
     if getattr(cos, rotation.HEAD_TAG, False):  # a head-mask: (batch, kv heads, tokens, d), re-tagged once sliced
-        sliced = rotation.tag_heads(cos[:, :, queries], sin[:, :, queries], rotation.tagged_prefix(cos))
-        q = rotate(q, k[:, :, queries], *sliced)[0]
+        q = rotate(q, k[:, :, queries], *rotation.tag_heads(cos[:, :, queries], sin[:, :, queries]))[0]
     else:
         q = rotate(q, q, cos[:, queries], sin[:, queries])[0]
     k = rotate(k, k, cos, sin)[0]
