@@ -313,6 +313,50 @@ def test_max_wavelength_leaves_slow_pairs_out_of_every_choice() -> None:
     assert analysis.head_mask(usage, p=0.5, select="highest", max_wavelength=limit) == PatchSpec("head-mask", p=0.5)
 
 
+@pytest.mark.parametrize("length", [8, 12])  # at the training length, then past it (dynamic's base grows)
+def test_under_dynamic_ntk_each_head_turns_by_the_grown_base_past_the_training_length(length) -> None:
+    """Dynamic NTK (the long-context reading of a per-head retrofit) under a head-mask: the kept pairs of each
+    KV head turn by transformers' documented dynamic base, theta * (factor * t / L - (factor - 1)) ** (d / (d - 2)),
+    which is theta itself up to the training length L; stopped pairs stay unrotated."""
+    from hf_prope.context_extension import extend_context
+
+    train_length = 8
+    model = tiny_model(
+        "llama",
+        attn="eager",
+        layer_types=None,
+        use_sliding_window=False,
+        max_position_embeddings=train_length,
+        initializer_range=0.2,  # sharp attention, so the two bases give visibly different weights
+    )
+    extend_context(model, "dynamic:2")
+    hf_prope.patch_model(model, "head-mask", head_keep=HEAD_KEEP)
+    theta = float(model.config.rope_parameters["rope_theta"])
+    grown = theta * max(2.0 * length / train_length - 1.0, 1.0) ** (HEAD_DIM / (HEAD_DIM - 2))
+    assert (grown > theta) == (length > train_length)
+    seen: dict[int, tuple] = {}
+    handles = [
+        layer.self_attn.register_forward_hook(
+            lambda m, a, kw, out, i=i: seen.__setitem__(i, (kw["hidden_states"], out[1])), with_kwargs=True
+        )
+        for i, layer in enumerate(model.model.layers)
+    ]
+    try:
+        with torch.no_grad():
+            model(tokens(batch=1, length=length), output_attentions=True)
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            hidden, got = seen[i]
+            keep = [[j in set(k) for j in range(N_PAIRS)] for k in HEAD_KEEP[i]]
+            want = _oracle_attention(layer.self_attn, hidden, keep, grown)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"layer {i}")
+            if length > train_length:  # the plain base is a different attention: the oracle can tell them apart
+                assert (_oracle_attention(layer.self_attn, hidden, keep, theta) - got).abs().max() > 1e-4
+
+
 def test_under_yarn_a_stopped_pair_keeps_the_attention_scaling_as_freq_mask_does() -> None:
     rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
     ours, theirs = tiny_model("llama", rope_parameters=dict(rope)), tiny_model("llama", rope_parameters=dict(rope))
