@@ -93,11 +93,8 @@ def _oracle_attention(module, hidden, keep_per_kv_head, theta: float, norms=None
     return torch.stack(weights, dim=1)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen3"])  # qwen3: q/k norms before the rotation
-def test_attention_matches_a_pair_by_pair_oracle_with_grouped_heads(model_type) -> None:
-    model = tiny_model(model_type, attn="eager", layer_types=None, use_sliding_window=False)
-    hf_prope.patch_model(model, "head-mask", head_keep=HEAD_KEEP)
-    theta = float(model.config.rope_parameters["rope_theta"])
+def _attention_inputs_and_weights(model, ids) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the hidden states each (eager) attention got and the attention weights it gave."""
     seen: dict[int, tuple] = {}
 
     def hook(i):
@@ -111,10 +108,19 @@ def test_attention_matches_a_pair_by_pair_oracle_with_grouped_heads(model_type) 
     ]
     try:
         with torch.no_grad():
-            model(tokens(batch=2, length=12), output_attentions=True)
+            model(ids, output_attentions=True)
     finally:
         for h in handles:
             h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])  # qwen3: q/k norms before the rotation
+def test_attention_matches_a_pair_by_pair_oracle_with_grouped_heads(model_type) -> None:
+    model = tiny_model(model_type, attn="eager", layer_types=None, use_sliding_window=False)
+    hf_prope.patch_model(model, "head-mask", head_keep=HEAD_KEEP)
+    theta = float(model.config.rope_parameters["rope_theta"])
+    seen = _attention_inputs_and_weights(model, tokens(batch=2, length=12))
     with torch.no_grad():
         for i, layer in enumerate(model.model.layers):
             attention = layer.self_attn
@@ -318,8 +324,6 @@ def test_under_dynamic_ntk_each_head_turns_by_the_grown_base_past_the_training_l
     """Dynamic NTK (the long-context reading of a per-head retrofit) under a head-mask: the kept pairs of each
     KV head turn by transformers' documented dynamic base, theta * (factor * t / L - (factor - 1)) ** (d / (d - 2)),
     which is theta itself up to the training length L; stopped pairs stay unrotated."""
-    from hf_prope.context_extension import extend_context
-
     train_length = 8
     model = tiny_model(
         "llama",
@@ -329,24 +333,12 @@ def test_under_dynamic_ntk_each_head_turns_by_the_grown_base_past_the_training_l
         max_position_embeddings=train_length,
         initializer_range=0.2,  # sharp attention, so the two bases give visibly different weights
     )
-    extend_context(model, "dynamic:2")
+    hf_prope.extend_context(model, "dynamic:2")
     hf_prope.patch_model(model, "head-mask", head_keep=HEAD_KEEP)
     theta = float(model.config.rope_parameters["rope_theta"])
     grown = theta * max(2.0 * length / train_length - 1.0, 1.0) ** (HEAD_DIM / (HEAD_DIM - 2))
     assert (grown > theta) == (length > train_length)
-    seen: dict[int, tuple] = {}
-    handles = [
-        layer.self_attn.register_forward_hook(
-            lambda m, a, kw, out, i=i: seen.__setitem__(i, (kw["hidden_states"], out[1])), with_kwargs=True
-        )
-        for i, layer in enumerate(model.model.layers)
-    ]
-    try:
-        with torch.no_grad():
-            model(tokens(batch=1, length=length), output_attentions=True)
-    finally:
-        for h in handles:
-            h.remove()
+    seen = _attention_inputs_and_weights(model, tokens(batch=1, length=length))
     with torch.no_grad():
         for i, layer in enumerate(model.model.layers):
             hidden, got = seen[i]
