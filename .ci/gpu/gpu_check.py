@@ -523,9 +523,7 @@ def main(argv: list[str] | None = None) -> int:
                 "tests.xml",
                 "bench.json",
                 "distill.json",
-                "long_train.json",
-                "long_train_turns.json",
-                "long_train_heads.json",
+                *(f"{name}.json" for name in LONG_RETROFITS),
                 "long_eval.json",
                 "long_eval_64k.json",
             ):
