@@ -297,8 +297,9 @@ class PositionMaskHook:
     """Forward pre-hook that stops chosen frequency pairs rotating in one attention layer.
 
     ``keep`` is one flag per pair (the whole layer), or one list of flags per key/value head
-    (a head-mask): then the cos/sin handed on are per KV head, ``(batch, kv heads, tokens, d)``,
-    tagged for :mod:`hf_prope.rotation`'s per-head path, which gives each query head its group's.
+    (a head-mask): then the cos/sin handed on are per KV head and per pair, ``(batch, kv heads,
+    tokens, d/2)``, tagged for :mod:`hf_prope.rotation`'s per-head path, which gives each query
+    head its group's.
     A picklable class rather than a closure so patched models can be deep-copied,
     pickled for multiprocessing and traced by ``torch.compile``.
     """
@@ -335,7 +336,10 @@ class PositionMaskHook:
                 "version passes them differently and layer-selective patches cannot apply."
             )
         cos, sin = pe
-        keep = self.channel_keep.to(cos.device)
+        # What frequency 0 gives in the rotary module: cos(0) * scaling and sin(0) * scaling.
+        one = torch.tensor(self.attention_scaling, dtype=torch.float32, device=cos.device).to(cos.dtype)
+        zero = torch.zeros((), dtype=sin.dtype, device=sin.device)
+        kwargs = dict(kwargs)
         if self.per_head:
             if not rotation.is_installed(self.modeling_module):
                 raise RuntimeError(
@@ -344,19 +348,19 @@ class PositionMaskHook:
                 )
             if cos.dim() == 2:
                 cos, sin = cos[None], sin[None]
-            keep = keep[:, None, :]  # (kv heads, 1, d) against (batch, 1, tokens, d)
-            cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)
-        # What frequency 0 gives in the rotary module: cos(0) * scaling and sin(0) * scaling.
-        one = torch.tensor(self.attention_scaling, dtype=torch.float32, device=cos.device).to(cos.dtype)
-        kwargs = dict(kwargs)
-        masked = (
-            torch.where(keep, cos, one),
-            torch.where(keep, sin, torch.zeros((), dtype=sin.dtype, device=sin.device)),
-        )
-        if self.per_head:
-            kwargs["position_embeddings"] = rotation.tag_heads(*masked)
-        else:
-            kwargs["position_embeddings"] = masked if self.prefix is None else rotation.tag(*masked, self.prefix)
+            # One value per pair (both channels of a pair hold it): half the work of full width.
+            half = cos.shape[-1] // 2
+            keep = self.channel_keep[:, None, :half].to(
+                cos.device
+            )  # (kv heads, 1, d/2) against (batch, 1, tokens, d/2)
+            cos, sin = cos[..., :half].unsqueeze(-3), sin[..., :half].unsqueeze(-3)
+            kwargs["position_embeddings"] = rotation.tag_heads(
+                torch.where(keep, cos, one), torch.where(keep, sin, zero)
+            )
+            return args, kwargs
+        keep = self.channel_keep.to(cos.device)
+        masked = torch.where(keep, cos, one), torch.where(keep, sin, zero)
+        kwargs["position_embeddings"] = masked if self.prefix is None else rotation.tag(*masked, self.prefix)
         return args, kwargs
 
 

@@ -24,7 +24,7 @@ How it is installed, and why this way:
   and removed by ``patch_model`` / ``unpatch_model``; the wrapper alone changes nothing.
 
 A head-mask (one mask per key/value head) rides the same wrapper, for correctness rather than
-speed: its layer hook hands on per-KV-head cos/sin, ``(batch, kv heads, tokens, d)``, tagged with
+speed: its layer hook hands on per-KV-head cos/sin, ``(batch, kv heads, tokens, d/2)``, tagged with
 :data:`HEAD_TAG`, which transformers' function cannot broadcast; the wrapper sends them to
 :func:`rotate_heads`. A patch that needs it refuses to install where the wrapper cannot be.
 
@@ -211,38 +211,90 @@ def tag(cos: torch.Tensor, sin: torch.Tensor, r: int) -> tuple[torch.Tensor, tor
 
 
 def tag_heads(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mark ``cos``/``sin`` of shape ``(batch, kv heads, tokens, d)`` as one row per key/value head.
+    """Mark ``cos``/``sin`` of shape ``(batch, kv heads, tokens, d/2)`` as one row per key/value head.
 
-    Unlike :func:`tag` this is not an optimisation: transformers' function cannot read such
-    tensors, so :func:`install`'s wrapper must route them (:func:`rotate_heads`).
+    One value per pair (the two channels of a pair share it). Unlike :func:`tag` this is not an
+    optimisation: transformers' function cannot read such tensors (it fails on their shape rather
+    than rotating wrongly), so :func:`install`'s wrapper must route them (:func:`rotate_heads`).
     """
     setattr(cos, HEAD_TAG, True)
     setattr(sin, HEAD_TAG, True)
     return cos, sin
 
 
+def _rotate_halves(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, sign: int) -> torch.Tensor:
+    """``x`` rotated by per-pair ``c``/``s`` (``sign=-1``: the transpose, for gradients), no autograd.
+
+    transformers' ``x * cos + rotate_half(x) * sin`` per half: ``x1 c - x2 s`` and ``x2 c + x1 s``
+    (``a - b`` is exactly ``a + (-b)``), the same products and sums, written into one output in x's
+    own layout: fewer passes over memory than rotate_half's negation and concatenation.
+    """
+    half = x.shape[-1] // 2
+    dtype = torch.promote_types(x.dtype, c.dtype)  # as x * cos would be
+    # The layouts autograd's path gives: x's own forward, a contiguous gradient backward (it sums
+    # zero-filled slices). A norm's weight gradient downstream sums in layout order, so it matters.
+    out = torch.empty_like(x, dtype=dtype) if sign > 0 else torch.empty(x.shape, dtype=dtype, device=x.device)
+    x1, x2 = x[..., :half], x[..., half:]
+    o1, o2 = out[..., :half], out[..., half:]
+    torch.mul(x.unflatten(-1, (2, half)), c.unsqueeze(-2), out=out.unflatten(-1, (2, half)))
+    t = x2 * s
+    (o1.sub_ if sign > 0 else o1.add_)(t)
+    torch.mul(x1, s, out=t)
+    (o2.add_ if sign > 0 else o2.sub_)(t)
+    return out
+
+
+class _HeadRotation(torch.autograd.Function):
+    """q and k rotated per pair; the backward pass is the transposed rotation of the gradients.
+
+    Bit for bit what autograd gives through transformers' formula: there the gradient of a channel
+    is ``g * cos`` plus the other half's ``g * sin`` (negated for the second half), one sum of two
+    terms, and that is what the transposed rotation computes.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> Any:
+        ctx.save_for_backward(c, s)
+        return _rotate_halves(q, c, s, 1), _rotate_halves(k, c, s, 1)
+
+    @staticmethod
+    def backward(ctx: Any, grad_q: torch.Tensor, grad_k: torch.Tensor) -> Any:
+        c, s = ctx.saved_tensors
+        return _rotate_halves(grad_q, c, s, -1), _rotate_halves(grad_k, c, s, -1), None, None
+
+
 def rotate_heads(
-    original: Callable[..., tuple[torch.Tensor, torch.Tensor]],
-    q: torch.Tensor,
-    k: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE with one cos/sin per key/value head: query head ``h`` uses KV head ``h // (heads / kv heads)``.
 
-    ``q``/``k`` are ``(batch, heads, tokens, d)``, ``cos``/``sin`` ``(batch, kv heads, tokens, d)``.
-    ``original`` is transformers' own function, called on q viewed as ``(batch, kv heads, group,
-    tokens, d)`` with cos/sin broadcast over the group (``unsqueeze_dim=2``): the same products and
-    sums as the shared-cos formula, so a head-mask equal for every head gives the same bits. That
-    grouping is ``repeat_kv``'s: KV head ``j`` serves query heads ``j*g .. j*g + g - 1``. (Measured on
-    2 CPU cores: writing the formula out without rotate_half is no faster forward and slower backward.)
+    ``q``/``k`` are ``(batch, heads, tokens, d)``, ``cos``/``sin`` ``(batch or 1, kv heads, tokens,
+    d/2)``: one value per pair, as :class:`~hf_prope.patching.PositionMaskHook` builds them. q is
+    viewed as ``(batch, kv heads, group, tokens, d)`` with cos/sin broadcast over the group:
+    ``repeat_kv``'s grouping (KV head ``j`` serves query heads ``j*g .. j*g + g - 1``). The products
+    and sums are transformers' formula's, so a head-mask equal for every head gives the same bits,
+    forward and backward; it costs less than that formula on the unpatched cos/sin (see ``hf-prope
+    bench --only head_mask``), which pays for building the per-head cos/sin in each layer.
     """
     kv = k.shape[1]
-    if cos.dim() != 4 or cos.shape[1] != kv or q.shape[1] % kv:
+    if cos.dim() != 4 or cos.shape[1] != kv or q.shape[1] % kv or 2 * cos.shape[-1] != q.shape[-1]:
         raise ValueError(
-            f"per-KV-head cos/sin of shape {tuple(cos.shape)} do not fit k of {kv} heads and q of {q.shape[1]} heads."
+            f"per-KV-head cos/sin of shape {tuple(cos.shape)} do not fit k of {kv} heads and q of {q.shape[1]} heads "
+            f"of {q.shape[-1]} channels (they need shape (batch, {kv}, tokens, {q.shape[-1] // 2}))."
         )
-    q_out, k_out = original(q.unflatten(1, (kv, q.shape[1] // kv)), k.unsqueeze(2), cos, sin, 2)
+    qg, kg = q.unflatten(1, (kv, q.shape[1] // kv)), k.unsqueeze(2)
+    c, s = cos.unsqueeze(2), sin.unsqueeze(2)
+    if torch.is_grad_enabled() and (c.requires_grad or s.requires_grad):
+        # Someone differentiates through the frequencies: plain operations, the same numbers.
+        half = q.shape[-1] // 2
+
+        def rotate(x: torch.Tensor) -> torch.Tensor:
+            x1, x2 = x.split((half, half), dim=-1)
+            return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+        q_out, k_out = rotate(qg), rotate(kg)
+    else:
+        q_out, k_out = _HeadRotation.apply(qg, kg, c.detach(), s.detach())
     return q_out.flatten(1, 2), k_out.squeeze(2)
 
 
@@ -323,7 +375,7 @@ def install(modeling_module: str) -> bool:
                 raise ValueError(
                     f"hf-prope's head-mask expects q/k as (batch, heads, tokens, d), got unsqueeze_dim={unsqueeze_dim}."
                 )
-            return rotate_heads(original, q, k, cos, sin)
+            return rotate_heads(q, k, cos, sin)
         r = getattr(cos, TAG, None)
         if r is None or cos.shape[-1] != q.shape[-1]:
             return original(q, k, cos, sin, unsqueeze_dim)

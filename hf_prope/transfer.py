@@ -185,7 +185,7 @@ def _student_layer(
         q, k = module.q_norm(q), module.k_norm(k)
     q, k = q.transpose(1, 2), k.transpose(1, 2)
     rotate = _apply_rotary(module)
-    if getattr(cos, rotation.HEAD_TAG, False):  # a head-mask: (batch, kv heads, tokens, d), re-tagged once sliced
+    if getattr(cos, rotation.HEAD_TAG, False):  # a head-mask: (batch, kv heads, tokens, d/2), re-tagged once sliced
         q = rotate(q, k[:, :, queries], *rotation.tag_heads(cos[:, :, queries], sin[:, :, queries]))[0]
     else:
         q = rotate(q, q, cos[:, queries], sin[:, queries])[0]

@@ -115,6 +115,61 @@ def _attention_inputs_and_weights(model, ids) -> dict[int, tuple[torch.Tensor, t
     return seen
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotate_heads_is_transformers_formula_per_query_head_bit_for_bit(dtype) -> None:
+    """Oracle: transformers' own function on full-width cos/sin written out for every query head."""
+    import transformers.models.llama.modeling_llama as modeling
+
+    formula = rotation.transformers_apply(modeling.__name__)
+    g = torch.Generator().manual_seed(3)
+    b, heads, kv, t, d = 2, 6, 2, 7, 8
+    # q/k as attention makes them: (batch, tokens, heads, d) transposed; so is the incoming gradient
+    q0 = torch.randn(b, t, heads, d, generator=g).to(dtype)
+    k0 = torch.randn(b, t, kv, d, generator=g).to(dtype)
+    grads = torch.randn(b, t, heads, d, generator=g).to(dtype), torch.randn(b, t, kv, d, generator=g).to(dtype)
+    cos, sin = (torch.randn(b, kv, t, d // 2, generator=g).to(dtype) for _ in range(2))
+
+    def full(x: torch.Tensor) -> torch.Tensor:  # per pair -> per channel, per KV head -> per query head
+        return torch.cat([x, x], dim=-1).repeat_interleave(heads // kv, dim=1)
+
+    results = []
+    for fn in (
+        lambda q, k: rotation.rotate_heads(q, k, cos, sin),
+        lambda q, k: (
+            formula(q, q, full(cos), full(sin), 0)[0][0],
+            formula(k, k, cos.repeat(1, 1, 1, 2), sin.repeat(1, 1, 1, 2), 0)[0][0],
+        ),
+    ):
+        views = [x.clone().requires_grad_().transpose(1, 2) for x in (q0, k0)]
+        seen: list[torch.Tensor] = []
+        for v in views:  # the gradients as they leave the rotation (a leaf's .grad takes the leaf's layout)
+            v.register_hook(seen.append)
+        out = fn(*views)
+        torch.autograd.backward(out, [x.transpose(1, 2) for x in grads])
+        results.append((*out, *sorted(seen, key=lambda x: -x.shape[1])))  # q, k
+    for ours, theirs in zip(*results):
+        assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
+        assert ours.stride() == theirs.stride()  # a norm's weight gradient downstream sums in layout order
+    assert not torch.equal(results[0][0], q0.transpose(1, 2))  # it rotated
+
+
+def test_rotate_heads_differentiates_through_cos_and_sin() -> None:
+    g = torch.Generator().manual_seed(4)
+    q, k = torch.randn(1, 4, 5, 8, generator=g), torch.randn(1, 2, 5, 8, generator=g)
+    cos, sin = torch.randn(1, 2, 5, 4, generator=g, requires_grad=True), torch.randn(1, 2, 5, 4, generator=g)
+    out = rotation.rotate_heads(q, k, cos, sin)
+    (out[0].sum() + out[1].sum()).backward()
+    # d/dcos of sum(x1 c - x2 s + x2 c + x1 s) = x1 + x2, summed over the query heads of each group and over k
+    want = sum(x.unflatten(1, (2, -1)).sum(2)[..., :4] + x.unflatten(1, (2, -1)).sum(2)[..., 4:] for x in (q, k))
+    torch.testing.assert_close(cos.grad, want)
+
+
+def test_rotate_heads_refuses_cos_of_the_wrong_shape() -> None:
+    q, k = torch.zeros(1, 4, 5, 8), torch.zeros(1, 2, 5, 8)
+    with pytest.raises(ValueError, match=r"need shape \(batch, 2, tokens, 4\)"):
+        rotation.rotate_heads(q, k, torch.zeros(1, 2, 5, 8), torch.zeros(1, 2, 5, 8))
+
+
 @pytest.mark.parametrize("model_type", ["llama", "qwen3"])  # qwen3: q/k norms before the rotation
 def test_attention_matches_a_pair_by_pair_oracle_with_grouped_heads(model_type) -> None:
     model = tiny_model(model_type, attn="eager", layer_types=None, use_sliding_window=False)
