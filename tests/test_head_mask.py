@@ -153,6 +153,23 @@ def test_rotate_heads_is_transformers_formula_per_query_head_bit_for_bit(dtype) 
     assert not torch.equal(results[0][0], q0.transpose(1, 2))  # it rotated
 
 
+def test_under_torch_compile_it_trains_as_in_eager_mode() -> None:
+    torch._dynamo.reset()
+    model = hf_prope.patch_model(tiny_model("qwen3").train(), "head-mask", head_keep=HEAD_KEEP)
+    eager = copy.deepcopy(model)
+    ids = tokens()
+    results = []
+    for run, owner in ((torch.compile(model, backend="inductor"), model), (eager, eager)):
+        loss = run(ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in owner.named_parameters() if p.grad is not None}))
+    (loss, grads), (want_loss, want_grads) = results
+    torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == want_grads.keys()
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6)
+
+
 def test_rotate_heads_differentiates_through_cos_and_sin() -> None:
     g = torch.Generator().manual_seed(4)
     q, k = torch.randn(1, 4, 5, 8, generator=g), torch.randn(1, 2, 5, 8, generator=g)

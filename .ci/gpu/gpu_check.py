@@ -286,7 +286,7 @@ def first(out: Path, common: Path, part: Path, device: str, quick: bool, dry: bo
         "--device",
         device,
         "--only",
-        "rotary" if quick else "rotary,train,decode",
+        "rotary,head_mask" if quick else "rotary,train,decode,head_mask",
         "--out",
         str(out / "bench.json"),
         *(["--quick"] if quick else []),
