@@ -264,7 +264,11 @@ class _HeadRotation(torch.autograd.Function):
 
 
 def rotate_heads(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    original: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE with one cos/sin per key/value head: query head ``h`` uses KV head ``h // (heads / kv heads)``.
 
@@ -274,16 +278,24 @@ def rotate_heads(
     ``repeat_kv``'s grouping (KV head ``j`` serves query heads ``j*g .. j*g + g - 1``). The products
     and sums are transformers' formula's, so a head-mask equal for every head gives the same bits,
     forward and backward; it costs less than that formula on the unpatched cos/sin (see ``hf-prope
-    bench --only head_mask``), which pays for building the per-head cos/sin in each layer.
+    bench --only head_mask``), which pays for building the per-head cos/sin in each layer. Where the
+    model rotates only part of each head (cos/sin narrower than half of q), ``original`` (its own
+    ``apply_rotary_pos_emb``) is called on full-width cos/sin instead.
     """
     kv = k.shape[1]
-    if cos.dim() != 4 or cos.shape[1] != kv or q.shape[1] % kv or 2 * cos.shape[-1] != q.shape[-1]:
+    partial = 2 * cos.shape[-1] < q.shape[-1] and original is not None
+    if cos.dim() != 4 or cos.shape[1] != kv or q.shape[1] % kv or (2 * cos.shape[-1] != q.shape[-1] and not partial):
         raise ValueError(
             f"per-KV-head cos/sin of shape {tuple(cos.shape)} do not fit k of {kv} heads and q of {q.shape[1]} heads "
             f"of {q.shape[-1]} channels (they need shape (batch, {kv}, tokens, {q.shape[-1] // 2}))."
         )
     qg, kg = q.unflatten(1, (kv, q.shape[1] // kv)), k.unsqueeze(2)
     c, s = cos.unsqueeze(2), sin.unsqueeze(2)
+    if partial:
+        # The model's function rotates only part of each head (partial_rotary_factor, GPT-NeoX style):
+        # its own code knows which part, so it gets full-width cos/sin broadcast over the group.
+        q_out, k_out = original(qg, kg, torch.cat((cos, cos), -1), torch.cat((sin, sin), -1), 2)  # type: ignore[misc]
+        return q_out.flatten(1, 2), k_out.squeeze(2)
     if torch.is_grad_enabled() and (c.requires_grad or s.requires_grad):
         # Someone differentiates through the frequencies: plain operations, the same numbers.
         half = q.shape[-1] // 2
@@ -375,7 +387,7 @@ def install(modeling_module: str) -> bool:
                 raise ValueError(
                     f"hf-prope's head-mask expects q/k as (batch, heads, tokens, d), got unsqueeze_dim={unsqueeze_dim}."
                 )
-            return rotate_heads(q, k, cos, sin)
+            return rotate_heads(q, k, cos, sin, original)
         r = getattr(cos, TAG, None)
         if r is None or cos.shape[-1] != q.shape[-1]:
             return original(q, k, cos, sin, unsqueeze_dim)
