@@ -350,9 +350,8 @@ class PositionMaskHook:
                 cos, sin = cos[None], sin[None]
             # One value per pair (both channels of a pair hold it): half the work of full width.
             half = cos.shape[-1] // 2
-            keep = self.channel_keep[:, None, :half].to(
-                cos.device
-            )  # (kv heads, 1, d/2) against (batch, 1, tokens, d/2)
+            # (kv heads, 1, d/2) against (batch, 1, tokens, d/2)
+            keep = self.channel_keep[:, None, :half].to(cos.device)
             cos, sin = cos[..., :half].unsqueeze(-3), sin[..., :half].unsqueeze(-3)
             kwargs["position_embeddings"] = rotation.tag_heads(
                 torch.where(keep, cos, one), torch.where(keep, sin, zero)

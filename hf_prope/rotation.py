@@ -297,14 +297,10 @@ def rotate_heads(
         q_out, k_out = original(qg, kg, torch.cat((cos, cos), -1), torch.cat((sin, sin), -1), 2)  # type: ignore[misc]
         return q_out.flatten(1, 2), k_out.squeeze(2)
     if torch.is_grad_enabled() and (c.requires_grad or s.requires_grad):
-        # Someone differentiates through the frequencies: plain operations, the same numbers.
-        half = q.shape[-1] // 2
-
-        def rotate(x: torch.Tensor) -> torch.Tensor:
-            x1, x2 = x.split((half, half), dim=-1)
-            return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
-
-        q_out, k_out = rotate(qg), rotate(kg)
+        # Someone differentiates through the frequencies: the prefix path's plain operations with every
+        # pair rotating (cos/sin hold exactly one value per pair), the same numbers.
+        half = cos.shape[-1]
+        q_out, k_out = rotate_prefix(qg, cos, sin, half, 2), rotate_prefix(kg, cos, sin, half, 2)
     else:
         q_out, k_out = _HeadRotation.apply(qg, kg, c.detach(), s.detach())
     return q_out.flatten(1, 2), k_out.squeeze(2)
